@@ -1,0 +1,36 @@
+# StyleRec developer commands. `make demo` and `make test` set up what they need.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-stamp
+SETUP_INPUTS := requirements.txt requirements-nodeps.txt pyproject.toml scripts/setup.sh $(wildcard protos/stylerec/v1/*.proto)
+
+.PHONY: setup up down status demo test test-all lint bench clean
+
+$(STAMP): $(SETUP_INPUTS)
+	bash scripts/setup.sh
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+up: setup
+	$(VENV)/bin/stylerec up
+
+down:
+	@if [ -x $(VENV)/bin/stylerec ]; then $(VENV)/bin/stylerec down; fi
+
+status: setup
+	$(VENV)/bin/stylerec status
+
+demo: setup
+	$(PY) -m cli.demo
+
+test: setup
+	$(PY) -m pytest -q -ra
+
+lint: setup
+	$(VENV)/bin/ruff check cli libs services tests
+	$(VENV)/bin/mypy
+
+clean: down
+	rm -rf gen out .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,46 @@
+"""The `stylerec` command: local stack control and client commands.
+
+Each command group lives in its own module with a ``register(subparsers)``
+function; this file only assembles them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Modules contributing sub-commands. Each exposes register(subparsers).
+COMMAND_MODULES = [
+    "cli.stack_commands",
+    "cli.client_commands",
+]
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed without a traceback, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stylerec", description="StyleRec local stack and client.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        rc = args.func(args)
+    except UsageError as exc:
+        print(f"stylerec: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Code shared by at least two StyleRec services (config, logging, metrics, clients, bootstrap)."""

@@ -1,0 +1,308 @@
+"""Kafka helpers on kafka-python: protobuf serde, explicit keys, commit-after-processing.
+
+Topics, their partition counts and the dead-letter convention live here so the
+stack launcher, the services and the deployment job agree on one list.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from google.protobuf import timestamp_pb2
+from google.protobuf.message import DecodeError, Message
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import NewTopic
+from kafka.consumer.fetcher import ConsumerRecord
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+from stylerec.v1 import common_pb2
+
+from libs.common.metrics import CONSUMED, CONSUMER_LAG, DEAD_LETTERS, PRODUCED
+
+log = logging.getLogger(__name__)
+
+USER_EVENTS = "user-events"
+ITEM_UPDATES = "item-updates"
+STYLE_JOBS = "style-jobs"
+STYLE_RESULTS = "style-results"
+MODEL_UPDATES = "model-updates"
+
+
+def dead_letter_topic(service: str) -> str:
+    return f"dlq-{service}"
+
+
+SERVICES_WITH_CONSUMERS = ("ingestion", "scoring", "style-worker")
+
+# topic -> partitions. user-events carries the bulk and is keyed by user.
+TOPICS: dict[str, int] = {
+    USER_EVENTS: 6,
+    ITEM_UPDATES: 3,
+    STYLE_JOBS: 3,
+    STYLE_RESULTS: 3,
+    MODEL_UPDATES: 1,
+    **{dead_letter_topic(s): 1 for s in SERVICES_WITH_CONSUMERS},
+}
+
+M = TypeVar("M", bound=Message)
+
+
+def ensure_topics(bootstrap: Sequence[str], topics: dict[str, int] | None = None, timeout_s: float = 20) -> None:
+    """Create missing topics (idempotent); raises if the broker stays unreachable."""
+    wanted = topics or TOPICS
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            admin = KafkaAdminClient(bootstrap_servers=list(bootstrap), request_timeout_ms=5000)
+            break
+        except KafkaError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
+    try:
+        existing = set(admin.list_topics())
+        new = [NewTopic(name, n, 1) for name, n in wanted.items() if name not in existing]
+        if new:
+            with contextlib.suppress(TopicAlreadyExistsError):
+                admin.create_topics(new)
+    finally:
+        admin.close()
+
+
+def now_timestamp() -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.GetCurrentTime()
+    return ts
+
+
+class ProtoProducer:
+    """A KafkaProducer that sends protobuf messages with explicit keys.
+
+    ``acks='all'`` and idempotent-ish settings are the default because every
+    producer in StyleRec sends data someone was told is safe.
+    """
+
+    def __init__(
+        self,
+        bootstrap: Sequence[str],
+        *,
+        client_id: str,
+        linger_ms: int = 5,
+        max_block_ms: int = 5000,
+        request_timeout_ms: int = 10000,
+        max_request_size: int = 8 * 1024 * 1024,
+    ) -> None:
+        self._producer = KafkaProducer(
+            bootstrap_servers=list(bootstrap),
+            client_id=client_id,
+            acks="all",
+            retries=3,
+            linger_ms=linger_ms,
+            max_block_ms=max_block_ms,
+            request_timeout_ms=request_timeout_ms,
+            max_in_flight_requests_per_connection=1,
+            max_request_size=max_request_size,
+        )
+
+    def send(self, topic: str, key: str, message: Message):  # type: ignore[no-untyped-def]
+        """Queue one message; returns kafka-python's future (``.get()`` confirms delivery)."""
+        return self.send_raw(topic, key.encode(), message.SerializeToString())
+
+    def send_raw(self, topic: str, key: bytes, value: bytes):  # type: ignore[no-untyped-def]
+        fut = self._producer.send(topic, key=key, value=value)
+        fut.add_callback(lambda _md: PRODUCED.labels(topic, "ok").inc())
+        fut.add_errback(lambda _e: PRODUCED.labels(topic, "error").inc())
+        return fut
+
+    def send_and_wait(self, topic: str, key: str, message: Message, timeout_s: float = 10) -> None:
+        self.send(topic, key, message).get(timeout=timeout_s)
+
+    def dead_letter(self, service: str, record: ConsumerRecord, reason: str) -> None:
+        """Park an unusable record with the reason; waits for the broker's ack."""
+        dl = common_pb2.DeadLetter(
+            source_topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            key=record.key or b"",
+            value=record.value or b"",
+            reason=reason,
+            service=service,
+            failed_at=now_timestamp(),
+        )
+        topic = dead_letter_topic(service)
+        self.send_raw(topic, record.key or b"", dl.SerializeToString()).get(timeout=10)
+        DEAD_LETTERS.labels(topic, reason.split(":", 1)[0]).inc()
+
+    def bootstrap_connected(self) -> bool:
+        return bool(self._producer.bootstrap_connected())
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        self._producer.flush(timeout=timeout_s)
+
+    def close(self, timeout_s: float = 5) -> None:
+        self._producer.close(timeout=timeout_s)
+
+
+@dataclass
+class Decoded(Generic[M]):
+    record: ConsumerRecord
+    message: M
+
+
+class ProtoConsumerLoop(Generic[M]):
+    """Poll → decode → handle a batch → commit, in a background thread.
+
+    Offsets are committed only after ``handle`` returns, so a crash replays the
+    batch instead of losing it (handlers must be idempotent). Records that do
+    not decode go to the service's dead-letter topic with the reason and are
+    then committed like any other. If ``handle`` raises, nothing is committed
+    and the consumer seeks back so the batch is retried.
+    """
+
+    def __init__(
+        self,
+        *,
+        bootstrap: Sequence[str],
+        group_id: str,
+        topics: Sequence[str],
+        message_type: type[M],
+        handle: Callable[[list[Decoded[M]]], None],
+        producer: ProtoProducer,
+        service: str,
+        max_poll_records: int = 500,
+        poll_timeout_ms: int = 200,
+        max_poll_interval_ms: int = 30000,
+        session_timeout_ms: int = 10000,
+        validate: Callable[[M], str | None] | None = None,
+        auto_offset_reset: str = "earliest",
+    ) -> None:
+        self.group_id = group_id
+        self.topics = list(topics)
+        self._type = message_type
+        self._handle = handle
+        self._validate = validate
+        self._producer = producer
+        self._service = service
+        self._poll_timeout_ms = poll_timeout_ms
+        self._consumer = KafkaConsumer(
+            bootstrap_servers=list(bootstrap),
+            group_id=group_id,
+            enable_auto_commit=False,
+            auto_offset_reset=auto_offset_reset,
+            max_poll_records=max_poll_records,
+            max_poll_interval_ms=max_poll_interval_ms,
+            session_timeout_ms=session_timeout_ms,
+            heartbeat_interval_ms=max(500, session_timeout_ms // 4),
+            client_id=f"{service}-{group_id}",
+        )
+        self._consumer.subscribe(self.topics)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"consumer-{group_id}", daemon=True)
+        self._lock = threading.Lock()
+        self.last_error: str | None = None
+        self.batches = 0
+        self._lag_every_s = 5.0
+        self._lag_at = 0.0
+
+    def start(self) -> ProtoConsumerLoop[M]:
+        self._thread.start()
+        return self
+
+    def assignment(self) -> set[TopicPartition]:
+        with self._lock:
+            return set(self._consumer.assignment())
+
+    def _decode(self, record: ConsumerRecord) -> M | str:
+        if record.value is None:
+            return "empty: record has no value"
+        msg = self._type()
+        try:
+            msg.ParseFromString(record.value)
+        except (DecodeError, ValueError, RuntimeError) as exc:
+            return f"undecodable: {type(exc).__name__}: {exc}"
+        if self._validate is not None:
+            problem = self._validate(msg)
+            if problem:
+                return f"invalid: {problem}"
+        return msg
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with self._lock:
+                    polled = self._consumer.poll(timeout_ms=self._poll_timeout_ms)
+                if not polled:
+                    self._export_lag()
+                    continue
+                self._process(polled)
+            except Exception as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("consumer loop error", extra={"group": self.group_id})
+                time.sleep(0.5)
+
+    def _process(self, polled: dict[TopicPartition, list[ConsumerRecord]]) -> None:
+        good: list[Decoded[M]] = []
+        for tp, records in polled.items():
+            for record in records:
+                decoded = self._decode(record)
+                if isinstance(decoded, str):
+                    self._producer.dead_letter(self._service, record, decoded)
+                    CONSUMED.labels(self.group_id, tp.topic, "dead_letter").inc()
+                else:
+                    good.append(Decoded(record, decoded))
+        try:
+            if good:
+                self._handle(good)
+        except Exception:
+            # Rewind so the batch is redelivered; nothing was committed.
+            with self._lock:
+                for tp, records in polled.items():
+                    self._consumer.seek(tp, records[0].offset)
+            for tp, records in polled.items():
+                CONSUMED.labels(self.group_id, tp.topic, "error").inc(len(records))
+            raise
+        with self._lock:
+            self._consumer.commit()
+        self.batches += 1
+        for d in good:
+            CONSUMED.labels(self.group_id, d.record.topic, "ok").inc()
+        self._export_lag()
+
+    def _export_lag(self) -> None:
+        # end_offsets is a broker round trip: export at most every few seconds.
+        now = time.monotonic()
+        if now - self._lag_at < self._lag_every_s:
+            return
+        self._lag_at = now
+        with self._lock:
+            assigned = list(self._consumer.assignment())
+            if not assigned:
+                return
+            try:
+                ends = self._consumer.end_offsets(assigned)
+            except KafkaError:
+                return
+            for tp in assigned:
+                try:
+                    pos = self._consumer.position(tp, timeout_ms=500)
+                except (KafkaError, TypeError):
+                    continue
+                if pos is None:
+                    continue
+                CONSUMER_LAG.labels(self.group_id, tp.topic, str(tp.partition)).set(max(0, ends[tp] - pos))
+
+    def stop(self, timeout_s: float = 10) -> None:
+        """Stop polling, let the current batch finish and commit, then leave the group."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+        with self._lock:
+            try:
+                self._consumer.close(autocommit=False)
+            except KafkaError:
+                log.warning("consumer close failed", extra={"group": self.group_id})

@@ -1,0 +1,64 @@
+"""Redis key layout: namespaced, versioned, every key with a TTL or an owner.
+
+Writers (scoring, style worker) and readers (gateway) import these functions so
+that a key's shape is defined exactly once.
+"""
+
+from __future__ import annotations
+
+NS = "stylerec"
+SCHEMA = "v1"
+
+
+def recs(user: str) -> str:
+    """Per-user top-N as a hash {item_id: score}; owner: scoring (TTL recs_ttl)."""
+    return f"{NS}:{SCHEMA}:recs:{user}"
+
+
+def recs_meta(user: str) -> str:
+    """Model version and write time of recs(user)."""
+    return f"{NS}:{SCHEMA}:recs-meta:{user}"
+
+
+def popular(category: str = "") -> str:
+    """Sorted set of time-decayed item popularity (global or per category); owner: scoring."""
+    return f"{NS}:{SCHEMA}:popular:{category}" if category else f"{NS}:{SCHEMA}:popular"
+
+
+def user_seen(user: str) -> str:
+    """Set of item ids the user interacted with; owner: scoring (TTL)."""
+    return f"{NS}:{SCHEMA}:seen:{user}"
+
+
+def model_version() -> str:
+    return f"{NS}:{SCHEMA}:model-version"
+
+
+def item_meta(item_id: str) -> str:
+    """Cached item metadata (hash); filled by the gateway from MongoDB on a miss (TTL)."""
+    return f"{NS}:{SCHEMA}:item:{item_id}"
+
+
+def item_embedding(item_id: str) -> str:
+    """Style embedding of an item's photo (float32 bytes); owner: style worker."""
+    return f"{NS}:{SCHEMA}:emb:{item_id}"
+
+
+def style_profile(user: str) -> str:
+    """User style profile hash {vector, confidence, anchor}; owner: scoring (TTL)."""
+    return f"{NS}:{SCHEMA}:style-profile:{user}"
+
+
+def stylized(content_item: str, style_item: str) -> str:
+    """Reference to a stylized image (GridFS id) with TTL; owner: style worker."""
+    return f"{NS}:{SCHEMA}:stylized:{content_item}:{style_item}"
+
+
+def stylize_pending(content_item: str, style_item: str) -> str:
+    """Dedup marker for an enqueued stylize job (SET NX with TTL); owner: gateway."""
+    return f"{NS}:{SCHEMA}:stylize-pending:{content_item}:{style_item}"
+
+
+def dedup_event(event_id: str) -> str:
+    """Idempotency marker for an ingested event id (SET NX with TTL); owner: ingestion."""
+    return f"{NS}:{SCHEMA}:dedup:{event_id}"

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One install step: system packages, the virtualenv, generated protos, editable install.
+# Idempotent; `make setup` runs it only when its inputs changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+need_apt=()
+command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+if [ "${STYLEREC_WITH_BROWSER:-0}" = 1 ]; then command -v chromium >/dev/null 2>&1 || need_apt+=(chromium); fi
+if [ "${STYLEREC_WITH_OPS:-0}" = 1 ]; then command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus); fi
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "setup: installing ${need_apt[*]} with apt-get"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+  else
+    echo "setup: please install: sudo apt-get install ${need_apt[*]}" >&2; exit 1
+  fi
+fi
+
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+# torch first and pinned, so nothing later can pull a multi-GB CUDA build.
+.venv/bin/pip install -q -r requirements.txt
+.venv/bin/pip install -q --no-deps -r requirements-nodeps.txt
+
+rm -rf gen && mkdir -p gen/stylerec/v1
+.venv/bin/python -m grpc_tools.protoc -I protos \
+  --python_out=gen --grpc_python_out=gen --mypy_out=quiet:gen --mypy_grpc_out=quiet:gen \
+  protos/stylerec/v1/*.proto
+touch gen/stylerec/__init__.py gen/stylerec/v1/__init__.py
+.venv/bin/pip install -q --no-deps --no-build-isolation -e .
+echo "setup: done ($(.venv/bin/python --version), protos generated into gen/)"

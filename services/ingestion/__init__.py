@@ -1,0 +1,1 @@
+"""Ingestion: validates, deduplicates and pseudonymizes shop events and catalog items."""

@@ -1,0 +1,1 @@
+"""Scoring: collaborative filtering over the event stream; writes per-user top-N to Redis."""

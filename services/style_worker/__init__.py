@@ -1,0 +1,1 @@
+"""Style worker: pretrained style networks on ONNX Runtime (style embeddings, stylization)."""
