@@ -1,0 +1,168 @@
+"""The four services over real sockets: health, reflection, metrics, bad input, the thin e2e path."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from stylerec.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, ingestion_pb2, ingestion_pb2_grpc
+
+from cli.stack import SERVICES, Stack, free_port, grpc_serving, pid_alive
+from libs.common.errors import violations_of
+
+EXPECTED_SERVICE = {
+    "ingestion": "stylerec.v1.IngestionService",
+    "scoring": "stylerec.v1.ScoringService",
+    "style-worker": "stylerec.v1.StyleWorkerService",
+    "gateway": "stylerec.v1.GatewayService",
+}
+
+
+def _event(user: str, item: str, etype: int = common_pb2.PURCHASE, event_id: str = "") -> common_pb2.Event:
+    e = common_pb2.Event(event_id=event_id, user_id=user, item_id=item, type=etype)  # type: ignore[arg-type]
+    e.timestamp.GetCurrentTime()
+    return e
+
+
+@pytest.mark.parametrize("name", SERVICES)
+def test_health_reports_serving(stack: Stack, name: str) -> None:
+    with grpc.insecure_channel(stack.addr_of(name)) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        for service in ("", EXPECTED_SERVICE[name]):
+            resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.parametrize("name", SERVICES)
+def test_reflection_lists_services(stack: Stack, name: str) -> None:
+    with grpc.insecure_channel(stack.addr_of(name)) as ch:
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        names = {s.name for r in responses for s in r.list_services_response.service}
+    assert {EXPECTED_SERVICE[name], "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
+
+
+@pytest.mark.parametrize("name", SERVICES)
+def test_metrics_endpoint_counts_rpcs(stack: Stack, name: str) -> None:
+    with grpc.insecure_channel(stack.addr_of(name)) as ch:
+        health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    port = stack.components[name].metrics_port
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert 'stylerec_grpc_server_handled_total{grpc_code="OK",grpc_method="Check",grpc_service="grpc.health.v1.Health"}' in body
+    assert "stylerec_grpc_server_handling_seconds_bucket" in body
+    assert "stylerec_serving 1.0" in body
+
+
+@pytest.mark.parametrize(
+    ("event", "reason"),
+    [
+        (_event("", "i1"), "user_id is required"),
+        (_event("u1", ""), "item_id is required"),
+        (_event("u1", "i1", etype=0), "not one of VIEW"),
+        (_event("u1", "i1", etype=42), "not one of VIEW"),
+        (common_pb2.Event(user_id="u1", item_id="i1", type=common_pb2.VIEW), "timestamp is required"),
+    ],
+)
+def test_ingest_all_bad_is_invalid_argument_with_details(stack: Stack, event: common_pb2.Event, reason: str) -> None:
+    with grpc.insecure_channel(stack.addr_of("ingestion")) as ch:
+        stub = ingestion_pb2_grpc.IngestionServiceStub(ch)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.IngestEvents(ingestion_pb2.IngestEventsRequest(events=[event]), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert reason in err.value.details()
+    violations = violations_of(err.value)
+    assert violations and violations[0][0] == "events[0]" and reason in violations[0][1]
+
+
+def test_ingest_mixed_batch_reports_index_and_reason(stack: Stack, unique: str) -> None:
+    events = [_event(f"m{unique}", "i1"), _event("", "i2"), _event(f"m{unique}", "i3")]
+    with grpc.insecure_channel(stack.addr_of("ingestion")) as ch:
+        resp = ingestion_pb2_grpc.IngestionServiceStub(ch).IngestEvents(
+            ingestion_pb2.IngestEventsRequest(events=events), timeout=10
+        )
+    assert resp.accepted == 2
+    assert [(r.index, r.reason) for r in resp.rejected] == [(1, "user_id is required")]
+
+
+def _recommend(stack: Stack, user: str, k: int = 5) -> gateway_pb2.GetRecommendationsResponse:
+    with grpc.insecure_channel(stack.addr_of("gateway")) as ch:
+        return gateway_pb2_grpc.GatewayServiceStub(ch).GetRecommendations(
+            gateway_pb2.GetRecommendationsRequest(user_id=user, k=k), timeout=10
+        )
+
+
+def test_end_to_end_history_vs_unknown_user(stack: Stack, unique: str) -> None:
+    """ingestion → Kafka → scoring → Redis → gateway, with several users."""
+    items = [f"item-{unique}-{i}" for i in range(6)]
+    users = [f"shopper-{unique}-{u}" for u in range(4)]
+    events = []
+    for u, user in enumerate(users):
+        for i in range(u + 2):  # item 0 is the most popular
+            events.append(_event(user, items[i], event_id=f"{unique}-{u}-{i}"))
+    with grpc.insecure_channel(stack.addr_of("ingestion")) as ch:
+        resp = ingestion_pb2_grpc.IngestionServiceStub(ch).IngestEvents(
+            ingestion_pb2.IngestEventsRequest(events=events), timeout=10
+        )
+    assert resp.accepted == len(events)
+
+    deadline = time.monotonic() + 60
+    known = _recommend(stack, users[0])
+    while known.strategy != gateway_pb2.CF and time.monotonic() < deadline:
+        time.sleep(0.3)
+        known = _recommend(stack, users[0])
+    assert known.strategy == gateway_pb2.CF, "scoring never wrote recommendations for the user"
+    unknown = _recommend(stack, f"nobody-{unique}")
+    assert unknown.strategy == gateway_pb2.POPULAR
+    assert known.model_version and unknown.model_version
+    known_items = [r.item_id for r in known.items]
+    unknown_items = [r.item_id for r in unknown.items]
+    assert known_items and unknown_items and known_items != unknown_items
+    # user 0 bought items 0 and 1: the items they already have are not recommended back to them.
+    assert not {items[0], items[1]} & set(known_items)
+
+
+def test_health_not_serving_while_dependency_down(infra: Stack, unique: str) -> None:
+    """A gateway pointed at a dead Redis runs but must not claim SERVING."""
+    comp = infra.start_service(
+        "gateway",
+        instance=f"gw-dead-redis-{unique}",
+        extra_env={"STYLEREC_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0", "STYLEREC_HEALTH_INTERVAL_S": "0.5"},
+    )
+    try:
+        deadline = time.monotonic() + 30
+        reachable = False
+        while time.monotonic() < deadline and not reachable:
+            with grpc.insecure_channel(comp.address) as ch:
+                try:
+                    resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)
+                    reachable = True
+                except grpc.RpcError:
+                    time.sleep(0.3)
+        assert reachable
+        assert resp.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        infra.stop_component(f"gw-dead-redis-{unique}")
+
+
+def test_sigterm_stops_gracefully(infra: Stack, unique: str) -> None:
+    name = f"ingest-term-{unique}"
+    comp = infra.start_service("ingestion", instance=name)
+    infra.wait_serving([name], timeout_s=60)
+    os.kill(comp.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    while pid_alive(comp.pid) and time.monotonic() < deadline:
+        try:
+            os.waitpid(comp.pid, os.WNOHANG)
+        except ChildProcessError:
+            break
+        time.sleep(0.1)
+    assert not pid_alive(comp.pid)
+    assert not grpc_serving(comp.address, timeout_s=1)
+    log = open(comp.log).read()
+    assert '"msg": "signal received"' in log and '"msg": "stopped"' in log
