@@ -29,6 +29,12 @@ log = logging.getLogger(__name__)
 
 Probe = Callable[[], bool]
 
+# Health service name that is SERVING whenever the process runs, whatever its
+# dependencies say. Kubernetes liveness probes ask for it (``grpc.service``) so a
+# Redis or Kafka outage makes pods unready (traffic moves away) without
+# restarting them in a loop; readiness asks for "" (dependencies included).
+LIVENESS_SERVICE = "stylerec.liveness"
+
 
 def tcp_probe(addresses: Sequence[str], timeout_s: float = 1.0) -> Probe:
     """Reachable = at least one host:port accepts a TCP connection."""
@@ -135,6 +141,7 @@ class ServiceRuntime:
             raise RuntimeError(f"could not bind gRPC port {self.settings.grpc_port}")
         self.metrics_port = start_metrics_server(self.settings.metrics_port)
         self._set_serving(False)
+        self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         self.server.start()
         threading.Thread(target=self._health_loop, name="health", daemon=True).start()
         log.info(
