@@ -62,3 +62,8 @@ def stylize_pending(content_item: str, style_item: str) -> str:
 def dedup_event(event_id: str) -> str:
     """Idempotency marker for an ingested event id (SET NX with TTL); owner: ingestion."""
     return f"{NS}:{SCHEMA}:dedup:{event_id}"
+
+
+def stylize_rate(user: str) -> str:
+    """Per-user counter of stylize jobs enqueued in the current window (INCR + EXPIRE); owner: gateway."""
+    return f"{NS}:{SCHEMA}:stylize-rate:{user}"
