@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 from stylerec.v1 import gateway_pb2, gateway_pb2_grpc, ingestion_pb2, ingestion_pb2_grpc
 
+from cli.errors import UsageError
 from cli.eventfile import EventFileError, read_events
 from cli.stack import Stack
 from cli.stack_commands import stack_dir
@@ -34,8 +35,6 @@ def register(sub: Any) -> None:
 
 
 def service_addr(name: str, explicit: str | None) -> str:
-    from cli.main import UsageError
-
     if explicit:
         return explicit
     stack = Stack.load(stack_dir())
@@ -46,8 +45,6 @@ def service_addr(name: str, explicit: str | None) -> str:
 
 
 def cmd_ingest_events(args: argparse.Namespace) -> int:
-    from cli.main import UsageError
-
     try:
         events = list(read_events(args.file))
     except EventFileError as exc:
@@ -81,8 +78,6 @@ def cmd_ingest_events(args: argparse.Namespace) -> int:
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
-    from cli.main import UsageError
-
     addr = service_addr("gateway", args.addr)
     with grpc.insecure_channel(addr) as channel:
         stub = gateway_pb2_grpc.GatewayServiceStub(channel)

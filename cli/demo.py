@@ -31,7 +31,9 @@ def ingest(stack: Stack, events: list, label: str) -> tuple[int, int, int]:
     with grpc.insecure_channel(stack.addr_of("ingestion")) as channel:
         stub = ingestion_pb2_grpc.IngestionServiceStub(channel)
         for start in tqdm(range(0, len(events), CHUNK), desc=f"ingest {label}", unit="batch"):
-            resp = stub.IngestEvents(ingestion_pb2.IngestEventsRequest(events=events[start : start + CHUNK]), timeout=60)
+            resp = stub.IngestEvents(
+                ingestion_pb2.IngestEventsRequest(events=events[start : start + CHUNK]), timeout=60
+            )
             accepted += resp.accepted
             duplicates += resp.duplicates
             rejected += len(resp.rejected)
@@ -86,8 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         t1 = time.monotonic()
         accepted, dups, rejected = ingest(stack, events, "purchases")
         dt = time.monotonic() - t1
-        print(f"ingested {accepted} events ({dups} duplicates, {rejected} rejected) in {dt:.1f}s "
-              f"({accepted / max(dt, 1e-9):.0f} events/s)")
+        print(
+            f"ingested {accepted} events ({dups} duplicates, {rejected} rejected) in {dt:.1f}s "
+            f"({accepted / max(dt, 1e-9):.0f} events/s)"
+        )
         last_users = list(dict.fromkeys(p.customer for p in reversed(purchases)))[:20]
         waited = wait_applied(stack, last_users)
         print(f"scoring caught up {waited:.1f}s after the last ack")

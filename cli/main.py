@@ -10,15 +10,13 @@ import argparse
 import importlib
 import sys
 
+from cli.errors import UsageError
+
 # Modules contributing sub-commands. Each exposes register(subparsers).
 COMMAND_MODULES = [
     "cli.stack_commands",
     "cli.client_commands",
 ]
-
-
-class UsageError(Exception):
-    """Bad input from the user: printed without a traceback, exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cli.errors import UsageError
 from cli.stack import DEFAULT_DIR, Stack, StackError
 
 
@@ -28,8 +29,6 @@ def register(sub: Any) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from cli.main import UsageError
-
     stack = Stack.load(stack_dir())
     t0 = time.monotonic()
     try:

@@ -54,7 +54,10 @@ def test_metrics_endpoint_counts_rpcs(stack: Stack, name: str) -> None:
         health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
     port = stack.components[name].metrics_port
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    assert 'stylerec_grpc_server_handled_total{grpc_code="OK",grpc_method="Check",grpc_service="grpc.health.v1.Health"}' in body
+    assert (
+        'stylerec_grpc_server_handled_total{grpc_code="OK",grpc_method="Check",grpc_service="grpc.health.v1.Health"}'
+        in body
+    )
     assert "stylerec_grpc_server_handling_seconds_bucket" in body
     assert "stylerec_serving 1.0" in body
 
