@@ -8,7 +8,7 @@ import gzip
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from stylerec.v1 import common_pb2
@@ -42,7 +42,7 @@ def read_online_retail(path: Path = ONLINE_RETAIL) -> Iterator[Purchase]:
             qty = float(row["Quantity"] or 0)
             if qty <= 0 or row["StockCode"].strip().upper() in NON_PRODUCT_CODES:
                 continue
-            ts = datetime.strptime(row["InvoiceDate"], "%Y-%m-%d %H:%M:%S").replace(tzinfo=timezone.utc)
+            ts = datetime.strptime(row["InvoiceDate"], "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC)
             yield Purchase(
                 invoice=invoice,
                 stock_code=row["StockCode"].strip(),
@@ -58,7 +58,7 @@ def synthetic_purchases(n_users: int = 300, n_items: int = 400, n_events: int = 
     """SYNTHETIC: Zipf-popular items, users with a few favourite 'aisles'. Used only without ../shared/data."""
     rng = random.Random(seed)
     aisles = [list(range(a, n_items, 8)) for a in range(8)]
-    base = datetime(2026, 1, 1, tzinfo=timezone.utc).timestamp()
+    base = datetime(2026, 1, 1, tzinfo=UTC).timestamp()
     out = []
     for e in range(n_events):
         u = rng.randrange(n_users)

@@ -6,6 +6,7 @@ import os
 import signal
 import time
 import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
@@ -167,5 +168,5 @@ def test_sigterm_stops_gracefully(infra: Stack, unique: str) -> None:
         time.sleep(0.1)
     assert not pid_alive(comp.pid)
     assert not grpc_serving(comp.address, timeout_s=1)
-    log = open(comp.log).read()
+    log = Path(comp.log).read_text()
     assert '"msg": "signal received"' in log and '"msg": "stopped"' in log
