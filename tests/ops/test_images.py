@@ -1,0 +1,266 @@
+"""Container images, checked without a Docker engine (there is none on dev or CI machines).
+
+What a ``docker build`` from the repository root would need is checked statically:
+multi-stage with a slim final stage, a non-root user, no build tools or tests in the
+final stage, a gRPC HEALTHCHECK, every COPY source present in the build context after
+.dockerignore, the entry point module shipped, and nothing the service imports left
+out of the image's requirement set.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata as md
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.ops.dockerfile import DockerIgnore, Stage, copy_sources, parse, stage_arg
+
+REPO = Path(__file__).resolve().parents[2]
+SERVICES = ["ingestion", "scoring", "style_worker", "gateway"]
+DOCKERFILES = [REPO / "services" / s / "Dockerfile" for s in SERVICES] + [REPO / "services/style_worker/Dockerfile.gpu"]
+BUILD_TOOLS = re.compile(
+    r"\b(gcc|g\+\+|build-essential|make|cmake|python3-dev|python3-pip|python3-venv|git|curl|wget)\b"
+)
+FIRST_PARTY = {"libs", "services", "cli", "tests", "scripts", "stylerec", "gen"}
+
+
+def ids(paths: list[Path]) -> list[str]:
+    return [str(p.relative_to(REPO)) for p in paths]
+
+
+def service_of(path: Path) -> str:
+    return path.parent.name
+
+
+def final_stage(path: Path) -> Stage:
+    return parse(path)[1][-1]
+
+
+def context_files() -> list[str]:
+    """Files a clean clone has (tracked and not ignored), relative to the repo root."""
+    out = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    return [f for f in out if (REPO / f).exists()]
+
+
+@pytest.fixture(scope="module")
+def dockerignore() -> DockerIgnore:
+    return DockerIgnore((REPO / ".dockerignore").read_text())
+
+
+def test_dockerignore_keeps_local_state_out(dockerignore: DockerIgnore) -> None:
+    for path in [".venv/bin/python", "gen/stylerec/v1/common_pb2.py", ".git/HEAD", "tests/conftest.py", "out/x.json"]:
+        assert dockerignore.excluded(path), f"{path} would be sent to the Docker build context"
+    for path in ["requirements.txt", "protos/stylerec/v1/common.proto", "libs/common/server.py"]:
+        assert not dockerignore.excluded(path), f"{path} is needed by the image builds but .dockerignore drops it"
+    assert dockerignore.excluded("libs/common/__pycache__/server.cpython-311.pyc")
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=ids(DOCKERFILES))
+def test_multistage_slim_nonroot(path: Path) -> None:
+    _args, stages = parse(path)
+    assert len(stages) >= 2, "the image must be multi-stage (build stage + runtime stage)"
+    final = stages[-1]
+    if path.name == "Dockerfile":
+        assert re.fullmatch(r"python:3\.11-slim(-[a-z]+)?", final.base), f"final stage base {final.base}"
+    else:
+        assert final.base.startswith("nvidia/cuda:") and "cudnn-runtime" in final.base, final.base
+    users = final.all("USER")
+    assert users, "the final stage must switch to a non-root USER"
+    user = users[-1].args.split(":")[0]
+    assert user not in ("root", "0"), f"USER {user} is root"
+    assert user.isdigit(), "a numeric USER lets Kubernetes verify runAsNonRoot"
+    assert int(user) == 10001, "k8s manifests and compose run as uid 10001"
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=ids(DOCKERFILES))
+def test_final_stage_has_no_build_tools_or_tests(path: Path) -> None:
+    final = final_stage(path)
+    for ins in final.all("RUN"):
+        installs = re.findall(r"apt-get install[^&;]*", ins.args)
+        for cmd in installs:
+            assert not BUILD_TOOLS.search(cmd), f"line {ins.line}: build tool installed in the final stage: {cmd}"
+        assert "pip install" not in ins.args, (
+            f"line {ins.line}: pip runs in the final stage; install in the build stage"
+        )
+    for ins in final.all("COPY") + final.all("ADD"):
+        sources, _dest, flags = copy_sources(ins)
+        if "from" in flags:
+            continue
+        for src in sources:
+            assert not src.startswith("tests"), f"line {ins.line}: tests copied into the image"
+            assert src not in (".", "./"), f"line {ins.line}: the whole context is copied into the image"
+    # The tooling venv (grpcio-tools) must never be copied over.
+    copied_from_build = [copy_sources(i)[0] for i in final.all("COPY") if "from" in copy_sources(i)[2]]
+    assert ["/opt/venv"] in copied_from_build
+    assert all("/opt/tools" not in src for srcs in copied_from_build for src in srcs)
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=ids(DOCKERFILES))
+def test_copy_sources_exist_in_build_context(path: Path, dockerignore: DockerIgnore) -> None:
+    files = context_files()
+    _args, stages = parse(path)
+    for stage in stages:
+        for ins in stage.all("COPY") + stage.all("ADD"):
+            sources, _dest, flags = copy_sources(ins)
+            if "from" in flags:
+                assert flags["from"] in {s.name for s in stages}, f"line {ins.line}: unknown stage {flags['from']}"
+                continue
+            for src in sources:
+                src = src.rstrip("/")
+                under = [f for f in files if f == src or f.startswith(src + "/")]
+                assert under, f"{path.name} line {ins.line}: COPY source {src!r} does not exist in the repository"
+                sent = [f for f in under if not dockerignore.excluded(f)]
+                assert sent, f"{path.name} line {ins.line}: COPY source {src!r} is excluded by .dockerignore"
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=ids(DOCKERFILES))
+def test_entrypoint_and_healthcheck_modules_are_shipped(path: Path) -> None:
+    final = final_stage(path)
+    svc = service_of(path)
+    entry = final.all("ENTRYPOINT")[-1].exec_form()
+    assert entry == ["python", "-m", f"services.{svc}"], entry
+    assert (REPO / "services" / svc / "__main__.py").exists()
+    health = final.all("HEALTHCHECK")
+    assert health, "no HEALTHCHECK"
+    cmd = health[-1].exec_form()
+    assert cmd == ["python", "-m", "libs.common.healthcheck"], cmd
+    assert (REPO / "libs/common/healthcheck.py").exists()
+    copied = {copy_sources(i)[0][0].rstrip("/") for i in final.all("COPY") if "from" not in copy_sources(i)[2]}
+    assert {"libs", f"services/{svc}", "services/__init__.py"} <= copied
+    env = " ".join(i.args for i in final.all("ENV"))
+    ports = dict(re.findall(r"STYLEREC_(GRPC_PORT|METRICS_PORT)=(\d+)", env))
+    exposed = set(" ".join(i.args for i in final.all("EXPOSE")).split())
+    assert set(ports.values()) <= exposed, f"EXPOSE {exposed} misses {ports}"
+    # The healthcheck reads STYLEREC_GRPC_PORT; it must match the service's own default port.
+    settings_cls = {
+        "ingestion": "IngestionSettings",
+        "scoring": "ScoringSettings",
+        "style_worker": "StyleWorkerSettings",
+        "gateway": "GatewaySettings",
+    }[svc]
+    module = __import__(f"services.{svc}.config", fromlist=[settings_cls])
+    fields = getattr(module, settings_cls).model_fields
+    assert int(ports["GRPC_PORT"]) == fields["grpc_port"].default
+    assert int(ports["METRICS_PORT"]) == fields["metrics_port"].default
+
+
+def test_gpu_variant_uses_onnxruntime_gpu_and_cuda_base() -> None:
+    path = REPO / "services/style_worker/Dockerfile.gpu"
+    _args, stages = parse(path)
+    assert all("cudnn" in s.base for s in stages), "build and runtime must share the CUDA base (same python)"
+    assert "onnxruntime-gpu" not in stage_arg(stages[0], "DROP_PACKAGES").split()
+    assert "onnxruntime-gpu==" in (REPO / "requirements.txt").read_text()
+    assert not re.search(r"^onnxruntime==", (REPO / "requirements.txt").read_text(), re.M)
+
+
+def test_scoring_torch_is_the_pinned_cpu_wheel() -> None:
+    text = (REPO / "services/scoring/Dockerfile").read_text()
+    assert "download.pytorch.org/whl/cpu" in text
+    assert "grep -iE '^torch==' requirements.txt" in text
+    assert re.search(r"^torch==2\.13\.0$", (REPO / "requirements.txt").read_text(), re.M)
+
+
+# ---------- nothing a service imports is left out of its image ----------
+
+
+def _imports(py: Path) -> set[str]:
+    tree = ast.parse(py.read_text(), filename=str(py))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def _requirement_names(path: Path) -> set[str]:
+    out = set()
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            out.add(_norm(re.split(r"[=<>!~\[; ]", line, maxsplit=1)[0]))
+    return out
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _closure(dists: set[str]) -> set[str]:
+    """The given distributions plus everything they require (as installed here)."""
+    seen: set[str] = set()
+    todo = list(dists)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            reqs = md.requires(name) or []
+        except md.PackageNotFoundError:
+            continue
+        for req in reqs:
+            if "extra ==" in req:
+                continue
+            todo.append(_norm(re.split(r"[=<>!~\[; (]", req, maxsplit=1)[0]))
+    return seen
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=ids(DOCKERFILES))
+def test_every_import_of_the_service_is_installed_in_its_image(path: Path) -> None:
+    svc = service_of(path)
+    stage = parse(path)[1][0]
+    dropped = {_norm(p) for p in stage_arg(stage, "DROP_PACKAGES").split()}
+    try:
+        kept_nodeps = {_norm(p) for p in stage_arg(stage, "KEEP_NODEPS").split()}
+    except KeyError:
+        kept_nodeps = set()
+    runtime = (_requirement_names(REPO / "requirements.txt") - dropped) | kept_nodeps
+    if svc == "scoring":
+        runtime.add("torch")
+    installed = _closure(runtime)
+    dist_of = {k: [_norm(d) for d in v] for k, v in md.packages_distributions().items()}
+    stdlib = set(sys.stdlib_module_names) | {"__future__"}
+
+    sources = sorted((REPO / "libs").rglob("*.py")) + sorted((REPO / "services" / svc).rglob("*.py"))
+    problems = []
+    for py in sources:
+        for module in _imports(py):
+            top = module.split(".")[0]
+            if top in stdlib:
+                continue
+            if top in FIRST_PARTY:
+                if top == "services" and module.count(".") >= 1 and module.split(".")[1] != svc:
+                    problems.append(
+                        f"{py.relative_to(REPO)} imports {module}: another service's code is not in the image"
+                    )
+                elif top in {"cli", "tests", "scripts", "gen"}:
+                    problems.append(f"{py.relative_to(REPO)} imports {module}: {top}/ is not in the image")
+                continue
+            dists = dist_of.get(top)
+            if not dists:
+                problems.append(f"{py.relative_to(REPO)} imports {module}: not installed in the dev venv either")
+                continue
+            if not any(d in installed for d in dists):
+                problems.append(f"{py.relative_to(REPO)} imports {module} ({'/'.join(dists)}): dropped from the image")
+    assert not problems, "\n".join(problems)
+
+
+def test_drop_list_is_parsed_like_the_shell_does() -> None:
+    # Guard the test's own reading of the ARG: the RUN line turns it into a grep alternation.
+    stage = parse(REPO / "services/gateway/Dockerfile")[1][0]
+    run = [i.args for i in stage.all("RUN") if "DROP_PACKAGES" in i.args]
+    assert run and "tr ' ' '|'" in run[0]
+    assert "torch" in stage_arg(stage, "DROP_PACKAGES").split()
