@@ -1,16 +1,22 @@
-"""Entry point: ``python -m services.style_worker``."""
+"""Entry point: ``python -m services.style_worker``.
+
+settings → logging → runtime → probes → engine (providers probed once) →
+servicer → consumers (style-jobs, item-updates) → shutdown hooks → serve.
+Shutdown runs hooks in reverse: consumers stop first (finishing and
+committing their batch), then the batchers drain, then the producer flushes.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+from stylerec.v1 import common_pb2, style_pb2, style_pb2_grpc
 
-from stylerec.v1 import style_pb2_grpc
-
+from libs.common.kafka import ProtoConsumerLoop, ProtoProducer
 from libs.common.logging import configure_logging
 from libs.common.server import ServiceRuntime, mongo_probe, redis_probe, tcp_probe
-from libs.common.stores import make_mongo, make_redis
+from libs.common.stores import make_mongo, make_redis, mongo_db
 from services.style_worker.config import StyleWorkerSettings
-from services.style_worker.models import StyleModels, default_models_dir
+from services.style_worker.engine import StyleEngine
+from services.style_worker.jobs import SERVICE, StyleJobProcessor, validate_job
 from services.style_worker.server import StyleWorkerServicer
 
 
@@ -23,14 +29,46 @@ def main() -> None:
     runtime.require("kafka", tcp_probe(settings.kafka_servers))
     runtime.require("redis", redis_probe(r))
     runtime.require("mongo", mongo_probe(mongo))
-    models_dir = Path(settings.models_dir) if settings.models_dir else default_models_dir()
-    models = StyleModels(models_dir, ["CPUExecutionProvider"], settings.intra_op_threads)
+    engine = StyleEngine.from_settings(settings)
     runtime.add_service(
         "stylerec.v1.StyleWorkerService",
         style_pb2_grpc.add_StyleWorkerServiceServicer_to_server,
-        StyleWorkerServicer(settings, models),
+        StyleWorkerServicer(settings, engine),
     )
+    producer = ProtoProducer(settings.kafka_servers, client_id=SERVICE)
     runtime.on_shutdown(mongo.close)
+    runtime.on_shutdown(producer.close)
+    runtime.on_shutdown(producer.flush)
+    runtime.on_shutdown(engine.close)
+    if settings.consume:
+        processor = StyleJobProcessor(settings, engine, mongo_db(mongo, settings.mongo_db), r, producer)
+        common = {
+            "bootstrap": settings.kafka_servers,
+            "producer": producer,
+            "service": SERVICE,
+            "max_poll_records": settings.max_poll_records,
+            "max_poll_interval_ms": settings.kafka_max_poll_interval_ms,
+            "session_timeout_ms": settings.kafka_session_timeout_ms,
+        }
+        jobs: ProtoConsumerLoop[style_pb2.StyleJob] = ProtoConsumerLoop(
+            group_id=settings.jobs_group,
+            topics=[settings.jobs_topic],
+            message_type=style_pb2.StyleJob,
+            handle=processor.handle_jobs,
+            validate=validate_job,
+            **common,  # type: ignore[arg-type]
+        )
+        updates: ProtoConsumerLoop[common_pb2.ItemUpdate] = ProtoConsumerLoop(
+            group_id=settings.item_updates_group,
+            topics=[settings.item_updates_topic],
+            message_type=common_pb2.ItemUpdate,
+            handle=processor.handle_item_updates,
+            **common,  # type: ignore[arg-type]
+        )
+        runtime.on_shutdown(updates.stop)
+        runtime.on_shutdown(jobs.stop)
+        jobs.start()
+        updates.start()
     runtime.start()
     runtime.serve_forever()
 

@@ -75,12 +75,12 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
         raise ImageRejected("too_small", f"{width}x{height} is under the {limits.min_side}-pixel minimum side")
     try:
         img.load()
-        img = ImageOps.exif_transpose(img) or img
+        oriented: Image.Image = ImageOps.exif_transpose(img) or img
     except Image.DecompressionBombError as exc:
         raise ImageRejected("bomb", str(exc)) from exc
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageRejected("corrupt", f"truncated or corrupt pixel data ({exc})") from exc
-    return flatten_to_rgb(img)
+    return flatten_to_rgb(oriented)
 
 
 def flatten_to_rgb(img: Image.Image) -> Image.Image:

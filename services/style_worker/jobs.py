@@ -1,0 +1,395 @@
+"""Kafka job handling: embed and stylize jobs in, embeddings / stylized images out.
+
+Delivery is at-least-once (offsets are committed after a batch is handled, a
+crash replays it), so every write here is idempotent and a redelivered job
+never creates a second result:
+
+* embed: the item records which photo (``style_embedding_ref``) its embedding
+  came from; a job for the same photo is a no-op (Redis is refilled from Mongo
+  if it lost the key).
+* stylize: the GridFS file id is *derived* from (content, style, both photo
+  refs, strength, preserve-colour), so at most one file can exist per result;
+  the ``stylized`` document is checked first, leftovers of a run killed half
+  way are removed before writing, and ``result_sent`` records whether the
+  ``style-results`` message went out.
+
+Bad input never stops the worker: a missing item or photo, or an image the
+guards reject, goes to ``dlq-style-worker`` with a classed reason and the rest
+of the batch carries on. Store failures raise, so the whole batch is retried.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import gridfs
+import numpy as np
+import redis
+from bson import ObjectId
+from bson.errors import InvalidId
+from pymongo.database import Database
+from stylerec.v1 import common_pb2, style_pb2
+
+from libs.common import keys
+from libs.common.kafka import Decoded, ProtoProducer, now_timestamp
+from services.style_worker.config import StyleWorkerSettings
+from services.style_worker.engine import StyleEngine, StylizeRequest, l2_normalize
+from services.style_worker.images import ImageRejected, check_encoded_size, encode
+from services.style_worker.metrics import IMAGES_REJECTED, JOB_SECONDS, JOBS
+from services.style_worker.models import EMBEDDING_DIM
+
+log = logging.getLogger(__name__)
+SERVICE = "style-worker"
+KIND_NAMES = {style_pb2.EMBED: "embed", style_pb2.STYLIZE: "stylize"}
+
+
+class JobRejected(Exception):
+    """A job that can never succeed (missing item/photo); ``reason`` is '<class>: <detail>'."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def validate_job(job: style_pb2.StyleJob) -> str | None:
+    """Structural checks; a non-None answer sends the record to the dead-letter topic as 'invalid: ...'."""
+    if job.kind not in KIND_NAMES:
+        return f"unknown job kind {job.kind}"
+    if not job.content_item_id:
+        return "content_item_id is empty"
+    if job.kind == style_pb2.STYLIZE and not job.style_item_id:
+        return "stylize job without style_item_id"
+    if not 0.0 <= job.strength <= 1.0 or job.strength != job.strength:
+        return f"strength {job.strength} outside 0..1"
+    return None
+
+
+def embedding_bytes(vector: np.ndarray) -> bytes:
+    """The Redis format of docs/contracts.md: 100 x float32 little-endian, L2-normalized."""
+    return l2_normalize(vector).astype("<f4").tobytes()
+
+
+def stylized_file_id(content: str, style: str, content_ref: str, style_ref: str, strength: float, pc: bool) -> ObjectId:
+    """Deterministic GridFS id: one possible file per distinct result, so retries cannot duplicate."""
+    digest = hashlib.sha1(f"{content}\x00{style}\x00{content_ref}\x00{style_ref}\x00{strength:.4f}\x00{pc}".encode())
+    return ObjectId(digest.digest()[:12])
+
+
+@dataclass
+class _Embed:
+    decoded: Decoded[style_pb2.StyleJob]
+    item_id: str
+    image_ref: str
+    image: Any  # PIL image
+    started: float
+    vector: np.ndarray | None = None
+
+
+@dataclass
+class _Stylize:
+    decoded: Decoded[style_pb2.StyleJob]
+    content_id: str
+    style_id: str
+    content_ref: str
+    style_ref: str
+    content_image: Any
+    strength: float
+    preserve_color: bool
+    file_id: ObjectId
+    started: float
+    previous_ref: str = ""
+    style_vector: np.ndarray | None = None
+    style_image: Any = None
+
+
+@dataclass
+class _Batch:
+    embeds: list[_Embed] = field(default_factory=list)
+    stylizes: list[_Stylize] = field(default_factory=list)
+    pairs: set[str] = field(default_factory=set)
+    embed_items: set[str] = field(default_factory=set)
+
+
+class StyleJobProcessor:
+    """Handles batches from the `style-jobs` and `item-updates` consumers."""
+
+    def __init__(
+        self,
+        settings: StyleWorkerSettings,
+        engine: StyleEngine,
+        db: Database[Any],
+        r: redis.Redis,
+        producer: ProtoProducer,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.db = db
+        self.fs = gridfs.GridFS(db)
+        self.redis = r
+        self.producer = producer
+
+    # ------------------------------------------------------------------ item-updates
+    def handle_item_updates(self, batch: list[Decoded[common_pb2.ItemUpdate]]) -> None:
+        """New or changed photo → an EMBED job on style-jobs (as docs/contracts.md routes it)."""
+        futures = []
+        for d in batch:
+            upd = d.message
+            if not upd.item_id:
+                self.producer.dead_letter(SERVICE, d.record, "invalid: item update without item_id")
+                continue
+            if upd.deleted:
+                self.redis.delete(keys.item_embedding(upd.item_id))
+                continue
+            if not upd.image_ref:
+                continue
+            job = style_pb2.StyleJob(
+                job_id=f"embed:{upd.item_id}:{upd.image_ref}",
+                kind=style_pb2.EMBED,
+                content_item_id=upd.item_id,
+                requested_at=now_timestamp(),
+            )
+            futures.append(self.producer.send(self.settings.jobs_topic, upd.item_id, job))
+        for f in futures:
+            f.get(timeout=10)  # commit only once the jobs are safely on the broker
+
+    # ------------------------------------------------------------------ style-jobs
+    def handle_jobs(self, batch: list[Decoded[style_pb2.StyleJob]]) -> None:
+        work = _Batch()
+        for d in batch:
+            try:
+                if d.message.kind == style_pb2.EMBED:
+                    self._prepare_embed(d, work)
+                else:
+                    self._prepare_stylize(d, work)
+            except (JobRejected, ImageRejected) as exc:
+                self._reject(d, exc.reason)
+        self._run_embeds(work)
+        self._run_stylizes(work)
+
+    def _reject(self, d: Decoded[style_pb2.StyleJob], reason: str) -> None:
+        kind = KIND_NAMES.get(d.message.kind, "unknown")
+        log.warning("job rejected", extra={"job_id": d.message.job_id, "kind": kind, "reason": reason})
+        self.producer.dead_letter(SERVICE, d.record, reason)
+        JOBS.labels(kind, "dead_letter").inc()
+
+    # ---- loading ----
+    def _item(self, item_id: str) -> dict[str, Any]:
+        doc = self.db.items.find_one({"_id": item_id})
+        if doc is None:
+            raise JobRejected(f"missing_item: item {item_id!r} is not in the catalog")
+        if not doc.get("image_ref"):
+            raise JobRejected(f"missing_image: item {item_id!r} has no photo")
+        return dict(doc)
+
+    def _photo(self, item_id: str, image_ref: str) -> Any:
+        """Fetch and decode an item photo; the size guard runs on the GridFS length before reading."""
+        try:
+            grid_out = self.fs.get(ObjectId(image_ref))
+        except (InvalidId, TypeError) as exc:
+            raise JobRejected(f"missing_image: item {item_id!r} has a malformed image_ref {image_ref!r}") from exc
+        except gridfs.NoFile as exc:
+            raise JobRejected(f"missing_image: photo {image_ref} of item {item_id!r} is not in GridFS") from exc
+        try:
+            check_encoded_size(int(grid_out.length), self.engine.limits)
+            data = grid_out.read()
+            return self.engine.decode(data)
+        except ImageRejected as exc:
+            IMAGES_REJECTED.labels(exc.kind, "kafka").inc()
+            raise ImageRejected(exc.kind, f"item {item_id!r}: {exc.detail}") from exc
+
+    @staticmethod
+    def _cached_vector(item: dict[str, Any]) -> np.ndarray | None:
+        raw = item.get("style_embedding_raw")
+        if item.get("style_embedding_ref") == item.get("image_ref") and raw and len(raw) == EMBEDDING_DIM:
+            return np.asarray(raw, dtype=np.float32)
+        return None
+
+    # ---- embed ----
+    def _prepare_embed(self, d: Decoded[style_pb2.StyleJob], work: _Batch) -> None:
+        started = time.perf_counter()
+        item_id = d.message.content_item_id
+        item = self._item(item_id)
+        cached = self._cached_vector(item)
+        if item_id in work.embed_items or cached is not None:
+            if cached is not None and not self.redis.exists(keys.item_embedding(item_id)):
+                self.redis.set(keys.item_embedding(item_id), embedding_bytes(cached))
+            JOBS.labels("embed", "duplicate").inc()
+            return
+        work.embed_items.add(item_id)
+        work.embeds.append(_Embed(d, item_id, item["image_ref"], self._photo(item_id, item["image_ref"]), started))
+
+    def _store_embedding(self, item_id: str, image_ref: str, vector: np.ndarray) -> None:
+        unit = l2_normalize(vector)
+        self.db.items.update_one(
+            {"_id": item_id},
+            {
+                "$set": {
+                    "style_embedding": [float(x) for x in unit],
+                    "style_embedding_raw": [float(x) for x in vector],
+                    "style_embedding_ref": image_ref,
+                    "style_embedded_at": time.time(),
+                }
+            },
+        )
+        self.redis.set(keys.item_embedding(item_id), embedding_bytes(vector))
+
+    def _run_embeds(self, work: _Batch) -> None:
+        if not work.embeds:
+            return
+        vectors = self.engine.embed_many([e.image for e in work.embeds])
+        futures = []
+        for e, v in zip(work.embeds, vectors, strict=True):
+            self._store_embedding(e.item_id, e.image_ref, v)
+            result = style_pb2.StyleResult(
+                job_id=e.decoded.message.job_id,
+                kind=style_pb2.EMBED,
+                content_item_id=e.item_id,
+                embedding=[float(x) for x in l2_normalize(v)],
+                finished_at=now_timestamp(),
+                latency_seconds=time.perf_counter() - e.started,
+            )
+            futures.append(self.producer.send(self.settings.results_topic, e.item_id, result))
+            JOBS.labels("embed", "ok").inc()
+            JOB_SECONDS.labels("embed").observe(time.perf_counter() - e.started)
+        for f in futures:
+            f.get(timeout=10)
+
+    # ---- stylize ----
+    def _prepare_stylize(self, d: Decoded[style_pb2.StyleJob], work: _Batch) -> None:
+        started = time.perf_counter()
+        job = d.message
+        cid, sid = job.content_item_id, job.style_item_id
+        pair = f"{cid}:{sid}"
+        content = self._item(cid)
+        style = self._item(sid)
+        strength = float(job.strength) or self.settings.default_strength
+        file_id = stylized_file_id(cid, sid, content["image_ref"], style["image_ref"], strength, job.preserve_color)
+        doc = self.db.stylized.find_one({"_id": pair})
+        if pair in work.pairs or (doc and doc.get("image_ref") == str(file_id) and self.fs.exists(file_id)):
+            if doc and doc.get("image_ref") == str(file_id):
+                self._finish_duplicate(d, dict(doc), file_id)
+            JOBS.labels("stylize", "duplicate").inc()
+            return
+        item = _Stylize(
+            decoded=d,
+            content_id=cid,
+            style_id=sid,
+            content_ref=content["image_ref"],
+            style_ref=style["image_ref"],
+            content_image=self._photo(cid, content["image_ref"]),
+            strength=strength,
+            preserve_color=job.preserve_color,
+            file_id=file_id,
+            started=started,
+            previous_ref=str(doc.get("image_ref", "")) if doc else "",
+            style_vector=self._cached_vector(style),
+        )
+        if item.style_vector is None:
+            item.style_image = self._photo(sid, style["image_ref"])
+        work.pairs.add(pair)
+        work.stylizes.append(item)
+
+    def _finish_duplicate(self, d: Decoded[style_pb2.StyleJob], doc: dict[str, Any], file_id: ObjectId) -> None:
+        """A redelivered job whose result exists: refresh the reference, resend only an unsent result."""
+        job = d.message
+        ref_key = keys.stylized(job.content_item_id, job.style_item_id)
+        self.redis.set(ref_key, str(file_id), ex=self.settings.stylized_ttl_s)
+        if job.user_id:
+            self.db.stylized.update_one({"_id": doc["_id"]}, {"$addToSet": {"users": job.user_id}})
+        if not doc.get("result_sent"):
+            result = self._result(d, str(file_id), 0.0)
+            self.producer.send(self.settings.results_topic, job.content_item_id, result).get(timeout=10)
+            self.db.stylized.update_one({"_id": doc["_id"]}, {"$set": {"result_sent": True}})
+
+    def _result(self, d: Decoded[style_pb2.StyleJob], image_ref: str, latency_s: float) -> style_pb2.StyleResult:
+        job = d.message
+        return style_pb2.StyleResult(
+            job_id=job.job_id,
+            kind=style_pb2.STYLIZE,
+            content_item_id=job.content_item_id,
+            style_item_id=job.style_item_id,
+            image_ref=image_ref,
+            finished_at=now_timestamp(),
+            latency_seconds=latency_s,
+        )
+
+    def _run_stylizes(self, work: _Batch) -> None:
+        if not work.stylizes:
+            return
+        need = [s for s in work.stylizes if s.style_vector is None]
+        if need:
+            vectors = self.engine.embed_many([s.style_image for s in need])
+            stored: set[str] = set()
+            for s, v in zip(need, vectors, strict=True):
+                s.style_vector = v
+                if s.style_id not in stored:  # the style item's embedding comes for free: keep it
+                    self._store_embedding(s.style_id, s.style_ref, v)
+                    stored.add(s.style_id)
+        outputs = self.engine.stylize_many(
+            [
+                StylizeRequest(s.content_image, np.asarray(s.style_vector), s.strength, s.preserve_color)
+                for s in work.stylizes
+            ]
+        )
+        sent = []
+        for s, img in zip(work.stylizes, outputs, strict=True):
+            sent.append((s, self._store_stylized(s, img)))
+        for s, fut in sent:
+            fut.get(timeout=10)
+            self.db.stylized.update_one({"_id": f"{s.content_id}:{s.style_id}"}, {"$set": {"result_sent": True}})
+            if s.previous_ref and s.previous_ref != str(s.file_id):
+                self._delete_file(s.previous_ref)
+
+    def _store_stylized(self, s: _Stylize, img: Any) -> Any:
+        data, content_type = encode(img, self.settings.output_format, self.settings.jpeg_quality)
+        job = s.decoded.message
+        if self.fs.exists(s.file_id):  # leftovers of a run killed between GridFS and Mongo
+            self.fs.delete(s.file_id)
+        self.fs.put(
+            data,
+            _id=s.file_id,
+            filename=f"stylized/{s.content_id}/{s.style_id}",
+            contentType=content_type,
+            metadata={
+                "kind": "stylized",
+                "content_item_id": s.content_id,
+                "style_item_id": s.style_id,
+                "job_id": job.job_id,
+                "width": img.size[0],
+                "height": img.size[1],
+            },
+        )
+        pair = f"{s.content_id}:{s.style_id}"
+        update: dict[str, Any] = {
+            "$set": {
+                "image_ref": str(s.file_id),
+                "content_item_id": s.content_id,
+                "style_item_id": s.style_id,
+                "content_image_ref": s.content_ref,
+                "style_image_ref": s.style_ref,
+                "strength": s.strength,
+                "preserve_color": s.preserve_color,
+                "job_id": job.job_id,
+                "created_at": time.time(),
+                "result_sent": False,
+            }
+        }
+        if job.user_id:
+            update["$addToSet"] = {"users": job.user_id}
+        self.db.stylized.update_one({"_id": pair}, update, upsert=True)
+        self.redis.set(keys.stylized(s.content_id, s.style_id), str(s.file_id), ex=self.settings.stylized_ttl_s)
+        latency = time.perf_counter() - s.started
+        JOBS.labels("stylize", "ok").inc()
+        JOB_SECONDS.labels("stylize").observe(latency)
+        result = self._result(s.decoded, str(s.file_id), latency)
+        return self.producer.send(self.settings.results_topic, s.content_id, result)
+
+    def _delete_file(self, ref: str) -> None:
+        try:
+            self.fs.delete(ObjectId(ref))
+        except (InvalidId, TypeError):
+            log.warning("stale stylized ref is not an ObjectId", extra={"ref": ref})
