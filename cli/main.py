@@ -16,6 +16,7 @@ from cli.errors import UsageError
 COMMAND_MODULES = [
     "cli.stack_commands",
     "cli.client_commands",
+    "cli.eval_commands",
 ]
 
 

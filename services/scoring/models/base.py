@@ -1,0 +1,100 @@
+"""The one interface every recommender implements, and its (de)serialisation.
+
+Serving never needs a user index: every model scores from a user's *history row*
+(a CSR row over the model's item index). That is what makes fold-in uniform — a new
+event changes the row, the row is re-scored, done — and it is why a trained model
+is only item-side state (factors, neighbours, B matrix) plus parameters.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import numpy as np
+import scipy.sparse as sp
+
+
+class Recommender(ABC):
+    """Fit on a users x items CSR matrix of interaction strengths; score history rows."""
+
+    algorithm: ClassVar[str] = ""
+    defaults: ClassVar[dict[str, Any]] = {}
+    # Small hyper-parameter grids searched on a validation split carved from training data.
+    grid: ClassVar[list[dict[str, Any]]] = []
+
+    def __init__(self, **params: Any) -> None:
+        unknown = set(params) - set(self.defaults)
+        if unknown:
+            raise ValueError(f"{self.algorithm}: unknown parameters {sorted(unknown)}")
+        self.params: dict[str, Any] = {**self.defaults, **params}
+        self.n_items = 0
+
+    @abstractmethod
+    def fit(self, X: sp.csr_matrix) -> None:
+        """Learn from ``X`` (users x items, value = interaction strength > 0)."""
+
+    @abstractmethod
+    def score(self, rows: sp.csr_matrix) -> np.ndarray:
+        """Dense (len(rows) x n_items) scores for users given by their history rows."""
+
+    @abstractmethod
+    def similar_items(self, item: int, k: int) -> list[tuple[int, float]]:
+        """The ``k`` nearest items to ``item`` (excluding itself), best first."""
+
+    @abstractmethod
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Learned state as named arrays (the artifact stored in GridFS)."""
+
+    @abstractmethod
+    def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        """Restore the state produced by :meth:`arrays`."""
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        meta = json.dumps({"algorithm": self.algorithm, "params": self.params, "n_items": self.n_items})
+        np.savez(buf, __meta__=np.frombuffer(meta.encode(), dtype=np.uint8), **self.arrays())
+        return buf.getvalue()
+
+
+def top_k_indices(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest values of a 1-d array, best first (argpartition: O(n))."""
+    k = min(k, scores.shape[0])
+    if k <= 0:
+        return np.empty(0, dtype=np.int64)
+    part = np.argpartition(-scores, k - 1)[:k]
+    return part[np.argsort(-scores[part], kind="stable")]
+
+
+def similar_from_vectors(vectors: np.ndarray, item: int, k: int) -> list[tuple[int, float]]:
+    """Cosine neighbours of one row of ``vectors`` (item factors)."""
+    norms = np.linalg.norm(vectors, axis=1) + 1e-9
+    sims = (vectors @ vectors[item]) / (norms * norms[item])
+    sims[item] = -np.inf
+    idx = top_k_indices(sims, k)
+    return [(int(i), float(sims[i])) for i in idx if np.isfinite(sims[i])]
+
+
+def ridge_fold_in(item_factors: np.ndarray, rows: sp.csr_matrix, reg: float) -> np.ndarray:
+    """Exact one-step implicit-ALS user solve (Hu et al.) for each history row.
+
+    Used for models whose trainer has no user recalculation of its own (BPR): the
+    user vector that best explains the row given fixed item factors.
+    """
+    V = item_factors.astype(np.float64)
+    f = V.shape[1]
+    VtV = V.T @ V
+    out = np.zeros((rows.shape[0], f), dtype=np.float32)
+    for u in range(rows.shape[0]):
+        start, end = rows.indptr[u], rows.indptr[u + 1]
+        if start == end:
+            continue
+        idx = rows.indices[start:end]
+        c = rows.data[start:end].astype(np.float64)
+        Vu = V[idx]
+        A = VtV + (Vu.T * (c - 1.0)) @ Vu + reg * np.eye(f)
+        b = Vu.T @ c
+        out[u] = np.linalg.solve(A, b)
+    return out
