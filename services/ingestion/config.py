@@ -1,9 +1,17 @@
-"""Ingestion settings (env prefix STYLEREC_)."""
+"""Ingestion settings (env prefix STYLEREC_).
+
+Every limit the front door enforces is a setting, because what is "too big" or
+"too old" depends on the shop: the defaults are safe for a mid-size shop and the
+tests shrink them to exercise the edges quickly.
+"""
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Literal
 
+from pydantic import Field, model_validator
+
+from libs.common.kafka import USER_EVENTS
 from libs.common.settings import ServiceSettings
 
 
@@ -11,8 +19,83 @@ class IngestionSettings(ServiceSettings):
     service_name: str = "ingestion"
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port of ingestion.")
     metrics_port: int = Field(9101, ge=0, le=65535, description="Metrics port of ingestion.")
-    max_batch_events: int = Field(10_000, ge=1, le=1_000_000, description="Max events per IngestEvents call.")
+    role: Literal["all", "api", "archiver"] = Field(
+        "all", description="api = gRPC front door only; archiver = Mongo archiver only; all = both in one process."
+    )
+
+    # ---- events: whole-request limits ----
+    max_batch_events: int = Field(10_000, ge=1, le=1_000_000, description="Max events per IngestEvents call/chunk.")
+    max_request_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024, description="Larger requests get RESOURCE_EXHAUSTED."
+    )
+    # ---- events: per-event limits ----
     max_id_length: int = Field(128, ge=8, le=1024, description="Max length of user/item/event ids.")
+    max_context_length: int = Field(256, ge=1, le=4096, description="Max length of each context field.")
     max_past_days: float = Field(3650 * 2, gt=0, description="Oldest accepted event timestamp, in days.")
     max_future_s: float = Field(300, ge=0, description="How far in the future an event timestamp may be.")
+    max_value: float = Field(1e9, gt=0, description="Largest accepted event value (quantity or price).")
+
+    # ---- idempotency ----
+    dedup_window_s: int = Field(7 * 86400, ge=1, description="An event id seen within this window is a duplicate.")
+    dedup_pending_s: int = Field(
+        30, ge=1, le=3600, description="How long an id claimed by an unfinished request blocks others (crash safety)."
+    )
+
+    # ---- publishing ----
+    events_topic: str = Field(USER_EVENTS, min_length=1, description="Topic events are published to.")
     publish_timeout_s: float = Field(10, gt=0, le=120, description="Wait for broker acks before UNAVAILABLE.")
+    max_inflight_events: int = Field(
+        50_000, ge=1, description="Events queued for the broker at once; beyond it callers get RESOURCE_EXHAUSTED."
+    )
+    admission_wait_s: float = Field(
+        0.05, ge=0, le=10, description="How long a call may wait for in-flight capacity before RESOURCE_EXHAUSTED."
+    )
+    kafka_max_block_ms: int = Field(2000, ge=100, description="Producer max_block_ms (metadata wait when absent).")
+    kafka_request_timeout_ms: int = Field(5000, ge=500, description="Producer request timeout.")
+    kafka_linger_ms: int = Field(2, ge=0, le=1000, description="Producer linger; batches small calls together.")
+    kafka_batch_bytes: int = Field(256 * 1024, ge=1024, description="Producer per-partition batch size.")
+    broker_cooldown_s: float = Field(
+        1.0, ge=0, le=60, description="After a broker failure, calls fail fast with UNAVAILABLE for this long."
+    )
+    stream_pipeline_chunks: int = Field(
+        4, ge=1, le=64, description="StreamEvents chunks being published while earlier ones await acks."
+    )
+
+    # ---- archiver ----
+    archiver_group: str = Field("archiver", min_length=1, description="Consumer group of the Mongo archiver.")
+    events_collection: str = Field("events", min_length=1, description="MongoDB collection of archived events.")
+    archiver_max_poll_records: int = Field(1000, ge=1, le=100_000, description="Records per archiver bulk write.")
+
+    # ---- catalog ----
+    items_collection: str = Field("items", min_length=1, description="MongoDB collection of catalog items.")
+    max_batch_items: int = Field(500, ge=1, le=100_000, description="Max items per UpsertItems call.")
+    max_title_length: int = Field(512, ge=1, description="Max characters of an item title.")
+    max_field_length: int = Field(128, ge=1, description="Max characters of category and brand.")
+    max_attributes: int = Field(64, ge=0, description="Max attributes per item.")
+    max_attribute_length: int = Field(256, ge=1, description="Max characters of an attribute key or value.")
+    max_price: float = Field(1e9, gt=0, description="Largest accepted item price.")
+    max_image_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest accepted item photo.")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="Larger photos are rejected before decoding.")
+    image_fetch_timeout_s: float = Field(5.0, gt=0, le=120, description="Total time to fetch one image URL.")
+    image_fetch_allow_private: bool = Field(
+        False, description="Allow image URLs that resolve to loopback/private addresses (dev and tests only)."
+    )
+    image_fetch_workers: int = Field(4, ge=1, le=64, description="Concurrent image downloads per call.")
+
+    @model_validator(mode="after")
+    def _batch_fits_inflight(self) -> IngestionSettings:
+        # A batch larger than the whole in-flight budget could never be admitted.
+        if self.max_batch_events > self.max_inflight_events:
+            raise ValueError(
+                f"max_batch_events ({self.max_batch_events}) must not exceed max_inflight_events "
+                f"({self.max_inflight_events})"
+            )
+        return self
+
+    @property
+    def runs_api(self) -> bool:
+        return self.role in ("all", "api")
+
+    @property
+    def runs_archiver(self) -> bool:
+        return self.role in ("all", "archiver")

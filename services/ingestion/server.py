@@ -1,75 +1,148 @@
-"""IngestionService servicer: validate each event, pseudonymize, publish with acks=all."""
+"""IngestionService servicer: maps the intake pipeline and the catalog onto gRPC.
+
+The domain modules raise plain exceptions; this file alone decides status codes:
+whole-request violations → INVALID_ARGUMENT / RESOURCE_EXHAUSTED with BadRequest
+details, full in-flight budget → RESOURCE_EXHAUSTED with RetryInfo, broker or
+store trouble → UNAVAILABLE with RetryInfo.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import queue
+import threading
+from collections.abc import Iterator
+from typing import NoReturn
 
 import grpc
 from stylerec.v1 import common_pb2, ingestion_pb2, ingestion_pb2_grpc
 
 from libs.common.errors import abort_invalid, abort_retryable
-from libs.common.kafka import USER_EVENTS, ProtoProducer
-from libs.common.pseudonym import Pseudonymizer
-from services.ingestion.config import IngestionSettings
-from services.ingestion.validation import validate_event
+from services.ingestion.catalog import ItemCatalog, ItemNotFound
+from services.ingestion.events import EventIntake, Prepared, RequestRejected
+from services.ingestion.publisher import Overloaded, PublishRefused
 
 log = logging.getLogger(__name__)
 
 
-def deterministic_event_id(event: common_pb2.Event) -> str:
-    """Same raw event → same id, so a client retrying without ids is still deduplicated."""
-    ts = f"{event.timestamp.seconds}.{event.timestamp.nanos}"
-    raw = f"{event.user_id}|{event.item_id}|{event.type}|{ts}|{event.value}"
-    return "e_" + hashlib.sha256(raw.encode()).hexdigest()[:32]
+def _abort(context: grpc.ServicerContext, exc: Exception) -> NoReturn:
+    if isinstance(exc, RequestRejected):
+        abort_invalid(context, str(exc), exc.violations, code=exc.code)
+    if isinstance(exc, Overloaded):
+        abort_retryable(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), exc.retry_after_s)
+    if isinstance(exc, PublishRefused):
+        abort_retryable(context, grpc.StatusCode.UNAVAILABLE, str(exc), exc.retry_after_s)
+    raise exc
 
 
 class IngestionServicer(ingestion_pb2_grpc.IngestionServiceServicer):
-    def __init__(self, settings: IngestionSettings, producer: ProtoProducer, pseudonymize: Pseudonymizer) -> None:
-        self.settings = settings
-        self.producer = producer
-        self.pseudonymize = pseudonymize
+    def __init__(self, intake: EventIntake, catalog: ItemCatalog | None, pipeline_chunks: int = 4) -> None:
+        self.intake = intake
+        self.catalog = catalog
+        self.pipeline_chunks = pipeline_chunks
 
     def IngestEvents(
         self, request: ingestion_pb2.IngestEventsRequest, context: grpc.ServicerContext
     ) -> ingestion_pb2.IngestEventsResponse:
-        n = len(request.events)
-        if n > self.settings.max_batch_events:
-            abort_invalid(
-                context,
-                f"batch of {n} events exceeds the maximum of {self.settings.max_batch_events}",
-                [("events", f"at most {self.settings.max_batch_events} events per call")],
-            )
-        resp = ingestion_pb2.IngestEventsResponse()
-        accepted: list[common_pb2.Event] = []
-        for i, event in enumerate(request.events):
-            reason = validate_event(
-                event,
-                max_id_length=self.settings.max_id_length,
-                max_past_days=self.settings.max_past_days,
-                max_future_s=self.settings.max_future_s,
-            )
-            if reason:
-                resp.rejected.add(index=i, reason=reason, event_id=event.event_id)
-                continue
-            out = common_pb2.Event()
-            out.CopyFrom(event)
-            if not out.event_id:
-                out.event_id = deterministic_event_id(event)
-            out.user_id = self.pseudonymize(event.user_id)
-            accepted.append(out)
-        if n and not accepted:
-            abort_invalid(
-                context,
-                f"all {n} events rejected; first: #{resp.rejected[0].index}: {resp.rejected[0].reason}",
-                [(f"events[{r.index}]", r.reason) for r in resp.rejected[:100]],
-            )
         try:
-            futures = [self.producer.send(USER_EVENTS, e.user_id, e) for e in accepted]
-            for fut in futures:
-                fut.get(timeout=self.settings.publish_timeout_s)
-        except Exception as exc:
-            log.warning("publish failed", extra={"error": str(exc), "events": len(accepted)})
-            abort_retryable(context, grpc.StatusCode.UNAVAILABLE, f"event broker unavailable: {exc}", 1.0)
-        resp.accepted = len(accepted)
-        return resp
+            return self.intake.finish(self.intake.prepare(request, "IngestEvents"))
+        except (RequestRejected, PublishRefused) as exc:
+            _abort(context, exc)
+
+    def StreamEvents(
+        self, request_iterator: Iterator[ingestion_pb2.IngestEventsRequest], context: grpc.ServicerContext
+    ) -> Iterator[ingestion_pb2.IngestEventsResponse]:
+        """Bidirectional: chunk k+1 is validated and handed to the producer while chunk k
+        awaits its acks; acks go back in order. At most ``pipeline_chunks`` chunks are
+        unacknowledged, so a client that outruns the broker is slowed by TCP flow control."""
+        ready: queue.Queue[tuple[int, Prepared | Exception] | None] = queue.Queue(self.pipeline_chunks)
+        stop = threading.Event()
+
+        def put(item: tuple[int, Prepared | Exception] | None) -> bool:
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def reader() -> None:
+            counter = 0
+            try:
+                for req in request_iterator:
+                    counter += 1
+                    seq = req.sequence or counter
+                    try:
+                        item: Prepared | Exception = self.intake.prepare(req, "StreamEvents")
+                    except (RequestRejected, PublishRefused) as exc:
+                        item = exc
+                    if not put((seq, item)):
+                        if isinstance(item, Prepared):
+                            self.intake.abandon(item)
+                        return
+                    if isinstance(item, Exception):
+                        return
+            except Exception as exc:  # client cancelled or the RPC ended
+                log.debug("stream reader ended", extra={"error": str(exc)})
+            put(None)
+
+        thread = threading.Thread(target=reader, name="stream-reader", daemon=True)
+        thread.start()
+        try:
+            while True:
+                entry = ready.get()
+                if entry is None:
+                    return
+                seq, item = entry
+                if isinstance(item, Exception):
+                    _abort(context, item)
+                try:
+                    resp = self.intake.finish(item)
+                except PublishRefused as exc:
+                    _abort(context, exc)
+                resp.sequence = seq
+                yield resp
+        finally:
+            stop.set()
+            # Chunks already handed to the producer still hold admission: settle them. The reader
+            # may be blocked on the client; it notices `stop` and settles whatever it prepares next.
+            self._drain(ready)
+            thread.join(timeout=0.2)
+            self._drain(ready)
+
+    def _drain(self, ready: queue.Queue[tuple[int, Prepared | Exception] | None]) -> None:
+        while True:
+            try:
+                entry = ready.get_nowait()
+            except queue.Empty:
+                return
+            if entry is not None and isinstance(entry[1], Prepared):
+                self.intake.abandon(entry[1])
+
+    def _catalog(self, context: grpc.ServicerContext) -> ItemCatalog:
+        if self.catalog is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "the catalog is not served by this process")
+            raise AssertionError("abort returned")
+        return self.catalog
+
+    def UpsertItems(
+        self, request: ingestion_pb2.UpsertItemsRequest, context: grpc.ServicerContext
+    ) -> ingestion_pb2.UpsertItemsResponse:
+        catalog = self._catalog(context)
+        try:
+            return catalog.upsert(request)
+        except (RequestRejected, PublishRefused) as exc:
+            _abort(context, exc)
+
+    def GetItem(self, request: ingestion_pb2.GetItemRequest, context: grpc.ServicerContext) -> common_pb2.Item:
+        catalog = self._catalog(context)
+        try:
+            return catalog.get(request.item_id, request.include_image)
+        except ValueError as exc:
+            abort_invalid(context, str(exc), [("item_id", str(exc))])
+        except ItemNotFound as exc:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"item {exc} not found")
+        except PublishRefused as exc:
+            _abort(context, exc)
+        raise AssertionError("abort returned")

@@ -1,0 +1,134 @@
+"""The archiver: ``user-events`` → MongoDB ``events``, exactly once in effect.
+
+It runs as its own consumer group (``archiver``) on top of
+:class:`libs.common.kafka.ProtoConsumerLoop`, which commits offsets only after
+the handler returned. A crash (even SIGKILL) between the bulk write and the
+commit replays the batch; the write is an upsert keyed by event id, so the
+replay rewrites the same documents and MongoDB ends with every event exactly
+once. Records that do not decode, or that are not a pseudonymized event, go
+to ``dlq-ingestion`` with the reason and are committed like the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from kafka.errors import KafkaError
+from pymongo import UpdateOne
+from pymongo.database import Database
+from stylerec.v1 import common_pb2
+
+from libs.common.kafka import Decoded, ProtoConsumerLoop, ProtoProducer
+from libs.common.metrics import STORE_ERRORS
+from libs.common.stores import with_retries
+from services.ingestion import metrics
+from services.ingestion.config import IngestionSettings
+from services.ingestion.validation import KNOWN_TYPES, PSEUDONYM_RE, check_id
+
+log = logging.getLogger(__name__)
+
+
+def archived_problem(event: common_pb2.Event) -> str | None:
+    """Why a record on the topic cannot be archived. Deliberately lenient on time:
+    replaying an old topic must not dead-letter history."""
+    problem = check_id("event_id", event.event_id, 1024)
+    if problem:
+        return problem
+    if not PSEUDONYM_RE.match(event.user_id):
+        return "user_id is not a pseudonym (raw ids are never archived)"
+    if not event.item_id:
+        return "item_id is required"
+    if event.type not in KNOWN_TYPES:
+        return f"type {event.type} is unknown"
+    return None
+
+
+def event_document(event: common_pb2.Event) -> dict[str, Any]:
+    """The ``events`` collection row (docs/contracts.md); ``_id`` is the event id."""
+    return {
+        "user_id": event.user_id,
+        "item_id": event.item_id,
+        "type": int(event.type),
+        "ts": event.timestamp.seconds + event.timestamp.nanos / 1e9,
+        "value": event.value,
+        "context": {
+            "session_id": event.context.session_id,
+            "device": event.context.device,
+            "page": event.context.page,
+        },
+    }
+
+
+class EventArchiver:
+    """Batch handler: one unordered bulk of upserts per polled batch."""
+
+    def __init__(self, db: Database, collection: str) -> None:
+        self.collection = db[collection]
+
+    def __call__(self, batch: list[Decoded[common_pb2.Event]]) -> None:
+        # Later records of the same id win within a batch; upserts make order irrelevant across batches.
+        docs = {d.message.event_id: event_document(d.message) for d in batch}
+        ops = [UpdateOne({"_id": eid}, {"$set": doc}, upsert=True) for eid, doc in docs.items()]
+        start = time.perf_counter()
+        try:
+            with_retries(lambda: self.collection.bulk_write(ops, ordered=False))
+        except Exception:
+            STORE_ERRORS.labels("mongo", "archive_bulk_write").inc()
+            raise
+        metrics.ARCHIVE_WRITE_SECONDS.observe(time.perf_counter() - start)
+        metrics.ARCHIVED.inc(len(ops))
+
+
+class ArchiverRunner:
+    """Starts the consumer loop once the broker answers (retrying in the background), so an
+    ingestion process started before Kafka still comes up; stops it on shutdown."""
+
+    def __init__(self, settings: IngestionSettings, db: Database) -> None:
+        self.settings = settings
+        self.db = db
+        self.loop: ProtoConsumerLoop[common_pb2.Event] | None = None
+        self.producer: ProtoProducer | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._start_loop, name="archiver-start", daemon=True)
+
+    def start(self) -> ArchiverRunner:
+        self._thread.start()
+        return self
+
+    def _start_loop(self) -> None:
+        s = self.settings
+        while not self._stop.is_set():
+            try:
+                self.producer = self.producer or ProtoProducer(s.kafka_servers, client_id="ingestion-archiver")
+                self.loop = ProtoConsumerLoop(
+                    bootstrap=s.kafka_servers,
+                    group_id=s.archiver_group,
+                    topics=[s.events_topic],
+                    message_type=common_pb2.Event,
+                    handle=EventArchiver(self.db, s.events_collection),
+                    producer=self.producer,
+                    service="ingestion",
+                    max_poll_records=s.archiver_max_poll_records,
+                    max_poll_interval_ms=s.kafka_max_poll_interval_ms,
+                    session_timeout_ms=s.kafka_session_timeout_ms,
+                    validate=archived_problem,
+                ).start()
+                log.info("archiver started", extra={"group": s.archiver_group, "topic": s.events_topic})
+                return
+            except KafkaError as exc:
+                log.warning("archiver cannot reach the broker yet", extra={"error": str(exc)})
+                self._stop.wait(1.0)
+
+    @property
+    def running(self) -> bool:
+        return self.loop is not None
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.loop is not None:
+            self.loop.stop()
+        if self.producer is not None:
+            self.producer.close()
