@@ -1,29 +1,109 @@
-"""Entry point: ``python -m services.gateway``."""
+"""Entry point: ``python -m services.gateway``.
+
+settings → logging → runtime → downstream clients → servicer → background
+publisher and dependency gauges → shutdown hooks → serve_forever.
+
+Only Redis gates SERVING (readiness: without it every answer is degraded, so
+a load balancer should prefer replicas that have it), but the RPCs keep
+answering while it is down — degraded, never an error — so a caller that still
+reaches this replica gets popularity from memory rather than a failure. The
+optional parts (MongoDB, scoring, Kafka) are exported as
+``stylerec_dependency_up`` without affecting health.
+"""
 
 from __future__ import annotations
 
+import threading
+from dataclasses import dataclass, field
+
+import grpc
+from pymongo import MongoClient
 from stylerec.v1 import gateway_pb2_grpc
 
 from libs.common.logging import configure_logging
+from libs.common.metrics import DEPENDENCY_UP
 from libs.common.pseudonym import Pseudonymizer
-from libs.common.server import ServiceRuntime, redis_probe
-from libs.common.stores import make_redis
+from libs.common.server import ServiceRuntime, mongo_probe, redis_probe, tcp_probe
+from libs.common.stores import make_mongo, make_redis
+from services.gateway.candidates import CandidateSource
+from services.gateway.catalog import ItemCatalog
 from services.gateway.config import GatewaySettings
+from services.gateway.downstream import Downstream
+from services.gateway.recommend import Recommender
 from services.gateway.server import GatewayServicer
+from services.gateway.similar import EmbeddingIndex, SimilarItems
+from services.gateway.stylized import StyleJobPublisher, StylizedImages
+
+
+@dataclass
+class GatewayApp:
+    settings: GatewaySettings
+    servicer: GatewayServicer
+    downstream: Downstream
+    publisher: StyleJobPublisher
+    mongo: MongoClient
+    scoring_channel: grpc.Channel | None
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def start_background(self) -> None:
+        self.publisher.start()
+        threading.Thread(target=self._gauge_loop, name="dependency-gauges", daemon=True).start()
+
+    def _gauge_loop(self) -> None:
+        probes = {
+            "mongo": mongo_probe(self.mongo),
+            "kafka": tcp_probe(self.settings.kafka_servers),
+        }
+        if self.settings.scoring_addr:
+            probes["scoring"] = tcp_probe([self.settings.scoring_addr])
+        while not self._stop.is_set():
+            for name, probe in probes.items():
+                DEPENDENCY_UP.labels(name).set(1 if probe() else 0)
+            self._stop.wait(self.settings.health_interval_s)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.publisher.stop()
+        if self.scoring_channel is not None:
+            self.scoring_channel.close()
+        self.mongo.close()
+        self.downstream.redis.close()
+
+
+def build_app(settings: GatewaySettings) -> GatewayApp:
+    r = make_redis(settings.redis_url, settings.redis_timeout_s, settings.redis_retries)
+    mongo: MongoClient = make_mongo(settings.mongo_uri, settings.mongo_timeout_s)
+    scoring_channel = grpc.insecure_channel(settings.scoring_addr) if settings.scoring_addr else None
+    ds = Downstream(settings, r, mongo[settings.mongo_db], scoring_channel)
+    pseudonymize = Pseudonymizer(settings.effective_pseudonym_secret())
+    # The publisher's cleanup runs off the request path: ordinary store timeouts.
+    publisher = StyleJobPublisher(
+        settings, make_redis(settings.redis_url, settings.store_timeout_s, settings.store_retries)
+    )
+    recommender = Recommender(
+        settings,
+        ds,
+        pseudonymize,
+        ItemCatalog(ds, settings.item_cache_ttl_s),
+        CandidateSource(ds),
+        StylizedImages(settings, ds, publisher),
+    )
+    similar = SimilarItems(ds, EmbeddingIndex(ds, settings.embedding_index_refresh_s), settings.style_lambda)
+    servicer = GatewayServicer(settings, ds, pseudonymize, recommender, similar)
+    return GatewayApp(settings, servicer, ds, publisher, mongo, scoring_channel)
 
 
 def main() -> None:
     settings = GatewaySettings()
     configure_logging(settings.service_name, settings.log_level)
     runtime = ServiceRuntime(settings)
-    r = make_redis(settings.redis_url, settings.store_timeout_s, settings.store_retries)
-    runtime.require("redis", redis_probe(r))
+    app = build_app(settings)
+    runtime.require("redis", redis_probe(app.downstream.redis))
     runtime.add_service(
-        "stylerec.v1.GatewayService",
-        gateway_pb2_grpc.add_GatewayServiceServicer_to_server,
-        GatewayServicer(settings, r, Pseudonymizer(settings.effective_pseudonym_secret())),
+        "stylerec.v1.GatewayService", gateway_pb2_grpc.add_GatewayServiceServicer_to_server, app.servicer
     )
-    runtime.on_shutdown(r.close)
+    app.start_background()
+    runtime.on_shutdown(app.close)
     runtime.start()
     runtime.serve_forever()
 

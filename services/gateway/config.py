@@ -1,8 +1,13 @@
-"""Gateway settings (env prefix STYLEREC_)."""
+"""Gateway settings (env prefix STYLEREC_).
+
+The gateway sits on the storefront's request path, so most knobs here are
+time budgets: every downstream call gets its own timeout, and all of them are
+further capped by whatever is left of the caller's deadline.
+"""
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from libs.common.settings import ServiceSettings
 
@@ -11,7 +16,57 @@ class GatewaySettings(ServiceSettings):
     service_name: str = "gateway"
     grpc_port: int = Field(50054, ge=0, le=65535, description="gRPC port of the gateway.")
     metrics_port: int = Field(9104, ge=0, le=65535, description="Metrics port of the gateway.")
-    scoring_addr: str = Field("127.0.0.1:50052", description="host:port of the scoring service.")
+    scoring_addr: str = Field("127.0.0.1:50052", description="host:port of the scoring service ('' = none).")
     style_worker_addr: str = Field("127.0.0.1:50053", description="host:port of the style worker.")
     default_k: int = Field(10, ge=1, le=200, description="k when the caller sends 0.")
     max_k: int = Field(200, ge=1, le=1000, description="Largest k a caller may ask for.")
+
+    # --- time budgets -----------------------------------------------------------------------
+    default_deadline_s: float = Field(1.0, gt=0, le=30, description="Budget of a request whose caller set no deadline.")
+    deadline_reserve_s: float = Field(
+        0.02, ge=0, le=1, description="Kept back from the caller's deadline to assemble and send the answer."
+    )
+    redis_timeout_s: float = Field(0.25, gt=0, le=10, description="Socket timeout of one Redis call.")
+    redis_retries: int = Field(1, ge=0, le=5, description="Retries of a failed Redis call (connection errors).")
+    mongo_timeout_s: float = Field(0.5, gt=0, le=30, description="Timeout of one MongoDB call (catalog miss).")
+    scoring_timeout_s: float = Field(0.3, gt=0, le=30, description="Timeout of one scoring TopN/SimilarItems call.")
+    breaker_open_s: float = Field(
+        1.0, ge=0, le=60, description="After a dependency fails, skip it for this long instead of waiting again."
+    )
+
+    # --- the paper's decision ------------------------------------------------------------------
+    # Defaults come from `stylerec experiment style-lambda` (docs/gateway.md): see out/experiment.
+    style_lambda: float = Field(
+        0.6, ge=0, le=1, description="λ: final = (1-λ)·normalized CF + λ·cosine(profile, item style)."
+    )
+    style_confidence_threshold: float = Field(
+        0.5, ge=0, le=1, description="Profiles at or above this confidence get STYLE_PERSONALIZED."
+    )
+    candidate_pool: int = Field(100, ge=1, le=2000, description="CF candidates considered before filtering.")
+    style_popular_pool: int = Field(
+        50, ge=0, le=2000, description="Popular items added to the pool on the style path (style can lift them)."
+    )
+
+    # --- catalog cache ---------------------------------------------------------------------------
+    item_cache_ttl_s: int = Field(3600, ge=1, description="TTL of item metadata cached in Redis.")
+
+    # --- stylized images -------------------------------------------------------------------------
+    stylize_top_n: int = Field(4, ge=0, le=50, description="How many top items get a stylized image.")
+    stylize_pending_ttl_s: int = Field(
+        300, ge=1, description="Dedup window of an enqueued stylize job (SET NX TTL); retried after it."
+    )
+    stylize_rate_per_user: int = Field(20, ge=0, description="New stylize jobs one user may cause per window.")
+    stylize_rate_window_s: int = Field(60, ge=1, description="Window of the per-user stylize rate limit.")
+    stylize_strength: float = Field(1.0, gt=0, le=1, description="Style strength sent with stylize jobs.")
+    image_chunk_bytes: int = Field(64 * 1024, ge=1024, le=4 * 1024 * 1024, description="GetStylizedImage chunk.")
+
+    # --- similar items ---------------------------------------------------------------------------
+    embedding_index_refresh_s: float = Field(
+        30.0, gt=0, description="How often the in-process item style-embedding index is reloaded from Redis."
+    )
+
+    @model_validator(mode="after")
+    def _default_k_within_max(self) -> GatewaySettings:
+        if self.default_k > self.max_k:
+            raise ValueError(f"default_k ({self.default_k}) must not exceed max_k ({self.max_k})")
+        return self

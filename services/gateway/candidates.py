@@ -1,0 +1,110 @@
+"""Where candidate items come from, in order of preference.
+
+1. ``recs(user)`` in Redis — the per-user top-N scoring keeps fresh (the fast path);
+2. scoring ``TopN`` over gRPC when Redis has none (a user scoring knows but has
+   not written yet, or Redis is down);
+3. popularity (``popular(category)`` in Redis, else the last popularity list
+   this process saw) — for unknown users, or when both of the above failed.
+
+The source is reported so the gateway can say which strategy produced an answer
+and whether it had to fall back.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import redis
+from stylerec.v1 import scoring_pb2
+
+from libs.common import keys
+from services.gateway.deadlines import Deadline, DependencyUnavailable
+from services.gateway.downstream import Degradation, Downstream
+
+CF = "cf"
+POPULAR = "popular"
+
+
+@dataclass
+class CandidateSet:
+    source: str  # CF or POPULAR
+    items: list[tuple[str, float]] = field(default_factory=list)
+    model_version: str = ""
+    known_user: bool = False
+
+
+class CandidateSource:
+    def __init__(self, downstream: Downstream) -> None:
+        self.ds = downstream
+        # Last popularity list read from Redis: the answer of last resort when Redis is down.
+        self._last_popular: dict[str, list[tuple[str, float]]] = {}
+        self._lock = threading.Lock()
+
+    def for_user(self, user: str, pool: int, category: str, deadline: Deadline, deg: Degradation) -> CandidateSet:
+        recs_failed = False
+        try:
+            recs, version = self.ds.redis_call("recs_get", lambda r: self._read_recs(r, user), deadline)
+            if recs:
+                return CandidateSet(CF, recs[:pool], version, known_user=True)
+        except DependencyUnavailable as exc:
+            deg.add(exc)
+            recs_failed = True
+        if self.ds.scoring is None:
+            # A deployment without scoring replicas: Redis is the only CF source, not a degradation.
+            return self.popular(pool, category, deadline, deg)
+        try:
+            resp = self.ds.scoring_call(
+                "topn",
+                lambda stub, timeout: stub.TopN(
+                    scoring_pb2.TopNRequest(user_id=user, k=pool, exclude_seen=True, category=category),
+                    timeout=timeout,
+                ),
+                deadline,
+            )
+            items = [(s.item_id, float(s.score)) for s in resp.items]
+            if resp.source == "personalized" and items:
+                return CandidateSet(CF, items, resp.model_version, known_user=True)
+            if items and recs_failed:
+                # Redis is down but scoring still knows popularity.
+                return CandidateSet(POPULAR, items, resp.model_version)
+        except DependencyUnavailable as exc:
+            deg.add(exc)
+        return self.popular(pool, category, deadline, deg)
+
+    def popular(self, n: int, category: str, deadline: Deadline, deg: Degradation) -> CandidateSet:
+        try:
+            items, version = self.ds.redis_call("popular_get", lambda r: self._read_popular(r, n, category), deadline)
+            with self._lock:
+                self._last_popular[category] = items
+            return CandidateSet(POPULAR, items, version)
+        except DependencyUnavailable as exc:
+            deg.add(exc)
+        with self._lock:
+            stale = self._last_popular.get(category) or self._last_popular.get("") or []
+        if stale:
+            deg.add("popularity: served the last list this gateway saw")
+        return CandidateSet(POPULAR, stale[:n], "")
+
+    @staticmethod
+    def _read_recs(r: redis.Redis, user: str) -> tuple[list[tuple[str, float]], str]:
+        pipe = r.pipeline(transaction=False)
+        pipe.hgetall(keys.recs(user))
+        pipe.hget(keys.recs_meta(user), "model_version")
+        pipe.get(keys.model_version())
+        recs_raw, version, global_version = pipe.execute()
+        ranked = sorted(((i.decode(), float(s)) for i, s in recs_raw.items()), key=lambda kv: (-kv[1], kv[0]))
+        v = version or global_version
+        return ranked, v.decode() if v else ""
+
+    @staticmethod
+    def _read_popular(r: redis.Redis, n: int, category: str) -> tuple[list[tuple[str, float]], str]:
+        pipe = r.pipeline(transaction=False)
+        if category:
+            pipe.zrevrange(keys.popular(category), 0, n - 1, withscores=True)
+        pipe.zrevrange(keys.popular(), 0, n - 1, withscores=True)
+        pipe.get(keys.model_version())
+        out = pipe.execute()
+        version = out[-1].decode() if out[-1] else ""
+        rows = out[0] if (category and out[0]) else out[-2]
+        return [(i.decode(), float(s)) for i, s in rows], version

@@ -1,0 +1,36 @@
+"""Gateway-specific Prometheus metrics (the RED metrics per RPC come from libs.common)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+RECOMMENDATIONS = Counter(
+    "stylerec_gateway_recommendations_total",
+    "GetRecommendations answers, by strategy and whether the answer was degraded.",
+    ["strategy", "degraded"],
+)
+DEGRADED_PARTS = Counter(
+    "stylerec_gateway_degraded_parts_total",
+    "Parts missing from an answer (the answer was still given), by dependency.",
+    ["dependency"],
+)
+DOWNSTREAM_SECONDS = Histogram(
+    "stylerec_gateway_downstream_seconds",
+    "Latency of one downstream call made while answering a request.",
+    ["dependency", "operation"],
+    buckets=(0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+ITEM_CACHE = Counter(
+    "stylerec_gateway_item_cache_total",
+    "Item-metadata lookups, by result (hit in Redis, miss filled from MongoDB, absent from the catalog).",
+    ["result"],
+)
+STYLIZE_JOBS = Counter(
+    "stylerec_gateway_stylize_jobs_total",
+    "Stylized-image requests, by outcome (ready, enqueued, deduplicated, rate_limited, no_photo, failed).",
+    ["outcome"],
+)
+STYLIZED_BYTES = Counter(
+    "stylerec_gateway_stylized_image_bytes_total",
+    "Bytes of stylized images streamed to callers.",
+)

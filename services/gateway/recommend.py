@@ -1,0 +1,203 @@
+"""GetRecommendations: the concept paper's decision, made explicit and reported.
+
+* a user whose style profile is confident (``confidence >= threshold`` and an
+  anchor item) → STYLE_PERSONALIZED: CF candidates (plus popular items, which
+  style may lift) re-ranked by ``(1-λ)·norm CF + λ·cosine(profile, item style)``,
+  and the top items' photos drawn in the anchor item's style;
+* a user with history → CF (the model's own order);
+* anyone else → POPULAR.
+
+Every part except the pseudonymization is optional: whatever is missing is
+named in ``degraded_reason`` and the rest of the answer is still given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import redis
+from stylerec.v1 import gateway_pb2
+
+from libs.common import keys
+from libs.common.pseudonym import Pseudonymizer
+from services.gateway.candidates import CF, CandidateSet, CandidateSource
+from services.gateway.catalog import ItemCatalog, ItemMeta
+from services.gateway.config import GatewaySettings
+from services.gateway.deadlines import Deadline, DependencyUnavailable
+from services.gateway.downstream import Degradation, Downstream
+from services.gateway.metrics import RECOMMENDATIONS
+from services.gateway.style import StyleProfile, decode_embedding, normalize_cf, rerank
+from services.gateway.stylized import StylizedImages
+
+
+@dataclass
+class Ranked:
+    item_id: str
+    cf_score: float
+    style_affinity: float
+    final: float
+
+
+class Recommender:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        downstream: Downstream,
+        pseudonymize: Pseudonymizer,
+        catalog: ItemCatalog,
+        candidates: CandidateSource,
+        stylized: StylizedImages,
+    ) -> None:
+        self.settings = settings
+        self.ds = downstream
+        self.pseudonymize = pseudonymize
+        self.catalog = catalog
+        self.candidates = candidates
+        self.stylized = stylized
+
+    def user_state(self, user: str, deadline: Deadline, deg: Degradation) -> tuple[StyleProfile | None, set[str]]:
+        def read(r: redis.Redis) -> tuple[dict[bytes, bytes], set[bytes]]:
+            pipe = r.pipeline(transaction=False)
+            pipe.hgetall(keys.style_profile(user))
+            pipe.smembers(keys.user_seen(user))
+            profile_raw, seen_raw = pipe.execute()
+            return profile_raw, seen_raw
+
+        try:
+            profile_raw, seen_raw = self.ds.redis_call("user_state", read, deadline)
+        except DependencyUnavailable as exc:
+            deg.add(exc)
+            return None, set()
+        return StyleProfile.from_redis(profile_raw), {s.decode() for s in seen_raw}
+
+    def recommend(
+        self, request: gateway_pb2.GetRecommendationsRequest, deadline: Deadline
+    ) -> gateway_pb2.GetRecommendationsResponse:
+        s = self.settings
+        k = request.k or s.default_k
+        f = request.filters
+        user = self.pseudonymize(request.user_id)
+        deg = Degradation()
+        profile, seen = self.user_state(user, deadline, deg)
+        pool = max(s.candidate_pool, k * 3)
+        cands = self.candidates.for_user(user, pool, f.category, deadline, deg)
+        confident = profile is not None and profile.is_confident(s.style_confidence_threshold)
+        resp = gateway_pb2.GetRecommendationsResponse(model_version=cands.model_version)
+        if profile is not None:
+            resp.anchor_item_id = profile.anchor
+            resp.style_confidence = profile.confidence
+        if confident and profile is not None:
+            resp.strategy = gateway_pb2.STYLE_PERSONALIZED
+            resp.style_lambda = s.style_lambda
+            ranked = self._style_ranked(user, profile, cands, seen, pool, f.category, deadline, deg)
+        else:
+            resp.strategy = gateway_pb2.CF if cands.source == CF else gateway_pb2.POPULAR
+            if cands.source != CF and seen:
+                deg.add("cf: no candidates for a user with history; served popularity")
+            ranked = self._cf_ranked(cands)
+        excluded = set(f.exclude_item_ids) | seen
+        if profile is not None:
+            excluded.add(profile.anchor)
+        chosen = self._filter(ranked, excluded, request, k, deadline, deg)
+        states = {}
+        if request.want_stylized and resp.strategy == gateway_pb2.STYLE_PERSONALIZED and profile is not None:
+            top = [meta for meta, _ in chosen[: s.stylize_top_n]]
+            states = self.stylized.resolve(user, profile.anchor, top, deadline, deg)
+        for meta, r in chosen:
+            st = states.get(meta.item_id)
+            resp.items.add(
+                item_id=meta.item_id,
+                title=meta.title,
+                category=meta.category,
+                price=meta.price,
+                cf_score=r.cf_score,
+                style_affinity=r.style_affinity,
+                final_score=r.final,
+                image_ref=meta.image_ref,
+                stylized_status=st.status if st else gateway_pb2.STYLIZED_NOT_REQUESTED,
+                stylized_image_ref=st.ref if st else "",
+            )
+        resp.degraded = deg.degraded
+        resp.degraded_reason = deg.reason()
+        RECOMMENDATIONS.labels(gateway_pb2.Strategy.Name(resp.strategy), str(resp.degraded).lower()).inc()
+        return resp
+
+    @staticmethod
+    def _cf_ranked(cands: CandidateSet) -> list[Ranked]:
+        norm = normalize_cf([sc for _, sc in cands.items])
+        return [Ranked(i, n, 0.0, n) for (i, _), n in zip(cands.items, norm, strict=True)]
+
+    def _style_ranked(
+        self,
+        user: str,
+        profile: StyleProfile,
+        cands: CandidateSet,
+        seen: set[str],
+        pool: int,
+        category: str,
+        deadline: Deadline,
+        deg: Degradation,
+    ) -> list[Ranked]:
+        items = [(i, sc) for i, sc in cands.items if i not in seen]
+        if cands.source == CF and self.settings.style_popular_pool:
+            # Popular items the CF list lacks join at the bottom of the CF scale;
+            # a strong style match can still lift them (the paper's point).
+            floor = min((sc for _, sc in items), default=0.0)
+            present = {i for i, _ in items}
+            extra = self.candidates.popular(self.settings.style_popular_pool, category, deadline, deg)
+            items += [(i, floor) for i, _ in extra.items if i not in present and i not in seen]
+        items = items[: pool + self.settings.style_popular_pool]
+        ids = [i for i, _ in items]
+        embeddings: dict[str, np.ndarray | None] = {}
+        try:
+            raws = self.ds.redis_call(
+                "embeddings_get", lambda r: r.mget([keys.item_embedding(i) for i in ids]) if ids else [], deadline
+            )
+            embeddings = {i: decode_embedding(raw) for i, raw in zip(ids, raws, strict=True)}
+        except DependencyUnavailable as exc:
+            deg.add(exc)
+        if not any(v is not None for v in embeddings.values()):
+            if ids:
+                deg.add("style: no candidate has a style embedding; CF order kept")
+            return self._cf_ranked(CandidateSet(cands.source, items))
+        rows = rerank(items, profile.vector, embeddings, self.settings.style_lambda)
+        return [Ranked(i, c, a, fin) for i, c, a, fin in rows]
+
+    def _filter(
+        self,
+        ranked: list[Ranked],
+        excluded: set[str],
+        request: gateway_pb2.GetRecommendationsRequest,
+        k: int,
+        deadline: Deadline,
+        deg: Degradation,
+    ) -> list[tuple[ItemMeta, Ranked]]:
+        """Walk the ranking in batches, fetching metadata only for what may be shown."""
+        f = request.filters
+        needs_meta = bool(f.category or f.min_price > 0 or f.max_price > 0)
+        todo = [r for r in ranked if r.item_id not in excluded]
+        chosen: list[tuple[ItemMeta, Ranked]] = []
+        batch = max(2 * k, 20)
+        for start in range(0, len(todo), batch):
+            part = todo[start : start + batch]
+            metas = self.catalog.get_many([r.item_id for r in part], deadline, deg)
+            for r in part:
+                meta = metas.get(r.item_id)
+                if meta is None:
+                    if needs_meta:
+                        continue  # cannot prove it passes the filter
+                    meta = ItemMeta(r.item_id)
+                if f.category and meta.category != f.category:
+                    continue
+                if f.min_price > 0 and meta.price < f.min_price:
+                    continue
+                if f.max_price > 0 and meta.price > f.max_price:
+                    continue
+                chosen.append((meta, r))
+                if len(chosen) >= k:
+                    return chosen
+            if deadline.expired():
+                deg.add("deadline: ranking cut short")
+                break
+        return chosen

@@ -1,0 +1,110 @@
+"""Style re-ranking: the concept paper's blend of collaborative filtering and visual style.
+
+``final = (1 - λ) · normalized CF score + λ · cosine(user style profile, item style embedding)``
+
+The functions here are pure so that the offline λ experiment
+(``stylerec experiment style-lambda``) scores exactly the way the live gateway
+does; the gateway only adds the Redis reads around them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+EMBEDDING_DIM = 100
+
+
+@dataclass(frozen=True)
+class StyleProfile:
+    vector: np.ndarray  # 100 float32, L2-normalized
+    confidence: float
+    anchor: str
+
+    @classmethod
+    def from_redis(cls, h: Mapping[bytes, bytes]) -> StyleProfile | None:
+        """Parse the ``style_profile(user)`` hash; None when absent or malformed."""
+        raw = h.get(b"vector")
+        if not raw or len(raw) != EMBEDDING_DIM * 4:
+            return None
+        vec = decode_embedding(raw)
+        if vec is None:
+            return None
+        try:
+            confidence = float(h.get(b"confidence", b"0").decode() or 0.0)
+        except ValueError:
+            confidence = 0.0
+        anchor = h.get(b"anchor", b"").decode()
+        return cls(vec, min(1.0, max(0.0, confidence)), anchor)
+
+    def is_confident(self, threshold: float) -> bool:
+        return self.confidence >= threshold and bool(self.anchor)
+
+
+def decode_embedding(raw: bytes | str | None) -> np.ndarray | None:
+    """100 x float32 little-endian → unit vector; None for a missing, wrong-sized or zero vector."""
+    if not isinstance(raw, bytes) or len(raw) != EMBEDDING_DIM * 4:
+        return None
+    vec = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+    norm = float(np.linalg.norm(vec))
+    if not np.isfinite(norm) or norm == 0.0:
+        return None
+    return vec / norm
+
+
+def encode_embedding(vec: Sequence[float] | np.ndarray) -> bytes:
+    arr = np.asarray(vec, dtype="<f4").reshape(-1)
+    if arr.shape[0] != EMBEDDING_DIM:
+        raise ValueError(f"expected {EMBEDDING_DIM} floats, got {arr.shape[0]}")
+    norm = float(np.linalg.norm(arr))
+    return (arr / norm if norm else arr).astype("<f4").tobytes()
+
+
+def normalize_cf(scores: Sequence[float]) -> list[float]:
+    """Min-max to [0, 1] over the candidate pool, so raw scores of any model blend the same way.
+
+    A pool whose scores are all equal (one candidate, or popularity ties) maps to 1.0:
+    CF then says nothing about order and style decides.
+    """
+    if not scores:
+        return []
+    lo, hi = min(scores), max(scores)
+    if hi - lo <= 1e-12:
+        return [1.0] * len(scores)
+    return [(s - lo) / (hi - lo) for s in scores]
+
+
+def style_affinities(profile: np.ndarray, embeddings: Sequence[np.ndarray | None]) -> tuple[list[float], int]:
+    """Cosine of the profile with each item's embedding.
+
+    Items without an embedding yet (photo not embedded, or no photo) get the mean
+    affinity of those that have one: an unknown look is neither a match nor a
+    mismatch, and 0 would bury every item the style worker has not reached.
+    Returns the affinities and how many were imputed.
+    """
+    known = [float(np.dot(profile, e)) if e is not None else None for e in embeddings]
+    present = [a for a in known if a is not None]
+    neutral = float(np.mean(present)) if present else 0.0
+    return [a if a is not None else neutral for a in known], len(known) - len(present)
+
+
+def blend(cf_norm: Sequence[float], affinity: Sequence[float], lam: float) -> list[float]:
+    return [(1.0 - lam) * c + lam * a for c, a in zip(cf_norm, affinity, strict=True)]
+
+
+def rerank(
+    candidates: Sequence[tuple[str, float]],
+    profile: np.ndarray,
+    embeddings: Mapping[str, np.ndarray | None],
+    lam: float,
+) -> list[tuple[str, float, float, float]]:
+    """(item, cf_norm, style_affinity, final) sorted by final score, ties by item id."""
+    ids = [i for i, _ in candidates]
+    cf = normalize_cf([s for _, s in candidates])
+    aff, _ = style_affinities(profile, [embeddings.get(i) for i in ids])
+    final = blend(cf, aff, lam)
+    rows = list(zip(ids, cf, aff, final, strict=True))
+    rows.sort(key=lambda r: (-r[3], r[0]))
+    return rows

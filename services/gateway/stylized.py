@@ -1,0 +1,246 @@
+"""Stylized images: references for the ready ones, deduplicated and rate-limited jobs for the rest.
+
+A stylization (content item drawn in the look of the user's anchor item) takes
+hundreds of milliseconds on a CPU, so it never happens on the request path:
+the gateway answers with what is ready (``keys.stylized``) and enqueues the
+missing ones on ``style-jobs``. ``keys.stylize_pending`` (SET NX with TTL)
+makes a job for the same pair go out once per window no matter how many users
+or replicas ask; ``keys.stylize_rate(user)`` caps how many new jobs one user can
+cause. Publishing happens on a background thread so a slow or absent broker
+never delays an answer; a job that cannot be published clears its pending
+marker so the next request retries it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from stylerec.v1 import gateway_pb2, style_pb2
+
+from libs.common import keys
+from libs.common.kafka import STYLE_JOBS, ProtoProducer, now_timestamp
+from services.gateway.catalog import ItemMeta
+from services.gateway.config import GatewaySettings
+from services.gateway.deadlines import Deadline, DependencyUnavailable
+from services.gateway.downstream import Degradation, Downstream, text
+from services.gateway.metrics import STYLIZE_JOBS
+
+log = logging.getLogger(__name__)
+
+
+class StyleJobPublisher:
+    """Publishes StyleJob messages from a bounded in-process queue on one background thread."""
+
+    def __init__(
+        self, settings: GatewaySettings, cleanup_redis: redis.Redis, max_queue: int = 1000, client_id: str = "gateway"
+    ) -> None:
+        self.settings = settings
+        self._redis = cleanup_redis
+        self._queue: queue.Queue[style_pb2.StyleJob | None] = queue.Queue(maxsize=max_queue)
+        self._producer: ProtoProducer | None = None
+        self._client_id = client_id
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="style-job-publisher", daemon=True)
+        self.last_failure_at = 0.0
+        self.last_error = ""
+
+    def start(self) -> StyleJobPublisher:
+        self._thread.start()
+        return self
+
+    @property
+    def healthy(self) -> bool:
+        """False for a while after a publish failed: answers then say stylization is unavailable."""
+        return time.monotonic() - self.last_failure_at > 10.0 or self.last_failure_at == 0.0
+
+    def submit(self, job: style_pb2.StyleJob) -> bool:
+        try:
+            self._queue.put_nowait(job)
+            return True
+        except queue.Full:
+            return False
+
+    def _ensure_producer(self) -> ProtoProducer:
+        if self._producer is None:
+            self._producer = ProtoProducer(
+                self.settings.kafka_servers, client_id=self._client_id, max_block_ms=3000, request_timeout_ms=5000
+            )
+        return self._producer
+
+    def _failed(self, job: style_pb2.StyleJob, error: str) -> None:
+        self.last_failure_at = time.monotonic()
+        self.last_error = error[:200]
+        STYLIZE_JOBS.labels("failed").inc()
+        log.warning("style job not published", extra={"job_id": job.job_id, "error": error[:200]})
+        with contextlib.suppress(redis.RedisError):
+            self._redis.delete(keys.stylize_pending(job.content_item_id, job.style_item_id))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                job = self._queue.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if job is None:
+                break
+            try:
+                producer = self._ensure_producer()
+                fut = producer.send(STYLE_JOBS, job.content_item_id, job)
+                fut.add_errback(lambda exc, j=job: self._failed(j, f"{type(exc).__name__}: {exc}"))
+            except Exception as exc:
+                self._failed(job, f"{type(exc).__name__}: {exc}")
+                self._producer = None
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        self._stop.set()
+        with contextlib.suppress(queue.Full):
+            self._queue.put_nowait(None)
+        self._thread.join(5)
+        if self._producer is not None:
+            with contextlib.suppress(Exception):
+                self._producer.flush(5)
+                self._producer.close(5)
+
+
+@dataclass
+class StylizedState:
+    status: int  # gateway_pb2.StylizedStatus
+    ref: str = ""
+
+
+class StylizedImages:
+    def __init__(self, settings: GatewaySettings, downstream: Downstream, publisher: StyleJobPublisher) -> None:
+        self.settings = settings
+        self.ds = downstream
+        self.publisher = publisher
+
+    def resolve(
+        self,
+        user: str,
+        anchor: str,
+        items: list[ItemMeta],
+        deadline: Deadline,
+        deg: Degradation,
+    ) -> dict[str, StylizedState]:
+        """Status (and GridFS reference when ready) of each item drawn in the anchor's style."""
+        out: dict[str, StylizedState] = {}
+        todo = []
+        for meta in items:
+            if meta.item_id == anchor or not meta.image_ref:
+                # No photo to draw (or it is the anchor itself): nothing to stylize.
+                out[meta.item_id] = StylizedState(gateway_pb2.STYLIZED_UNAVAILABLE)
+                STYLIZE_JOBS.labels("no_photo").inc()
+            else:
+                todo.append(meta.item_id)
+        if not todo:
+            return out
+        try:
+            refs = self.ds.redis_call(
+                "stylized_get", lambda r: r.mget([keys.stylized(i, anchor) for i in todo]), deadline
+            )
+        except DependencyUnavailable as exc:
+            deg.add(exc)
+            for i in todo:
+                out[i] = StylizedState(gateway_pb2.STYLIZED_UNAVAILABLE)
+            return out
+        missing = []
+        for item_id, ref in zip(todo, refs, strict=True):
+            if ref:
+                out[item_id] = StylizedState(gateway_pb2.STYLIZED_READY, text(ref))
+                STYLIZE_JOBS.labels("ready").inc()
+            else:
+                missing.append(item_id)
+        if not missing:
+            return out
+        if not self.publisher.healthy:
+            deg.add(f"style-jobs: publishing failed recently ({self.publisher.last_error})")
+            for i in missing:
+                out[i] = StylizedState(gateway_pb2.STYLIZED_UNAVAILABLE)
+            return out
+        try:
+            claimed = self.ds.redis_call("stylize_claim", lambda r: self._claim(r, user, anchor, missing), deadline)
+        except DependencyUnavailable as exc:
+            deg.add(exc)
+            for i in missing:
+                out[i] = StylizedState(gateway_pb2.STYLIZED_UNAVAILABLE)
+            return out
+        for item_id, outcome in claimed.items():
+            if outcome == "enqueue":
+                job = style_pb2.StyleJob(
+                    job_id=f"sj_{uuid.uuid4().hex[:16]}",
+                    kind=style_pb2.STYLIZE,
+                    content_item_id=item_id,
+                    style_item_id=anchor,
+                    strength=self.settings.stylize_strength,
+                    requested_at=now_timestamp(),
+                    user_id=user,
+                )
+                if self.publisher.submit(job):
+                    STYLIZE_JOBS.labels("enqueued").inc()
+                    out[item_id] = StylizedState(gateway_pb2.STYLIZED_PENDING)
+                else:
+                    self.publisher._failed(job, "publish queue full")
+                    out[item_id] = StylizedState(gateway_pb2.STYLIZED_UNAVAILABLE)
+            elif outcome == "pending":
+                STYLIZE_JOBS.labels("deduplicated").inc()
+                out[item_id] = StylizedState(gateway_pb2.STYLIZED_PENDING)
+            else:
+                STYLIZE_JOBS.labels("rate_limited").inc()
+                out[item_id] = StylizedState(gateway_pb2.STYLIZED_UNAVAILABLE)
+        return out
+
+    def _claim(self, r: redis.Redis, user: str, anchor: str, items: list[str]) -> dict[str, str]:
+        """Per item: "enqueue" (we own the job), "pending" (someone else does), "limited"."""
+        ttl = self.settings.stylize_pending_ttl_s
+        pipe = r.pipeline(transaction=False)
+        for i in items:
+            pipe.set(keys.stylize_pending(i, anchor), "1", nx=True, ex=ttl)
+        won = pipe.execute()
+        out: dict[str, str] = {}
+        new = [i for i, ok in zip(items, won, strict=True) if ok]
+        for i, ok in zip(items, won, strict=True):
+            if not ok:
+                out[i] = "pending"
+        if not new:
+            return out
+        rate_key = keys.stylize_rate(user)
+        pipe = r.pipeline(transaction=False)
+        pipe.incrby(rate_key, len(new))
+        pipe.expire(rate_key, self.settings.stylize_rate_window_s, nx=True)
+        used = int(pipe.execute()[0])
+        allowed = max(0, self.settings.stylize_rate_per_user - (used - len(new)))
+        over = new[allowed:]
+        if over:
+            # Give the claims back so another request (or user) can enqueue them later.
+            pipe = r.pipeline(transaction=False)
+            pipe.delete(*[keys.stylize_pending(i, anchor) for i in over])
+            pipe.decrby(rate_key, len(over))
+            pipe.execute()
+        for i in new[:allowed]:
+            out[i] = "enqueue"
+        for i in over:
+            out[i] = "limited"
+        return out
+
+
+def read_stylized_ref(ds: Downstream, item_id: str, style_item: str, deadline: Deadline) -> str:
+    """GridFS id of a finished stylization: Redis reference first, the Mongo record if it expired."""
+    ref = ""
+    with contextlib.suppress(DependencyUnavailable):
+        raw = ds.redis_call("stylized_get", lambda r: r.get(keys.stylized(item_id, style_item)), deadline)
+        ref = text(raw)
+    if ref:
+        return ref
+    doc: dict[str, Any] | None = ds.mongo_call(
+        "stylized_find", lambda db: db["stylized"].find_one({"_id": f"{item_id}:{style_item}"}), deadline
+    )
+    return str(doc.get("image_ref") or "") if doc else ""

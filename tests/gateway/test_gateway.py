@@ -1,0 +1,307 @@
+"""A real gateway process over gRPC, with Redis/MongoDB/GridFS seeded per docs/contracts.md
+and stylize jobs read back from the real broker."""
+
+from __future__ import annotations
+
+import io
+import time
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from kafka import KafkaConsumer
+from PIL import Image
+from stylerec.v1 import gateway_pb2, style_pb2
+
+from cli.stack import Stack
+from libs.common import keys
+from libs.common.errors import violations_of
+from libs.common.kafka import STYLE_JOBS
+from tests.gateway.conftest import Gateway, Seeder, basis, png_bytes, pseudo, start_gateway
+
+pytestmark = pytest.mark.integration
+
+
+def recommend(
+    gw: Gateway, user: str, k: int = 5, timeout: float = 5, **kw: Any
+) -> gateway_pb2.GetRecommendationsResponse:
+    return gw.stub.GetRecommendations(gateway_pb2.GetRecommendationsRequest(user_id=user, k=k, **kw), timeout=timeout)
+
+
+def style_jobs_for(infra: Stack, content_ids: set[str], wait_s: float) -> list[style_pb2.StyleJob]:
+    """Every StyleJob on the topic whose content item is one of ours (read from the start)."""
+    consumer = KafkaConsumer(
+        STYLE_JOBS,
+        bootstrap_servers=[infra.kafka_bootstrap],
+        group_id=None,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=1000,
+    )
+    jobs: list[style_pb2.StyleJob] = []
+    end = time.monotonic() + wait_s
+    try:
+        while time.monotonic() < end:
+            for batch in consumer.poll(timeout_ms=300).values():
+                for rec in batch:
+                    job = style_pb2.StyleJob.FromString(rec.value)
+                    if job.content_item_id in content_ids:
+                        assert rec.key == job.content_item_id.encode()
+                        jobs.append(job)
+    finally:
+        consumer.close()
+    return jobs
+
+
+def test_unknown_user_gets_popular(gateway: Gateway, seed: Seeder, unique: str) -> None:
+    items = {f"pop-{unique}-{i}": 100.0 - i for i in range(5)}
+    seed.popular(items)
+    for i in items:
+        seed.item(i)
+    resp = recommend(gateway, f"stranger-{unique}", k=3)
+    assert resp.strategy == gateway_pb2.POPULAR
+    ours = [r.item_id for r in resp.items if r.item_id in items]
+    assert ours == sorted(ours, key=lambda i: -items[i])
+    assert not resp.degraded or "scoring" in resp.degraded_reason
+
+
+def test_user_with_history_but_no_confident_style_gets_cf(gateway: Gateway, seed: Seeder, unique: str) -> None:
+    user = f"shopper-{unique}"
+    u = pseudo(user)
+    ids = [f"cf-{unique}-{i}" for i in range(4)]
+    for n, i in enumerate(ids):
+        seed.item(i, title=f"Mug {n}", price=3.0 + n)
+    seed.recs(u, {ids[0]: 0.9, ids[1]: 0.5, ids[2]: 0.1, ids[3]: 0.7}, version="als-v42")
+    seed.seen(u, [f"bought-{unique}"])
+    # A weak style profile stays below the threshold: CF, not the style path.
+    seed.profile(u, basis(0), confidence=0.1, anchor=ids[0])
+    resp = recommend(gateway, user, k=3)
+    assert resp.strategy == gateway_pb2.CF
+    assert resp.model_version == "als-v42"
+    assert [r.item_id for r in resp.items] == [ids[3], ids[1], ids[2]]  # the anchor ids[0] is the user's own
+    assert resp.items[0].title == "Mug 3" and resp.items[0].price == pytest.approx(6.0)
+    assert all(r.stylized_status == gateway_pb2.STYLIZED_NOT_REQUESTED for r in resp.items)
+    assert not resp.degraded
+    # The catalog miss was filled into the Redis cache, with a TTL.
+    assert gateway.redis.ttl(keys.item_meta(ids[3])) > 0
+
+
+def test_filters_category_price_and_excludes(gateway: Gateway, seed: Seeder, unique: str) -> None:
+    user = f"filter-{unique}"
+    ids = [f"f-{unique}-{i}" for i in range(6)]
+    for n, i in enumerate(ids):
+        seed.item(i, category="mugs" if n % 2 == 0 else "lamps", price=float(n * 10))
+    seed.recs(pseudo(user), {i: float(10 - n) for n, i in enumerate(ids)})
+    resp = recommend(gateway, user, k=10, filters=gateway_pb2.Filters(category="mugs", min_price=5, max_price=45))
+    assert [r.item_id for r in resp.items] == [ids[2], ids[4]]
+    resp = recommend(gateway, user, k=10, filters=gateway_pb2.Filters(exclude_item_ids=[ids[0], ids[1]]))
+    assert [r.item_id for r in resp.items] == ids[2:]
+
+
+def test_style_path_reranks_enqueues_once_and_streams_ready_images(
+    infra: Stack, gateway: Gateway, seed: Seeder, unique: str
+) -> None:
+    user = f"artlover-{unique}"
+    u = pseudo(user)
+    anchor = f"print-{unique}"
+    seed.item(anchor, title="Starry print", category="art", photo=png_bytes((20, 30, 200)), embedding=basis(0))
+    # CF prefers plain-a, but styled-b looks like the anchor.
+    plain, styled, nophoto = f"plain-{unique}", f"styled-{unique}", f"nophoto-{unique}"
+    seed.item(plain, photo=png_bytes((200, 10, 10)), embedding=basis(5))
+    seed.item(styled, photo=png_bytes((10, 200, 10)), embedding=basis(0, mix=0.2))
+    seed.item(nophoto, embedding=basis(0, mix=0.5))
+    seed.recs(u, {plain: 1.0, styled: 0.8, nophoto: 0.1})
+    seed.seen(u, [anchor])
+    seed.profile(u, basis(0), confidence=0.9, anchor=anchor)
+
+    resp = recommend(gateway, user, k=3, want_stylized=True)
+    assert resp.strategy == gateway_pb2.STYLE_PERSONALIZED
+    assert resp.anchor_item_id == anchor and resp.style_confidence == pytest.approx(0.9)
+    assert resp.style_lambda > 0
+    order = [r.item_id for r in resp.items]
+    assert order[0] == styled, order
+    by_id = {r.item_id: r for r in resp.items}
+    lam = resp.style_lambda
+    for r in resp.items:
+        assert r.final_score == pytest.approx((1 - lam) * r.cf_score + lam * r.style_affinity, abs=1e-6)
+    assert by_id[styled].style_affinity > by_id[plain].style_affinity
+    assert by_id[styled].stylized_status == gateway_pb2.STYLIZED_PENDING
+    assert by_id[plain].stylized_status == gateway_pb2.STYLIZED_PENDING
+    assert by_id[nophoto].stylized_status == gateway_pb2.STYLIZED_UNAVAILABLE  # nothing to draw
+    assert anchor not in order
+
+    # Asking again does not enqueue again (SET NX dedup), it reports pending.
+    again = recommend(gateway, user, k=3, want_stylized=True)
+    assert {r.item_id: r.stylized_status for r in again.items}[styled] == gateway_pb2.STYLIZED_PENDING
+    jobs = style_jobs_for(infra, {styled, plain}, wait_s=4)
+    assert sorted(j.content_item_id for j in jobs) == sorted([plain, styled])
+    job = next(j for j in jobs if j.content_item_id == styled)
+    assert job.kind == style_pb2.STYLIZE and job.style_item_id == anchor and job.user_id == u
+    assert user not in job.SerializeToString().decode(errors="replace")  # raw id never leaves the gateway
+
+    # The style worker's result (written per contract) turns the status to READY and streams back.
+    image = png_bytes((1, 2, 3), size=300)
+    ref = seed.stylized(styled, anchor, image)
+    ready = recommend(gateway, user, k=3, want_stylized=True)
+    item = {r.item_id: r for r in ready.items}[styled]
+    assert item.stylized_status == gateway_pb2.STYLIZED_READY and item.stylized_image_ref == ref
+    chunks = list(
+        gateway.stub.GetStylizedImage(gateway_pb2.GetStylizedImageRequest(user_id=user, item_id=styled), timeout=5)
+    )
+    assert b"".join(c.data for c in chunks) == image
+    assert chunks[0].content_type == "image/png" and chunks[0].total_size == len(image)
+
+    with pytest.raises(grpc.RpcError) as err:
+        list(gateway.stub.GetStylizedImage(gateway_pb2.GetStylizedImageRequest(user_id=user, item_id=nophoto)))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_stylized_image_streams_in_chunks_and_rate_limit(
+    infra: Stack, gateway_factory: Any, mongo: Any, unique: str
+) -> None:
+    gw = gateway_factory(
+        f"gw-rate-{unique}", {"STYLEREC_STYLIZE_RATE_PER_USER": "2", "STYLEREC_IMAGE_CHUNK_BYTES": "1024"}
+    )
+    seed = Seeder(gw.redis, mongo)
+    user = f"greedy-{unique}"
+    u = pseudo(user)
+    anchor = f"anchor-{unique}"
+    seed.item(anchor, photo=png_bytes((9, 9, 9)), embedding=basis(1))
+    ids = [f"r-{unique}-{i}" for i in range(4)]
+    for i in ids:
+        seed.item(i, photo=png_bytes((50, 60, 70)), embedding=basis(1, mix=0.1, j=2))
+    seed.recs(u, {i: 1.0 - n * 0.1 for n, i in enumerate(ids)})
+    seed.profile(u, basis(1), confidence=1.0, anchor=anchor)
+    resp = recommend(gw, user, k=4, want_stylized=True)
+    statuses = [r.stylized_status for r in resp.items]
+    assert statuses.count(gateway_pb2.STYLIZED_PENDING) == 2
+    assert statuses.count(gateway_pb2.STYLIZED_UNAVAILABLE) == 2
+
+    big = np.random.default_rng(0).integers(0, 255, size=(64, 64, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(big).save(buf, format="PNG")
+    seed.stylized(ids[0], anchor, buf.getvalue())
+    chunks = list(
+        gw.stub.GetStylizedImage(
+            gateway_pb2.GetStylizedImageRequest(user_id=user, item_id=ids[0], style_item_id=anchor), timeout=5
+        )
+    )
+    assert len(chunks) > 3 and all(len(c.data) <= 1024 for c in chunks)
+    assert b"".join(c.data for c in chunks) == buf.getvalue()
+
+
+def test_similar_items_style_and_degraded_cf(gateway: Gateway, seed: Seeder, unique: str) -> None:
+    a, near, far = f"sa-{unique}", f"sn-{unique}", f"sf-{unique}"
+    seed.item(a, embedding=basis(7))
+    seed.item(near, embedding=basis(7, mix=0.1, j=8))
+    seed.item(far, embedding=basis(9))
+    resp = gateway.stub.GetSimilarItems(
+        gateway_pb2.GetSimilarItemsRequest(item_id=a, k=50, mode=gateway_pb2.SIMILARITY_STYLE), timeout=5
+    )
+    ids = [r.item_id for r in resp.items]
+    # The index may be up to embedding_index_refresh_s old; a fresh gateway loads it on first use.
+    assert a not in ids
+    if near in ids and far in ids:
+        assert ids.index(near) < ids.index(far)
+    cf = gateway.stub.GetSimilarItems(
+        gateway_pb2.GetSimilarItemsRequest(item_id=a, k=5, mode=gateway_pb2.SIMILARITY_CF), timeout=5
+    )
+    assert cf.degraded and "scoring" in cf.degraded_reason and not cf.items
+    missing = gateway.stub.GetSimilarItems(
+        gateway_pb2.GetSimilarItemsRequest(item_id=f"none-{unique}", k=5, mode=gateway_pb2.SIMILARITY_STYLE), timeout=5
+    )
+    assert missing.degraded and "no style embedding" in missing.degraded_reason
+
+
+def test_similar_items_style_on_fresh_gateway(gateway_factory: Any, mongo: Any, unique: str) -> None:
+    gw = gateway_factory(f"gw-sim-{unique}")
+    seed = Seeder(gw.redis, mongo)
+    a, near, far = f"xa-{unique}", f"xn-{unique}", f"xf-{unique}"
+    seed.item(a, embedding=basis(11))
+    seed.item(near, embedding=basis(11, mix=0.1, j=12))
+    seed.item(far, embedding=basis(13))
+    for mode in (gateway_pb2.SIMILARITY_STYLE, gateway_pb2.SIMILARITY_BLEND):
+        resp = gw.stub.GetSimilarItems(gateway_pb2.GetSimilarItemsRequest(item_id=a, k=200, mode=mode), timeout=5)
+        ids = [r.item_id for r in resp.items]
+        assert ids[0] == near, (mode, ids[:5])
+        assert ids.index(near) < ids.index(far)
+
+
+def test_bad_requests_get_invalid_argument_with_details(gateway: Gateway) -> None:
+    cases = [
+        (gateway_pb2.GetRecommendationsRequest(user_id="", k=5), "user_id"),
+        (gateway_pb2.GetRecommendationsRequest(user_id="u", k=100_000), "k"),
+        (
+            gateway_pb2.GetRecommendationsRequest(user_id="u", filters=gateway_pb2.Filters(min_price=-1)),
+            "filters.min_price",
+        ),
+        (
+            gateway_pb2.GetRecommendationsRequest(user_id="u", filters=gateway_pb2.Filters(min_price=9, max_price=2)),
+            "filters.max_price",
+        ),
+    ]
+    for req, field in cases:
+        with pytest.raises(grpc.RpcError) as err:
+            gateway.stub.GetRecommendations(req, timeout=5)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field in [f for f, _ in violations_of(err.value)]
+    with pytest.raises(grpc.RpcError) as err:
+        gateway.stub.GetSimilarItems(gateway_pb2.GetSimilarItemsRequest(item_id=""), timeout=5)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as err:
+        list(gateway.stub.GetStylizedImage(gateway_pb2.GetStylizedImageRequest(user_id="u"), timeout=5))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_redis_stopped_still_answers_degraded(infra: Stack, own_redis: Any, mongo: Any, unique: str) -> None:
+    gw = start_gateway(infra, f"gw-noredis-{unique}", {"STYLEREC_REDIS_URL": own_redis.url})
+    try:
+        seed = Seeder(gw.redis, mongo)
+        items = {f"np-{unique}-{i}": 10.0 - i for i in range(3)}
+        seed.popular(items)
+        for i in items:
+            seed.item(i, title=f"Candle {i}")
+        seed.recs(pseudo(f"known-{unique}"), {f"np-{unique}-2": 1.0})
+        healthy = recommend(gw, f"anyone-{unique}", k=3)
+        assert healthy.strategy == gateway_pb2.POPULAR and not healthy.degraded
+        own_redis.stop()
+        for user in (f"anyone-{unique}", f"known-{unique}"):
+            t0 = time.monotonic()
+            resp = recommend(gw, user, k=3, timeout=3)
+            assert time.monotonic() - t0 < 2.0
+            assert resp.degraded and "redis" in resp.degraded_reason
+            assert resp.strategy == gateway_pb2.POPULAR
+            # The last popularity list this replica saw, with titles from MongoDB.
+            assert [r.item_id for r in resp.items] == list(items)
+            assert resp.items[0].title.startswith("Candle")
+        sim = gw.stub.GetSimilarItems(gateway_pb2.GetSimilarItemsRequest(item_id="x", k=3), timeout=3)
+        assert sim.degraded
+    finally:
+        gw.channel.close()
+        infra.stop_component(gw.component.name)
+
+
+def test_deadlines_honoured_with_a_hung_scoring(infra: Stack, blackhole: str, unique: str) -> None:
+    gw = start_gateway(
+        infra,
+        f"gw-hung-{unique}",
+        {"STYLEREC_SCORING_ADDR": blackhole, "STYLEREC_SCORING_TIMEOUT_S": "5", "STYLEREC_DEFAULT_DEADLINE_S": "0.8"},
+    )
+    try:
+        # No recs in Redis → the gateway asks scoring, which never answers.
+        for caller_deadline in (0.3, 0.6):
+            t0 = time.monotonic()
+            resp = recommend(gw, f"new-{unique}", k=3, timeout=caller_deadline)
+            took = time.monotonic() - t0
+            assert took < caller_deadline, took
+            assert resp.degraded and "scoring" in resp.degraded_reason
+            assert resp.strategy == gateway_pb2.POPULAR
+        # Without a caller deadline the configured budget applies (0.8 s), not the 5 s scoring cap.
+        time.sleep(1.1)  # let the breaker close so scoring is tried again
+        t0 = time.monotonic()
+        resp = recommend(gw, f"new2-{unique}", k=3, timeout=None)  # type: ignore[arg-type]
+        assert time.monotonic() - t0 < 1.5
+        assert resp.degraded and "scoring" in resp.degraded_reason
+    finally:
+        gw.channel.close()
+        infra.stop_component(gw.component.name)
