@@ -67,3 +67,8 @@ def dedup_event(event_id: str) -> str:
 def stylize_rate(user: str) -> str:
     """Per-user counter of stylize jobs enqueued in the current window (INCR + EXPIRE); owner: gateway."""
     return f"{NS}:{SCHEMA}:stylize-rate:{user}"
+
+
+def train_lock() -> str:
+    """Cluster-wide training lock (SET NX EX) so one scoring replica trains at a time; owner: scoring."""
+    return f"{NS}:{SCHEMA}:scoring-train-lock"
