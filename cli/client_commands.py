@@ -12,6 +12,7 @@ from stylerec.v1 import gateway_pb2, gateway_pb2_grpc, ingestion_pb2, ingestion_
 
 from cli.errors import UsageError
 from cli.eventfile import EventFileError, read_events
+from cli.ingest_items import register_items
 from cli.stack import Stack
 from cli.stack_commands import stack_dir
 
@@ -26,6 +27,7 @@ def register(sub: Any) -> None:
     p.add_argument("--addr", help="ingestion host:port (default: from the running stack)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ingest_events)
+    register_items(isub)
     p = sub.add_parser("recommend", help="recommendations for a (raw) user id from the gateway")
     p.add_argument("user")
     p.add_argument("-k", type=int, default=10)

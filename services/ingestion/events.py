@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -121,12 +122,13 @@ class EventIntake:
         candidates: list[common_pb2.Event] = []
         seen: dict[str, int] = {}
         pseudonyms: dict[str, str] = {}
+        outcomes: Counter[tuple[str, str]] = Counter()
         limits = self.limits
         for i, event in enumerate(events):
             reason = validate_event(event, limits)
             if reason:
                 resp.rejected.add(index=i, reason=reason, event_id=event.event_id)
-                metrics.EVENTS.labels(TYPE_LABELS.get(event.type, "UNKNOWN"), "rejected").inc()
+                outcomes[(TYPE_LABELS.get(event.type, "UNKNOWN"), "rejected")] += 1
                 continue
             raw = event.user_id
             pseudonym = pseudonyms.get(raw)
@@ -138,11 +140,28 @@ class EventIntake:
                 event.event_id = deterministic_event_id(event, pseudonym)
             if event.event_id in seen:
                 resp.duplicate_indexes.append(i)
-                metrics.DEDUP_HITS.labels("batch").inc()
-                metrics.EVENTS.labels(TYPE_LABELS[event.type], "duplicate").inc()
+                outcomes[(TYPE_LABELS[event.type], "duplicate")] += 1
                 continue
             seen[event.event_id] = i
             candidates.append(event)
+        batch_dups = len(resp.duplicate_indexes)
+        if batch_dups:
+            metrics.DEDUP_HITS.labels("batch").inc(batch_dups)
+        try:
+            return self._claim_and_send(resp, candidates, seen, outcomes, rpc)
+        finally:
+            for (etype, outcome), count in outcomes.items():
+                metrics.EVENTS.labels(etype, outcome).inc(count)
+
+    def _claim_and_send(
+        self,
+        resp: ingestion_pb2.IngestEventsResponse,
+        candidates: list[common_pb2.Event],
+        seen: dict[str, int],
+        outcomes: Counter[tuple[str, str]],
+        rpc: str,
+    ) -> Prepared:
+        n = len(resp.rejected) + len(resp.duplicate_indexes) + len(candidates)
         if n and len(resp.rejected) == n:
             metrics.REQUEST_REJECTS.labels(rpc, "all_invalid").inc()
             first = resp.rejected[0]
@@ -174,14 +193,14 @@ class EventIntake:
             elif claim is Claim.DUPLICATE:
                 resp.duplicate_indexes.append(idx)
                 metrics.DEDUP_HITS.labels("window").inc()
-                metrics.EVENTS.labels(TYPE_LABELS[event.type], "duplicate").inc()
+                outcomes[(TYPE_LABELS[event.type], "duplicate")] += 1
             else:
                 resp.rejected.add(
                     index=idx,
                     reason="in_progress: this event id is being ingested by another request; retry shortly",
                     event_id=event.event_id,
                 )
-                metrics.EVENTS.labels(TYPE_LABELS[event.type], "in_progress").inc()
+                outcomes[(TYPE_LABELS[event.type], "in_progress")] += 1
         if len(records) < admitted:
             self.publisher.release(admitted - len(records))
         resp.duplicates = len(resp.duplicate_indexes)
@@ -217,8 +236,12 @@ class EventIntake:
             # The events are on the broker; the pending markers expire, so a retry re-publishes
             # at worst (consumers are idempotent by event id). Do not fail the call for that.
             log.warning("could not settle idempotency markers", extra={"error": str(exc), "events": len(ids)})
-        for etype, ok in zip(prepared.types, result.ok, strict=True):
-            metrics.EVENTS.labels(TYPE_LABELS[etype], "accepted" if ok else "failed").inc()
+        outcomes = Counter(
+            (TYPE_LABELS[etype], "accepted" if ok else "failed")
+            for etype, ok in zip(prepared.types, result.ok, strict=True)
+        )
+        for (label, outcome), count in outcomes.items():
+            metrics.EVENTS.labels(label, outcome).inc(count)
         if result.error:
             log.warning(
                 "publish failed", extra={"error": result.error, "events": len(ids), "acknowledged": len(published)}

@@ -1,0 +1,251 @@
+"""`stylerec bench ingest [--quick] --json`: ingestion throughput against a bare producer.
+
+It starts its own broker, Redis and Mongo-protocol server and one ingestion
+process (role ``api``, so the archiver does not compete for the CPU), then,
+against that same broker and in one run:
+
+* the service: unary ``IngestEvents`` with batches of 1, 100 and 1000 events
+  (one call at a time, each answered only after acks=all) and ``StreamEvents``
+  with 1000-event chunks and at most 8 unacknowledged chunks (client flow control);
+* the baseline: a bare kafka-python ``KafkaProducer`` with the service's own
+  producer settings sending the *same pre-serialized messages* (pseudonymized
+  exactly like the service does), once per batch size with the same "wait for
+  every ack before the next batch" rule, and once fully pipelined (send all,
+  flush) for the stream.
+
+Ratios are service/baseline events/s. The events are synthetic (generated ids)
+and labelled so in the JSON. No timing is asserted anywhere: this is a command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+from stylerec.v1 import common_pb2, ingestion_pb2, ingestion_pb2_grpc
+from tqdm import tqdm
+
+from cli.stack import REPO, Stack
+from libs.common.kafka import ensure_topics
+from libs.common.pseudonym import Pseudonymizer
+from libs.common.settings import DEV_PSEUDONYM_SECRET
+
+TOPIC = "bench-user-events"
+STREAM_CHUNK = 1000
+STREAM_WINDOW = 8
+FULL = {"batch_1": 2_000, "batch_100": 30_000, "batch_1000": 60_000, "stream": 60_000}
+QUICK = {"batch_1": 300, "batch_100": 5_000, "batch_1000": 10_000, "stream": 10_000}
+
+
+def register_bench(bsub: Any) -> None:
+    p = bsub.add_parser("ingest", help="ingestion events/s and ack latency vs a bare kafka-python producer")
+    p.add_argument("--quick", action="store_true", help="fewer events (about 30 s)")
+    p.add_argument("--json", action="store_true", help="print the result JSON on stdout")
+    p.add_argument("--out", type=Path, default=REPO / "out" / "bench" / "ingest.json")
+    p.set_defaults(func=cmd_bench_ingest)
+
+
+def synthetic_events(n: int, tag: str) -> list[common_pb2.Event]:
+    """Synthetic shop events: 500 users, 2000 items, unique ids so nothing is deduplicated."""
+    now = time.time()
+    types = [common_pb2.VIEW, common_pb2.VIEW, common_pb2.VIEW, common_pb2.CLICK, common_pb2.ADD_TO_CART]
+    out = []
+    for i in range(n):
+        e = common_pb2.Event(
+            event_id=f"bench-{tag}-{i}",
+            user_id=f"shopper-{i % 500}",
+            item_id=f"sku-{(i * 7919) % 2000}",
+            type=types[i % len(types)],
+        )
+        e.timestamp.FromNanoseconds(int((now - (n - i) * 0.001) * 1e9))
+        e.context.device = "web"
+        out.append(e)
+    return out
+
+
+def published_form(events: list[common_pb2.Event], pseudonymize: Pseudonymizer) -> list[tuple[bytes, bytes]]:
+    """The exact (key, value) records the service publishes for ``events``."""
+    records = []
+    for e in events:
+        out = common_pb2.Event()
+        out.CopyFrom(e)
+        out.user_id = pseudonymize(e.user_id)
+        records.append((out.user_id.encode(), out.SerializeToString()))
+    return records
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    if not samples:
+        return {"p50_ms": 0.0, "p99_ms": 0.0}
+    s = sorted(samples)
+    return {
+        "p50_ms": round(statistics.median(s) * 1000, 3),
+        "p99_ms": round(s[min(len(s) - 1, int(len(s) * 0.99))] * 1000, 3),
+    }
+
+
+def _result(n: int, elapsed: float, latencies: list[float]) -> dict[str, Any]:
+    return {"events": n, "seconds": round(elapsed, 4), "events_per_s": round(n / elapsed, 1), **percentiles(latencies)}
+
+
+def bench_baseline_batches(producer: Any, records: list[tuple[bytes, bytes]], batch: int) -> dict[str, Any]:
+    latencies = []
+    start = time.perf_counter()
+    for i in range(0, len(records), batch):
+        t0 = time.perf_counter()
+        futures = [producer.send(TOPIC, key=k, value=v) for k, v in records[i : i + batch]]
+        for f in futures:
+            f.get(timeout=30)
+        latencies.append(time.perf_counter() - t0)
+    return _result(len(records), time.perf_counter() - start, latencies)
+
+
+def bench_baseline_pipelined(producer: Any, records: list[tuple[bytes, bytes]]) -> dict[str, Any]:
+    start = time.perf_counter()
+    futures = [producer.send(TOPIC, key=k, value=v) for k, v in records]
+    producer.flush(timeout=60)
+    for f in futures:
+        f.get(timeout=1)
+    return _result(len(records), time.perf_counter() - start, [])
+
+
+def bench_unary(stub: Any, events: list[common_pb2.Event], batch: int) -> dict[str, Any]:
+    latencies = []
+    requests = [ingestion_pb2.IngestEventsRequest(events=events[i : i + batch]) for i in range(0, len(events), batch)]
+    start = time.perf_counter()
+    accepted = 0
+    for req in requests:
+        t0 = time.perf_counter()
+        resp = stub.IngestEvents(req, timeout=60)
+        latencies.append(time.perf_counter() - t0)
+        accepted += resp.accepted
+    res = _result(len(events), time.perf_counter() - start, latencies)
+    res["accepted"] = accepted
+    return res
+
+
+def bench_stream(stub: Any, events: list[common_pb2.Event]) -> dict[str, Any]:
+    chunks = [events[i : i + STREAM_CHUNK] for i in range(0, len(events), STREAM_CHUNK)]
+    window = threading.Semaphore(STREAM_WINDOW)
+    sent_at: dict[int, float] = {}
+
+    def requests() -> Iterator[ingestion_pb2.IngestEventsRequest]:
+        for seq, chunk in enumerate(chunks, 1):
+            window.acquire()  # client-side flow control: at most STREAM_WINDOW chunks unacknowledged
+            sent_at[seq] = time.perf_counter()
+            yield ingestion_pb2.IngestEventsRequest(events=chunk, sequence=seq)
+
+    latencies = []
+    accepted = 0
+    start = time.perf_counter()
+    for ack in stub.StreamEvents(requests(), timeout=300):
+        latencies.append(time.perf_counter() - sent_at[ack.sequence])
+        accepted += ack.accepted
+        window.release()
+    res = _result(len(events), time.perf_counter() - start, latencies)
+    res["accepted"] = accepted
+    return res
+
+
+def cmd_bench_ingest(args: argparse.Namespace) -> int:
+    from kafka import KafkaProducer
+
+    from services.ingestion.config import IngestionSettings
+    from services.ingestion.publisher import producer_config
+
+    sizes = QUICK if args.quick else FULL
+    run_id = uuid.uuid4().hex[:8]
+    stack_dir = Path(tempfile.mkdtemp(prefix="bench-ingest-", dir=REPO / "out"))
+    stack = Stack(dir=stack_dir)
+    pseudonymize = Pseudonymizer(DEV_PSEUDONYM_SECRET)
+    results: dict[str, Any] = {"service": {}, "baseline": {}}
+    try:
+        print("starting broker, redis, mongo and ingestion ...", flush=True)
+        stack.start_infra()
+        ensure_topics([stack.kafka_bootstrap], {TOPIC: 6})
+        env = {
+            "STYLEREC_ROLE": "api",
+            "STYLEREC_EVENTS_TOPIC": TOPIC,
+            "STYLEREC_LOG_LEVEL": "WARNING",
+            "STYLEREC_PSEUDONYM_SECRET": DEV_PSEUDONYM_SECRET,
+        }
+        stack.start_service("ingestion", instance="ingestion-bench", extra_env=env)
+        stack.wait_serving(["ingestion-bench"], 60)
+        settings = IngestionSettings(kafka_bootstrap=stack.kafka_bootstrap)
+        producer = KafkaProducer(**producer_config(settings, client_id="bench-baseline"))
+        channel = grpc.insecure_channel(
+            stack.addr_of("ingestion-bench"), options=[("grpc.max_send_message_length", 64 * 1024 * 1024)]
+        )
+        stub = ingestion_pb2_grpc.IngestionServiceStub(channel)
+        # Warm-up: metadata, connections, code paths.
+        bench_unary(stub, synthetic_events(2000, f"{run_id}-warm"), 1000)
+        bench_baseline_batches(producer, published_form(synthetic_events(2000, f"{run_id}-warmb"), pseudonymize), 1000)
+
+        plan: list[tuple[str, str, Callable[[], dict[str, Any]]]] = []
+        for name, batch in (("batch_1", 1), ("batch_100", 100), ("batch_1000", 1000)):
+            ev = synthetic_events(sizes[name], f"{run_id}-{name}")
+            recs = published_form(ev, pseudonymize)
+            plan.append(("baseline", name, lambda r=recs, b=batch: bench_baseline_batches(producer, r, b)))  # type: ignore[misc]
+            plan.append(("service", name, lambda e=ev, b=batch: bench_unary(stub, e, b)))  # type: ignore[misc]
+        ev = synthetic_events(sizes["stream"], f"{run_id}-stream")
+        recs = published_form(ev, pseudonymize)
+        plan.append(("baseline", "pipelined", lambda: bench_baseline_pipelined(producer, recs)))
+        plan.append(("service", "stream", lambda: bench_stream(stub, ev)))
+        for side, name, fn in tqdm(plan, desc="bench ingest", unit="run"):
+            results[side][name] = fn()
+        producer.close(timeout=5)
+        channel.close()
+    finally:
+        stack.down()
+    svc, base = results["service"], results["baseline"]
+    ratios = {
+        "batch_1": round(svc["batch_1"]["events_per_s"] / base["batch_1"]["events_per_s"], 3),
+        "batch_100": round(svc["batch_100"]["events_per_s"] / base["batch_100"]["events_per_s"], 3),
+        "batch_1000": round(svc["batch_1000"]["events_per_s"] / base["batch_1000"]["events_per_s"], 3),
+        "stream_vs_pipelined": round(svc["stream"]["events_per_s"] / base["pipelined"]["events_per_s"], 3),
+        "stream_vs_batch_1000": round(svc["stream"]["events_per_s"] / base["batch_1000"]["events_per_s"], 3),
+    }
+    report = {
+        "benchmark": "ingest",
+        "data": "synthetic events (generated ids, 500 users, 2000 items)",
+        "quick": bool(args.quick),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "broker": "tansu (embedded, memory storage), same broker for service and baseline",
+        "notes": (
+            "service = one client, calls in sequence, each answered after acks=all; baseline = bare kafka-python "
+            "KafkaProducer with the service's producer settings sending the same pre-serialized records; "
+            "batch_N baseline waits for every ack of a batch before the next; pipelined = send all then flush"
+        ),
+        "service": svc,
+        "baseline": base,
+        "ratio_service_over_baseline": ratios,
+        "goal": {"batch_1000": 0.8, "stream": 0.8},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for name in ("batch_1", "batch_100", "batch_1000"):
+            print(
+                f"{name:>10}: service {svc[name]['events_per_s']:>9.0f} ev/s  baseline "
+                f"{base[name]['events_per_s']:>9.0f} ev/s  ratio {ratios[name]:.2f}  "
+                f"p50 {svc[name]['p50_ms']} ms p99 {svc[name]['p99_ms']} ms"
+            )
+        print(
+            f"    stream: service {svc['stream']['events_per_s']:>9.0f} ev/s  pipelined baseline "
+            f"{base['pipelined']['events_per_s']:>9.0f} ev/s  ratio {ratios['stream_vs_pipelined']:.2f}"
+        )
+        print(f"wrote {args.out}")
+    return 0
