@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "cli.client_commands",
     "cli.eval_commands",
     "cli.bench_commands",
+    "cli.experiment_commands",
 ]
 
 

@@ -37,7 +37,7 @@ class GatewaySettings(ServiceSettings):
     # --- the paper's decision ------------------------------------------------------------------
     # Defaults come from `stylerec experiment style-lambda` (docs/gateway.md): see out/experiment.
     style_lambda: float = Field(
-        0.6, ge=0, le=1, description="λ: final = (1-λ)·normalized CF + λ·cosine(profile, item style)."
+        0.7, ge=0, le=1, description="λ: final = (1-λ)·normalized CF + λ·cosine(profile, item style)."
     )
     style_confidence_threshold: float = Field(
         0.5, ge=0, le=1, description="Profiles at or above this confidence get STYLE_PERSONALIZED."

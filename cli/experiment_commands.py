@@ -1,0 +1,62 @@
+"""`stylerec experiment style-lambda`: choose λ and the style-confidence threshold offline.
+
+The gateway's defaults (STYLEREC_STYLE_LAMBDA, STYLEREC_STYLE_CONFIDENCE_THRESHOLD)
+come from this command's output; it runs on a SYNTHETIC labelled benchmark
+(see cli/experiment_style_lambda.py) and says so in everything it prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from cli.stack import REPO
+
+DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "images"
+
+
+def register(sub: Any) -> None:
+    exp = sub.add_parser("experiment", help="offline experiments (synthetic benchmarks)")
+    esub = exp.add_subparsers(dest="experiment", required=True)
+    p = esub.add_parser("style-lambda", help="choose the gateway's λ and confidence threshold (SYNTHETIC users)")
+    p.add_argument("--images-dir", type=Path, default=DEFAULT_IMAGES, help="folder with products/ and styles/")
+    p.add_argument("--users", type=int, default=3000, help="simulated users (half choose, half report)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--half-weight", type=float, default=20.0, help="scoring's profile_half_confidence_weight")
+    p.add_argument("--out-dir", type=Path, default=REPO / "out" / "experiment")
+    p.add_argument("--json", action="store_true", help="print the result JSON")
+    p.set_defaults(func=cmd_style_lambda)
+
+
+def cmd_style_lambda(args: argparse.Namespace) -> int:
+    from cli.experiment_style_lambda import run_experiment
+    from cli.main import UsageError
+
+    if args.users < 20:
+        raise UsageError("--users must be at least 20")
+    if args.half_weight <= 0:
+        raise UsageError("--half-weight must be positive")
+    images = args.images_dir if args.images_dir.exists() else None
+    result = run_experiment(images, args.out_dir, n_users=args.users, seed=args.seed, half_weight=args.half_weight)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    t = result["test"]
+    print("SYNTHETIC BENCHMARK: simulated users with planted style preferences, not real shoppers")
+    print(f"catalog: {result['catalog']['items']} items; {result['catalog']['images']}")
+    print(
+        f"chosen on the validation half: λ = {result['chosen']['lambda']}, "
+        f"confidence threshold = {result['chosen']['confidence_threshold']}"
+    )
+    print(f"test half ({t['users']} users), nDCG@10:")
+    print(f"  {'':<22}{'CF only':>10}{'CF + style':>12}")
+    print(f"  {'all users':<22}{t['ndcg10_cf_only']:>10.4f}{t['ndcg10_with_style_rerank']:>12.4f}")
+    for name in ("style_driven_users", "other_users"):
+        g = t[name]
+        label = f"{name.replace('_', ' ')} ({g['users']})"
+        print(f"  {label:<22}{g['ndcg10_cf_only']:>10.4f}{g['ndcg10_with_style_rerank']:>12.4f}")
+    print(f"  on the style path: {t['style_path_share']:.0%} of users")
+    print(f"written: {args.out_dir / 'style_lambda.json'}  ({result['wall_seconds']} s)")
+    return 0

@@ -1,0 +1,363 @@
+"""Offline experiment that chooses the gateway's λ and style-confidence threshold.
+
+SYNTHETIC BENCHMARK — the users are simulated, so the numbers say how well the
+blend recovers *planted* style preferences, not how real shoppers behave.
+
+* Catalog: every product photo of ``../shared/data/images/products`` rendered in
+  the look of every image of ``images/styles`` with the real ``arbitrary_transform``
+  network, plus the untouched photos ("photo" style). Each item's style
+  embedding comes from the real ``arbitrary_predict`` network, exactly as the
+  style worker computes it. Without ``../shared/data`` the photos and styles are
+  generated patterns (labelled as such).
+* Users: each has a planted favourite style and two favourite products; a share
+  of them are *style-driven* (their choices depend strongly on the style), the
+  rest choose by popularity and product taste only. Choices are drawn with
+  ``P(item) ∝ popularity^alpha * exp(beta_u*[style = favourite] + gamma*[product in favourites])``
+  and carry an event type (purchase/favourite/view) with scoring's default weights.
+* Protocol: per user a random 70/30 split of their interactions; CF = item-kNN
+  (cosine) on the training interactions; the style path re-ranks CF's candidates
+  with :func:`services.gateway.style.rerank` — the gateway's own code — for users
+  whose profile confidence reaches the threshold. Confidence mirrors scoring's
+  definition (coherence of the weighted mean embedding * W/(W + half-weight)).
+  (λ, threshold) is chosen on a validation half of the users and nDCG@10 is
+  reported on the other half, with and without style re-ranking.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from services.gateway.style import rerank
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+EVENT_TYPES = (("purchase", 10.0, 0.4), ("favorite", 4.0, 0.3), ("view", 1.0, 0.3))
+
+
+# --------------------------------------------------------------------------------------------- images
+def _load(path: Path) -> Image.Image:
+    return Image.open(path).convert("RGB")
+
+
+def synthetic_images(seed: int = 7) -> tuple[dict[str, Image.Image], dict[str, Image.Image]]:
+    """Generated 'product photos' (shapes on backgrounds) and 'styles' (textures). SYNTHETIC."""
+    rng = np.random.default_rng(seed)
+    products: dict[str, Image.Image] = {}
+    colors = [(200, 40, 40), (40, 160, 60), (40, 80, 200), (220, 180, 30), (150, 60, 170), (30, 170, 170)]
+    for n, c in enumerate(colors):
+        img = Image.new("RGB", (320, 320), (235, 235, 230))
+        d = ImageDraw.Draw(img)
+        if n % 3 == 0:
+            d.ellipse((60, 60, 260, 260), fill=c)
+        elif n % 3 == 1:
+            d.rectangle((70, 50, 250, 270), fill=c)
+        else:
+            d.polygon([(160, 40), (280, 270), (40, 270)], fill=c)
+        products[f"synthetic-product-{n}"] = img
+    styles: dict[str, Image.Image] = {}
+    yy, xx = np.mgrid[0:256, 0:256]
+    patterns = {
+        "stripes": (np.sin(xx / 6.0) > 0)[..., None] * np.array([30, 30, 120]) + 100,
+        "checker": (((xx // 32) + (yy // 32)) % 2)[..., None] * np.array([180, 90, 20]) + 40,
+        "swirl": (np.sin(np.hypot(xx - 128, yy - 128) / 5.0) * 0.5 + 0.5)[..., None] * np.array([60, 200, 120]),
+        "noise": rng.integers(0, 255, size=(256, 256, 3)),
+        "waves": (np.sin(xx / 9.0 + np.sin(yy / 13.0) * 3) * 0.5 + 0.5)[..., None] * np.array([230, 120, 200]),
+    }
+    for name, arr in patterns.items():
+        styles[f"synthetic-{name}"] = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+    return products, styles
+
+
+def find_images(images_dir: Path | None) -> tuple[dict[str, Image.Image], dict[str, Image.Image], str]:
+    """(products, styles, source label)."""
+    if images_dir is not None:
+        prod_dir, style_dir = images_dir / "products", images_dir / "styles"
+        if prod_dir.is_dir() and style_dir.is_dir():
+            products = {p.stem: _load(p) for p in sorted(prod_dir.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+            styles = {p.stem: _load(p) for p in sorted(style_dir.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+            if products and styles:
+                return products, styles, f"real photos and style images from {images_dir}"
+    products, styles = synthetic_images()
+    return products, styles, "GENERATED images (../shared/data not found): synthetic photos and textures"
+
+
+# --------------------------------------------------------------------------------------------- models
+class StyleNets:
+    """The two shipped ONNX networks on the CPU (the experiment is offline and small)."""
+
+    def __init__(self, models_dir: Path | None = None, threads: int = 2) -> None:
+        import onnxruntime as ort
+
+        from services.style_worker.models import default_models_dir
+
+        d = models_dir or default_models_dir()
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        providers = ["CPUExecutionProvider"]
+        self.predict = ort.InferenceSession(str(d / "arbitrary_predict.onnx"), opts, providers=providers)
+        self.transform = ort.InferenceSession(str(d / "arbitrary_transform.onnx"), opts, providers=providers)
+
+    @staticmethod
+    def _arr(img: Image.Image, size: int) -> np.ndarray:
+        return np.asarray(img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR), np.float32) / 255.0
+
+    def style_vector(self, img: Image.Image) -> np.ndarray:
+        """Raw 100-d bottleneck (the transform network's style input)."""
+        feeds = {self.predict.get_inputs()[0].name: self._arr(img, 256)[None]}
+        return np.asarray(self.predict.run(None, feeds)[0], np.float32).reshape(1, 1, 1, 100)
+
+    def embed(self, img: Image.Image) -> np.ndarray:
+        """L2-normalized style embedding, as the style worker stores it."""
+        v = self.style_vector(img).reshape(-1)
+        return v / np.linalg.norm(v)
+
+    def stylize(self, content: Image.Image, style_vec: np.ndarray, size: int = 384) -> Image.Image:
+        ins = self.transform.get_inputs()
+        out = self.transform.run(None, {ins[0].name: self._arr(content, size)[None], ins[1].name: style_vec})[0]
+        return Image.fromarray((np.clip(out[0], 0, 1) * 255).astype(np.uint8))
+
+
+# --------------------------------------------------------------------------------------------- catalog
+@dataclass
+class Catalog:
+    item_ids: list[str]
+    product: np.ndarray  # product index per item
+    style: np.ndarray  # style index per item (last index = "photo", the untouched image)
+    style_names: list[str]
+    product_names: list[str]
+    embeddings: np.ndarray  # items x 100, unit rows
+    source: str
+
+
+def build_catalog(images_dir: Path | None, cache_dir: Path, size: int = 384) -> Catalog:
+    products, styles, source = find_images(images_dir)
+    key = hashlib.sha256(
+        json.dumps([sorted(products), sorted(styles), source, size]).encode()
+        + b"".join(np.asarray(im.resize((16, 16))).tobytes() for im in [*products.values(), *styles.values()])
+    ).hexdigest()[:16]
+    cache = cache_dir / f"catalog-{key}.npz"
+    style_names = [*styles, "photo"]
+    product_names = list(products)
+    ids, prod_idx, style_idx = [], [], []
+    for pi, p in enumerate(product_names):
+        for si, s in enumerate(style_names):
+            ids.append(f"{p}@{s}")
+            prod_idx.append(pi)
+            style_idx.append(si)
+    if cache.exists():
+        embeddings = np.load(cache)["embeddings"]
+    else:
+        nets = StyleNets()
+        style_vecs = {s: nets.style_vector(img) for s, img in styles.items()}
+        rows = []
+        for item_id in tqdm(ids, desc="render + embed synthetic catalog", unit="item"):
+            p, s = item_id.split("@")
+            img = products[p] if s == "photo" else nets.stylize(products[p], style_vecs[s], size=size)
+            rows.append(nets.embed(img))
+        embeddings = np.stack(rows).astype(np.float32)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        np.savez(cache, embeddings=embeddings)
+    return Catalog(ids, np.array(prod_idx), np.array(style_idx), style_names, product_names, embeddings, source)
+
+
+# --------------------------------------------------------------------------------------------- users
+@dataclass
+class SimUser:
+    fav_style: int
+    style_driven: bool
+    train: dict[int, float]  # item index -> event weight
+    test: set[int]
+
+
+def simulate_users(
+    cat: Catalog,
+    n_users: int,
+    rng: np.random.Generator,
+    style_share: float = 0.5,
+    beta: float = 2.5,
+    gamma: float = 1.5,
+    alpha: float = 0.8,
+    min_items: int = 4,
+    max_items: int = 16,
+) -> list[SimUser]:
+    n_items = len(cat.item_ids)
+    popularity = rng.lognormal(0.0, 1.0, size=n_items)
+    n_styles, n_products = len(cat.style_names), len(cat.product_names)
+    types = np.array([w for _, w, _ in EVENT_TYPES])
+    type_p = np.array([p for _, _, p in EVENT_TYPES])
+    users = []
+    for _ in range(n_users):
+        fav_style = int(rng.integers(n_styles))
+        style_driven = bool(rng.random() < style_share)
+        fav_products = rng.choice(n_products, size=min(2, n_products), replace=False)
+        logits = alpha * np.log(popularity) + gamma * np.isin(cat.product, fav_products)
+        if style_driven:
+            logits = logits + beta * (cat.style == fav_style)
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        n = int(rng.integers(min_items, max_items + 1))
+        chosen = rng.choice(n_items, size=min(n, n_items), replace=False, p=p)
+        rng.shuffle(chosen)
+        n_test = max(1, round(0.3 * len(chosen)))
+        weights = rng.choice(types, size=len(chosen) - n_test, p=type_p)
+        train = {int(i): float(w) for i, w in zip(chosen[n_test:], weights, strict=True)}
+        users.append(SimUser(fav_style, style_driven, train, {int(i) for i in chosen[:n_test]}))
+    return users
+
+
+# --------------------------------------------------------------------------------------------- models/metrics
+def item_knn_scores(users: list[SimUser], n_items: int) -> np.ndarray:
+    """users x items CF scores from item-item cosine similarity of log1p(weight) rows."""
+    x = np.zeros((len(users), n_items), np.float32)
+    for u, su in enumerate(users):
+        for i, w in su.train.items():
+            x[u, i] = np.log1p(w)
+    norms = np.linalg.norm(x, axis=0) + 1e-9
+    sim = (x.T @ x) / np.outer(norms, norms)
+    np.fill_diagonal(sim, 0.0)
+    return np.asarray(x @ sim, dtype=np.float32)
+
+
+def profile_of(su: SimUser, emb: np.ndarray, half_weight: float) -> tuple[np.ndarray, float]:
+    """Weighted mean style embedding and its confidence (coherence * W/(W + half_weight))."""
+    idx = np.array(list(su.train))
+    w = np.array([su.train[i] for i in idx], np.float32)
+    mean = (w[:, None] * emb[idx]).sum(0) / w.sum()
+    coherence = float(np.linalg.norm(mean))
+    total = float(w.sum())
+    return mean / (coherence or 1.0), coherence * total / (total + half_weight)
+
+
+def ndcg_at(ranked: list[int], relevant: set[int], k: int = 10) -> float:
+    dcg = sum(1.0 / np.log2(r + 2) for r, i in enumerate(ranked[:k]) if i in relevant)
+    ideal = sum(1.0 / np.log2(r + 2) for r in range(min(k, len(relevant))))
+    return dcg / ideal if ideal else 0.0
+
+
+def evaluate(
+    cat: Catalog,
+    users: list[SimUser],
+    cf: np.ndarray,
+    lambdas: list[float],
+    thresholds: list[float],
+    half_weight: float,
+    pool: int = 100,
+) -> dict[str, Any]:
+    """nDCG@10 per user: CF alone, and style re-ranked for every λ (τ is applied afterwards)."""
+    ids = list(range(len(cat.item_ids)))
+    emb_map = {str(i): cat.embeddings[i] for i in ids}
+    base, conf, driven = [], [], []
+    styled = np.zeros((len(users), len(lambdas)))
+    for u, su in enumerate(users):
+        order = [i for i in np.argsort(-cf[u], kind="stable") if i not in su.train][:pool]
+        base.append(ndcg_at([int(i) for i in order], su.test))
+        profile, c = profile_of(su, cat.embeddings, half_weight)
+        conf.append(c)
+        driven.append(su.style_driven)
+        cands = [(str(i), float(cf[u, i])) for i in order]
+        for li, lam in enumerate(lambdas):
+            rows = rerank(cands, profile, emb_map, lam)
+            styled[u, li] = ndcg_at([int(r[0]) for r in rows], su.test)
+    return {
+        "base": np.array(base),
+        "styled": styled,
+        "confidence": np.array(conf),
+        "style_driven": np.array(driven),
+        "lambdas": lambdas,
+        "thresholds": thresholds,
+    }
+
+
+def blended(ev: dict[str, Any], rows: np.ndarray, li: int, tau: float) -> np.ndarray:
+    on_style = ev["confidence"][rows] >= tau
+    return np.where(on_style, ev["styled"][rows, li], ev["base"][rows])
+
+
+def run_experiment(
+    images_dir: Path | None,
+    out_dir: Path,
+    n_users: int = 1000,
+    seed: int = 42,
+    lambdas: list[float] | None = None,
+    thresholds: list[float] | None = None,
+    half_weight: float = 20.0,
+) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    lambdas = lambdas or [round(x, 2) for x in np.linspace(0, 1, 11)]
+    thresholds = thresholds or [round(x, 2) for x in np.linspace(0, 0.9, 10)]
+    cat = build_catalog(images_dir, out_dir / "cache")
+    rng = np.random.default_rng(seed)
+    users = simulate_users(cat, n_users, rng)
+    cf = item_knn_scores(users, len(cat.item_ids))
+    ev = evaluate(cat, users, cf, lambdas, thresholds, half_weight)
+    perm = rng.permutation(n_users)
+    val, test = perm[: n_users // 2], perm[n_users // 2 :]
+    grid = []
+    for li, lam in enumerate(lambdas):
+        for tau in thresholds:
+            grid.append(
+                {
+                    "lambda": lam,
+                    "threshold": tau,
+                    "ndcg10_validation": float(blended(ev, val, li, tau).mean()),
+                    "style_path_share_validation": float((ev["confidence"][val] >= tau).mean()),
+                }
+            )
+    best = max(grid, key=lambda g: (round(g["ndcg10_validation"], 6), -g["lambda"], g["threshold"]))
+    li = lambdas.index(best["lambda"])
+    tau = best["threshold"]
+
+    def report(rows: np.ndarray) -> dict[str, Any]:
+        drv = ev["style_driven"][rows]
+        with_style = blended(ev, rows, li, tau)
+        out: dict[str, Any] = {
+            "users": len(rows),
+            "ndcg10_cf_only": float(ev["base"][rows].mean()),
+            "ndcg10_with_style_rerank": float(with_style.mean()),
+            "style_path_share": float((ev["confidence"][rows] >= tau).mean()),
+        }
+        for name, mask in (("style_driven_users", drv), ("other_users", ~drv)):
+            out[name] = {
+                "users": int(mask.sum()),
+                "ndcg10_cf_only": float(ev["base"][rows][mask].mean()) if mask.any() else 0.0,
+                "ndcg10_with_style_rerank": float(with_style[mask].mean()) if mask.any() else 0.0,
+            }
+        return out
+
+    result = {
+        "benchmark": "SYNTHETIC: simulated users with planted style preferences (not real shoppers)",
+        "catalog": {
+            "images": cat.source,
+            "items": len(cat.item_ids),
+            "products": cat.product_names,
+            "styles": cat.style_names,
+            "embedding": "arbitrary_predict.onnx (as the style worker), items rendered with arbitrary_transform.onnx",
+        },
+        "simulation": {
+            "users": n_users,
+            "seed": seed,
+            "style_driven_share": 0.5,
+            "choice_model": "P ∝ pop^0.8 · exp(2.5·[style=fav] (style-driven only) + 1.5·[product∈favs])",
+            "events_per_user": "4..16, 70/30 random split per user",
+            "event_weights": {name: w for name, w, _ in EVENT_TYPES},
+            "confidence": f"coherence * W/(W+{half_weight}) (scoring's profile_half_confidence_weight default)",
+        },
+        "cf_model": "item-kNN (cosine) on training interactions; candidates = top 100 unseen",
+        "blend": "final = (1-λ)·minmax(CF) + λ·cosine(profile, item embedding)  (services.gateway.style.rerank)",
+        "chosen": {"lambda": best["lambda"], "confidence_threshold": tau, "selected_on": "validation half of users"},
+        "test": report(test),
+        "validation": report(val),
+        "grid": grid,
+        "wall_seconds": round(time.perf_counter() - t0, 1),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "style_lambda.json").write_text(json.dumps(result, indent=2))
+    return result
