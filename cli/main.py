@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "cli.stack_commands",
     "cli.client_commands",
     "cli.eval_commands",
+    "cli.style_commands",
     "cli.bench_commands",
     "cli.experiment_commands",
 ]

@@ -42,10 +42,12 @@ class StyleWorkerSettings(ServiceSettings):
         10.0, ge=0, le=10_000, description="Longest a request waits for others to fill a batch (D)."
     )
     batching_mode: Literal["batched", "parallel", "sequential"] = Field(
-        "batched",
+        "parallel",
         description=(
             "How a gathered batch runs: one session over a graph rewritten to a symbolic batch dim, "
-            "N single-image sessions in parallel threads, or one session image by image."
+            "N single-image sessions in parallel threads, or one session image by image. "
+            "'parallel' won `stylerec bench style` on the 2-core CPU dev box (see docs/style_worker.md); "
+            "on a GPU 'batched' is the one to measure first."
         ),
     )
     parallel_sessions: int = Field(2, ge=1, le=32, description="Sessions per network in 'parallel' mode.")

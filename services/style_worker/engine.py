@@ -80,25 +80,9 @@ class StyleEngine:
         )
 
     @classmethod
-    def from_settings(cls, settings: StyleWorkerSettings) -> StyleEngine:
-        preference = settings.provider_preference
-        providers = choose_providers(preference, settings.gpu_device_id)
-        for probe in probe_providers(tuple(preference), settings.gpu_device_id):
-            PROVIDER_INFO.labels(probe.provider).set(1 if probe.provider == providers[0] else 0)
-        config = SessionConfig(
-            providers=providers,
-            intra_op_threads=settings.intra_op_threads,
-            inter_op_threads=settings.inter_op_threads,
-            io_binding=settings.io_binding,
-            device_id=settings.gpu_device_id,
-            trt_cache_dir=settings.trt_cache_dir,
-        )
-        models_dir = Path(settings.models_dir) if settings.models_dir else default_models_dir()
-        models = StyleModels(models_dir, config, settings.batching_mode, settings.parallel_sessions)
-        log.info(
-            "style networks loaded",
-            extra={"providers": providers, "mode": models.transform.mode, "models_dir": str(models_dir)},
-        )
+    def from_settings(cls, settings: StyleWorkerSettings, models: StyleModels | None = None) -> StyleEngine:
+        """The engine the worker runs: providers probed, networks loaded, batchers sized from settings."""
+        models = models or models_from_settings(settings)
         return cls(
             models,
             max_batch_size=settings.max_batch_size,
@@ -175,7 +159,38 @@ class StyleEngine:
         out = np.clip(self.models.house_style(arr, weights), 0.0, 1.0)
         return Image.fromarray((out * 255.0 + 0.5).astype(np.uint8), "RGB")
 
-    def close(self) -> None:
+    def close(self, close_models: bool = True) -> None:
+        """Drain and stop the batchers; ``close_models=False`` keeps the sessions for another engine."""
         self._embedder.close()
         self._transformer.close()
-        self.models.close()
+        if close_models:
+            self.models.close()
+
+
+def session_config(settings: StyleWorkerSettings, providers: list[str] | None = None) -> SessionConfig:
+    """Probe the preferred providers once and describe how sessions are built."""
+    preference = settings.provider_preference
+    chosen = providers or choose_providers(preference, settings.gpu_device_id)
+    for probe in probe_providers(tuple(preference), settings.gpu_device_id):
+        PROVIDER_INFO.labels(probe.provider).set(1 if probe.provider == chosen[0] else 0)
+    return SessionConfig(
+        providers=chosen,
+        intra_op_threads=settings.intra_op_threads,
+        inter_op_threads=settings.inter_op_threads,
+        io_binding=settings.io_binding,
+        device_id=settings.gpu_device_id,
+        trt_cache_dir=settings.trt_cache_dir,
+    )
+
+
+def models_from_settings(
+    settings: StyleWorkerSettings, mode: str | None = None, providers: list[str] | None = None
+) -> StyleModels:
+    config = session_config(settings, providers)
+    models_dir = Path(settings.models_dir) if settings.models_dir else default_models_dir()
+    models = StyleModels(models_dir, config, mode or settings.batching_mode, settings.parallel_sessions)
+    log.info(
+        "style networks loaded",
+        extra={"providers": config.providers, "mode": models.transform.mode, "models_dir": str(models_dir)},
+    )
+    return models

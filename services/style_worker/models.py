@@ -11,7 +11,8 @@ batch and the operator picks one (``STYLEREC_BATCHING_MODE``):
   The rewrite is verified: if a graph has anything else tied to batch 1 the
   rewrite refuses and the network falls back to ``sequential``.
 * ``parallel`` — N sessions of the original graph, each with 1/N of the CPU
-  threads, run the images of a batch concurrently.
+  threads, run the images of a batch concurrently (a batch of one runs on an
+  extra session with all threads, so a lone request is not slowed down).
 * ``sequential`` — one session, image by image (the reference behaviour).
 
 Which wins depends on the machine; ``stylerec bench style`` measures all three.
@@ -144,6 +145,7 @@ class Network:
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self.sessions: list[ort.InferenceSession] = []
+        self._solo: ort.InferenceSession | None = None
         if mode == "batched":
             try:
                 self.sessions = [config.session(make_batch_dynamic(path))]
@@ -156,6 +158,9 @@ class Network:
             per = max(1, total // n)
             self.sessions = [config.session(str(path), threads=per) for _ in range(n)]
             self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix=f"ort-{name}")
+            # A lone request would get only 1/N of the cores from a split session:
+            # it runs on a session that has them all instead.
+            self._solo = config.session(str(path)) if n > 1 else self.sessions[0]
         if not self.sessions:
             self.sessions = [config.session(str(path))]
         first = self.sessions[0]
@@ -179,7 +184,9 @@ class Network:
         """Run a batch: every feed has the batch as its leading axis; returns the batched output."""
         batch = next(iter(feeds.values())).shape[0]
         start = time.perf_counter()
-        if self.mode == "batched" or batch == 1:
+        if batch == 1 and self._solo is not None:
+            out = self._run_one(self._solo, feeds)
+        elif self.mode == "batched" or batch == 1:
             out = self._run_one(self.sessions[0], feeds)
         elif self.mode == "parallel" and self._pool is not None:
             singles = [{k: v[i : i + 1] for k, v in feeds.items()} for i in range(batch)]
