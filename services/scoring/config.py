@@ -1,8 +1,11 @@
-"""Scoring settings (env prefix STYLEREC_)."""
+"""Scoring settings (env prefix STYLEREC_); the only place scoring reads configuration."""
 
 from __future__ import annotations
 
-from pydantic import Field
+import json
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
 
 from libs.common.settings import ServiceSettings
 
@@ -11,7 +14,14 @@ class ScoringSettings(ServiceSettings):
     service_name: str = "scoring"
     grpc_port: int = Field(50052, ge=0, le=65535, description="gRPC port of scoring.")
     metrics_port: int = Field(9102, ge=0, le=65535, description="Metrics port of scoring.")
+    role: Literal["serving", "trainer"] = Field(
+        "serving", description="serving: consume, fold in, serve gRPC; trainer: train from the archive and publish."
+    )
+    replica_name: str = Field("", description="Name of this replica in logs/ModelInfo (default host:pid).")
     consumer_group: str = Field("scoring", description="Kafka consumer group of the serving replicas.")
+    events_collection: str = Field("events", description="MongoDB collection of archived events.")
+    items_collection: str = Field("items", description="MongoDB collection of catalog items.")
+    models_collection: str = Field("models", description="MongoDB collection of the model registry.")
     top_n: int = Field(50, ge=1, le=1000, description="Recommendations written per user to Redis.")
     half_life_days: float = Field(30.0, gt=0, description="Half-life of the time decay of interactions.")
     weight_view: float = Field(1.0, ge=0, description="Weight of a VIEW event.")
@@ -20,3 +30,60 @@ class ScoringSettings(ServiceSettings):
     weight_add_to_cart: float = Field(6.0, ge=0, description="Weight of an ADD_TO_CART event.")
     weight_purchase: float = Field(10.0, ge=0, description="Weight of a PURCHASE event.")
     recs_ttl_s: int = Field(7 * 86400, ge=60, description="TTL of per-user keys in Redis.")
+    recs_exclude_seen: bool = Field(True, description="Leave items the user already interacted with out of recs.")
+    popular_size: int = Field(200, ge=1, le=10000, description="Items kept in each popular zset.")
+    popular_every_s: float = Field(1.0, ge=0, description="Minimum seconds between popularity rewrites.")
+    new_item_slots: int = Field(2, ge=0, le=20, description="Top-N slots reserved for items newer than the model.")
+    algorithm: str = Field("ease", description="Algorithm trained by default (popularity, itemknn, als, bpr, ease).")
+    algorithm_params: str = Field("", description='JSON object of parameters for the algorithm, e.g. {"l2": 300}.')
+    train_interval_s: float = Field(0.0, ge=0, description="Retrain every N seconds (0 = off).")
+    train_after_events: int = Field(0, ge=0, description="Retrain after N new events (0 = off).")
+    train_on_start: bool = Field(True, description="Train at start-up when the registry has no model yet.")
+    min_train_events: int = Field(5, ge=1, description="Refuse to train on fewer archived events.")
+    keep_models: int = Field(5, ge=1, le=100, description="Model versions kept in the registry/GridFS.")
+    archive_sync_s: float = Field(5.0, ge=0, description="How often the archive is tailed (0 = only at start).")
+    archive_slack_s: float = Field(
+        86400.0, ge=0, description="Tail window before the newest archived timestamp (late events)."
+    )
+    model_poll_s: float = Field(30.0, ge=0, description="Registry check for missed model-updates (0 = off).")
+    profile_half_confidence_weight: float = Field(
+        20.0, gt=0, description="Decayed weight at which style-profile confidence reaches half its coherence."
+    )
+    embedding_dim: int = Field(100, ge=1, description="Length of item style embeddings.")
+
+    @field_validator("algorithm")
+    @classmethod
+    def _known_algorithm(cls, v: str) -> str:
+        from services.scoring.models import ALGORITHMS
+
+        if v not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {v!r}; known: {sorted(ALGORITHMS)}")
+        return v
+
+    @field_validator("algorithm_params")
+    @classmethod
+    def _json_object(cls, v: str) -> str:
+        if v:
+            try:
+                parsed = json.loads(v)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not JSON: {exc}") from exc
+            if not isinstance(parsed, dict):
+                raise ValueError("must be a JSON object")
+        return v
+
+    def params_for(self, algorithm: str) -> dict[str, Any]:
+        """Configured parameters apply to the configured algorithm only."""
+        if algorithm == self.algorithm and self.algorithm_params:
+            return dict(json.loads(self.algorithm_params))
+        return {}
+
+    def event_weights(self) -> dict[int, float]:
+        # EventType numbers (common.proto): VIEW=1 … PURCHASE=5.
+        return {
+            1: self.weight_view,
+            2: self.weight_click,
+            3: self.weight_favorite,
+            4: self.weight_add_to_cart,
+            5: self.weight_purchase,
+        }

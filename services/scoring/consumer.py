@@ -1,69 +1,379 @@
-"""Applies `user-events` to the interaction state and rewrites affected users' top-N in Redis."""
+"""Serving replica's event path: ``user-events`` → state → fold-in → Redis, plus the two
+background feeds that keep a replica consistent with the cluster:
+
+* :class:`ArchiveSync` tails the MongoDB archive, so events of users on *other*
+  replicas' partitions (needed for popularity, for training-free consistency and for
+  users that move here on a rebalance) reach this replica's state too;
+* :class:`ModelUpdates` listens on ``model-updates`` (every replica sees every message:
+  no consumer group) and hot-loads new versions, with a registry poll as a safety net.
+
+Offsets of ``user-events`` are committed by ProtoConsumerLoop only after
+:class:`EventApplier` returned, i.e. after Redis was rewritten.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
+from collections.abc import Callable, Iterable
 
 import redis
-from stylerec.v1 import common_pb2
+from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError
+from kafka.partitioner.default import murmur2
+from pymongo.database import Database
+from stylerec.v1 import common_pb2, scoring_pb2
 
 from libs.common import keys
-from libs.common.kafka import Decoded
+from libs.common.kafka import MODEL_UPDATES, TOPICS, USER_EVENTS, Decoded
+from libs.common.metrics import STORE_ERRORS
+from services.scoring import metrics
 from services.scoring.config import ScoringSettings
-from services.scoring.popularity import InteractionState
-from services.scoring.server import POPULARITY_VERSION
+from services.scoring.foldin import ModelHolder, Recommender, RecsWriter
+from services.scoring.interactions import EventRecord, InteractionState
+from services.scoring.registry import ModelRegistry, ServingModel
+from services.scoring.style_profile import ProfileWriter
+from services.scoring.trainer import archive_events
 
 log = logging.getLogger(__name__)
 
+KNOWN_TYPES = {1, 2, 3, 4, 5}
 
-def event_weights(settings: ScoringSettings) -> dict[int, float]:
-    return {
-        common_pb2.VIEW: settings.weight_view,
-        common_pb2.CLICK: settings.weight_click,
-        common_pb2.FAVORITE: settings.weight_favorite,
-        common_pb2.ADD_TO_CART: settings.weight_add_to_cart,
-        common_pb2.PURCHASE: settings.weight_purchase,
-    }
+
+def event_problem(event: common_pb2.Event) -> str | None:
+    """Why an event cannot be applied (the record then goes to dlq-scoring with this reason)."""
+    if not event.event_id:
+        return "event_id is required"
+    if not event.user_id:
+        return "user_id is required"
+    if not event.item_id:
+        return "item_id is required"
+    if event.type not in KNOWN_TYPES:
+        return f"type {event.type} is unknown"
+    return None
+
+
+def partition_of(user: str, partitions: int = TOPICS[USER_EVENTS]) -> int:
+    """The user-events partition of a user (kafka's default murmur2 partitioner on the key)."""
+    return (murmur2(user.encode()) & 0x7FFFFFFF) % partitions
+
+
+class CategoryCache:
+    """item → category from MongoDB ``items``, refreshed by the archive sync."""
+
+    def __init__(self, db: Database | None, collection: str) -> None:
+        self.db = db
+        self.collection = collection
+        self._map: dict[str, str] = {}
+
+    def refresh(self) -> None:
+        if self.db is None:
+            return
+        try:
+            docs = list(self.db[self.collection].find({}, {"category": 1}))
+        except Exception:
+            STORE_ERRORS.labels("mongo", "item_categories").inc()
+            return
+        self._map = {str(d["_id"]): str(d.get("category") or "") for d in docs}
+
+    def __call__(self) -> dict[str, str]:
+        return self._map
+
+
+class Publisher:
+    """Everything this replica writes to Redis: per-user recs/seen/profile and popularity."""
+
+    def __init__(
+        self,
+        settings: ScoringSettings,
+        r: redis.Redis,
+        state: InteractionState,
+        engine: Recommender,
+        profiles: ProfileWriter,
+        categories: CategoryCache,
+    ) -> None:
+        self.settings = settings
+        self.redis = r
+        self.state = state
+        self.engine = engine
+        self.recs = RecsWriter(r, engine, settings.top_n, settings.recs_ttl_s, settings.recs_exclude_seen)
+        self.profiles = profiles
+        self.categories = categories
+        self._pop_at = 0.0
+        self._pop_lock = threading.Lock()
+
+    def users(self, users: Iterable[str]) -> None:
+        users = list(users)
+        self.recs.write_users(users)
+        for user in users:
+            try:
+                p = self.profiles.update(user, self.state.history(user))
+                metrics.PROFILES_WRITTEN.labels("written" if p else "none").inc()
+            except redis.RedisError:
+                STORE_ERRORS.labels("redis", "style_profile").inc()
+                raise
+
+    def popularity(self, force: bool = False) -> None:
+        now = time.monotonic()
+        with self._pop_lock:
+            if not force and now - self._pop_at < self.settings.popular_every_s:
+                return
+            self._pop_at = now
+        n = self.settings.popular_size
+        pipe = self.redis.pipeline(transaction=True)
+        top = self.state.popular(n)
+        pipe.delete(keys.popular())
+        if top:
+            pipe.zadd(keys.popular(), dict(top))
+        by_cat: dict[str, set[str]] = {}
+        for item, cat in self.categories().items():
+            if cat:
+                by_cat.setdefault(cat, set()).add(item)
+        for cat, items in by_cat.items():
+            ctop = self.state.popular(n, only=items)
+            pipe.delete(keys.popular(cat))
+            if ctop:
+                pipe.zadd(keys.popular(cat), dict(ctop))
+        pipe.set(keys.model_version(), self.engine.holder.version)
+        pipe.execute()
+        metrics.STATE_USERS.set(self.state.n_users)
+        metrics.STATE_ITEMS.set(self.state.n_items)
 
 
 class EventApplier:
-    def __init__(self, settings: ScoringSettings, state: InteractionState, r: redis.Redis) -> None:
-        self.settings = settings
+    """ProtoConsumerLoop handler: apply, fold in, write; raise to have the batch retried."""
+
+    def __init__(self, state: InteractionState, publisher: Publisher) -> None:
         self.state = state
-        self.redis = r
-        self.weights = event_weights(settings)
+        self.publisher = publisher
+        self.applied = 0  # new events seen by this replica (drives "retrain after N events")
 
     def __call__(self, batch: list[Decoded[common_pb2.Event]]) -> None:
         users: set[str] = set()
         for d in batch:
             e = d.message
             ts = e.timestamp.seconds + e.timestamp.nanos / 1e9
-            self.state.add(e.user_id, e.item_id, self.weights.get(e.type, 1.0), ts)
+            new = self.state.apply(EventRecord(e.event_id, e.user_id, e.item_id, int(e.type), ts))
+            metrics.EVENTS_APPLIED.labels("kafka", "new" if new else "duplicate").inc()
+            if new:
+                self.applied += 1
+            # Rewrite even for a duplicate: a replay after a crash must still leave Redis right.
             users.add(e.user_id)
-        self.publish(users)
+        self.publisher.users(users)
+        self.publisher.popularity()
+        done = time.time()
+        for d in batch:
+            if d.record.timestamp and d.record.timestamp > 0:
+                metrics.FRESHNESS_SECONDS.observe(max(0.0, done - d.record.timestamp / 1000.0))
 
-    def publish(self, users: set[str]) -> None:
-        n = self.settings.top_n
-        ttl = self.settings.recs_ttl_s
-        pipe = self.redis.pipeline(transaction=False)
-        pop = self.state.popular(max(n * 4, 200))
-        pipe.delete(keys.popular())
-        if pop:
-            pipe.zadd(keys.popular(), {i: s for i, s in pop})
-        pipe.set(keys.model_version(), POPULARITY_VERSION)
-        now = str(time.time())
-        for user in users:
-            seen = self.state.seen(user)
-            top = self.state.popular(n, seen)
-            pipe.delete(keys.recs(user))
-            if top:
-                pipe.hset(keys.recs(user), mapping={i: s for i, s in top})
-                pipe.expire(keys.recs(user), ttl)
-            pipe.hset(keys.recs_meta(user), mapping={"model_version": POPULARITY_VERSION, "updated_at": now})
-            pipe.expire(keys.recs_meta(user), ttl)
-            pipe.delete(keys.user_seen(user))
-            if seen:
-                pipe.sadd(keys.user_seen(user), *seen)
-                pipe.expire(keys.user_seen(user), ttl)
-        pipe.execute()
+
+class ArchiveSync:
+    """Tails the archive every ``archive_sync_s`` (window: newest ts - slack)."""
+
+    def __init__(
+        self,
+        settings: ScoringSettings,
+        db: Database,
+        state: InteractionState,
+        publisher: Publisher,
+        categories: CategoryCache,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.state = state
+        self.publisher = publisher
+        self.categories = categories
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="archive-sync", daemon=True)
+
+    def sync_once(self) -> int:
+        since = self.state.watermark - self.settings.archive_slack_s if self.state.watermark else None
+        n = self.state.apply_all(archive_events(self.db, self.settings.events_collection, since))
+        metrics.EVENTS_APPLIED.labels("archive", "new").inc(n)
+        self.categories.refresh()
+        return n
+
+    def start(self) -> ArchiveSync:
+        if self.settings.archive_sync_s > 0:
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.settings.archive_sync_s):
+            try:
+                if self.sync_once():
+                    self.publisher.popularity()
+            except Exception:
+                log.warning("archive sync failed", exc_info=True)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class ModelUpdates:
+    """Hot-loads published versions: ``model-updates`` messages plus a periodic registry poll."""
+
+    def __init__(
+        self,
+        settings: ScoringSettings,
+        registry: ModelRegistry,
+        holder: ModelHolder,
+        on_swap: Callable[[ServingModel], None],
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.holder = holder
+        self.on_swap = on_swap
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="model-updates", daemon=True)
+        self._consumer: KafkaConsumer | None = None
+
+    def install(self, sm: ServingModel) -> bool:
+        if self.holder.swap(sm):
+            log.info("model hot-loaded", extra={"version": sm.version, "algorithm": sm.algorithm})
+            self.on_swap(sm)
+            return True
+        return False
+
+    def load_latest(self) -> bool:
+        doc = self.registry.latest()
+        cur = self.holder.get()
+        if doc is None or (cur is not None and cur.version == doc["_id"]):
+            return False
+        return self.install(self.registry.load(doc))
+
+    def start(self) -> ModelUpdates:
+        self._thread.start()
+        return self
+
+    def _connect(self) -> KafkaConsumer:
+        c = KafkaConsumer(
+            bootstrap_servers=self.settings.kafka_servers,
+            group_id=None,
+            enable_auto_commit=False,
+            client_id=f"scoring-model-updates-{self.settings.replica_name}",
+        )
+        tp = TopicPartition(MODEL_UPDATES, 0)
+        c.assign([tp])
+        c.seek_to_end(tp)
+        return c
+
+    def _run(self) -> None:
+        last_poll = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                if self._consumer is None:
+                    self._consumer = self._connect()
+                polled = self._consumer.poll(timeout_ms=500)
+                for records in polled.values():
+                    for rec in records:
+                        self._handle(rec.value)
+            except KafkaError:
+                log.warning("model-updates consumer error; retrying", exc_info=True)
+                self._consumer = None
+                self._stop.wait(1.0)
+            except Exception:
+                log.exception("model hot-load failed; keeping the current model")
+                self._stop.wait(1.0)
+            if self.settings.model_poll_s > 0 and time.monotonic() - last_poll > self.settings.model_poll_s:
+                last_poll = time.monotonic()
+                try:
+                    self.load_latest()
+                except Exception:
+                    log.warning("registry poll failed", exc_info=True)
+
+    def _handle(self, value: bytes | None) -> None:
+        msg = scoring_pb2.ModelUpdate()
+        try:
+            msg.ParseFromString(value or b"")
+        except Exception:
+            log.warning("undecodable model-updates message ignored")
+            return
+        cur = self.holder.get()
+        if not msg.model_version or (cur is not None and cur.version == msg.model_version):
+            return
+        sm = self.registry.load_version(msg.model_version)
+        if sm is None:
+            log.warning("model-updates names an unknown version", extra={"version": msg.model_version})
+            return
+        self.install(sm)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(3)
+        if self._consumer is not None:
+            with contextlib.suppress(KafkaError):
+                self._consumer.close()
+
+
+class Ownership:
+    """Which users this replica owns (those on its assigned user-events partitions).
+
+    When partitions arrive (start-up, rebalance) or a new model is installed, the owned
+    users' top-N are rewritten from this replica's state, which already holds their
+    history thanks to the archive rebuild and sync.
+    """
+
+    def __init__(
+        self,
+        assignment: Callable[[], set[TopicPartition]],
+        state: InteractionState,
+        publisher: Publisher,
+        every_s: float = 1.0,
+    ) -> None:
+        self.assignment = assignment
+        self.state = state
+        self.publisher = publisher
+        self.every_s = every_s
+        self._last: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ownership", daemon=True)
+        self._rewrite_lock = threading.Lock()
+
+    def partitions(self) -> list[int]:
+        try:
+            return sorted(tp.partition for tp in self.assignment() if tp.topic == USER_EVENTS)
+        except Exception:
+            return []
+
+    def owned_users(self, partitions: Iterable[int]) -> list[str]:
+        wanted = set(partitions)
+        return [u for u in self.state.users() if partition_of(u) in wanted]
+
+    def rewrite(self, partitions: Iterable[int] | None = None) -> int:
+        parts = list(partitions) if partitions is not None else self.partitions()
+        users = self.owned_users(parts)
+        with self._rewrite_lock:
+            for start in range(0, len(users), 500):
+                self.publisher.users(users[start : start + 500])
+        self.publisher.popularity(force=True)
+        return len(users)
+
+    def rewrite_in_background(self) -> None:
+        threading.Thread(target=self._safe_rewrite, name="rewrite-owned", daemon=True).start()
+
+    def _safe_rewrite(self, partitions: Iterable[int] | None = None) -> None:
+        try:
+            n = self.rewrite(partitions)
+            log.info("owned users rewritten", extra={"users": n})
+        except Exception:
+            log.warning("rewrite of owned users failed", exc_info=True)
+
+    def start(self) -> Ownership:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            current = set(self.partitions())
+            gained = current - self._last
+            if current != self._last:
+                log.info("user-events partitions", extra={"partitions": sorted(current)})
+            self._last = current
+            if gained:
+                self._safe_rewrite(gained)
+
+    def stop(self) -> None:
+        self._stop.set()

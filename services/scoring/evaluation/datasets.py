@@ -201,7 +201,7 @@ def csv_interactions(
             try:
                 value = float(rec[rating_col]) if rating_col else 1.0
             except ValueError:
-                raise DatasetError(f"{path}:{n}: rating {rec[rating_col]!r} is not a number") from None  # type: ignore[index]
+                raise DatasetError(f"{path}:{n}: rating {rec[rating_col]!r} is not a number") from None
             t = parse_time(rec[time_col]) if time_col else float(n)
             rows.append((u, i, value, t))
     return from_rows(path.name, rows)

@@ -55,7 +55,8 @@ class Recommender(ABC):
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
         meta = json.dumps({"algorithm": self.algorithm, "params": self.params, "n_items": self.n_items})
-        np.savez(buf, __meta__=np.frombuffer(meta.encode(), dtype=np.uint8), **self.arrays())
+        arrays: dict[str, Any] = {"__meta__": np.frombuffer(meta.encode(), dtype=np.uint8), **self.arrays()}
+        np.savez(buf, **arrays)
         return buf.getvalue()
 
 

@@ -93,6 +93,8 @@ def bpr_fold_in(
         for _ in range(epochs):
             neg = rng.integers(0, n_items, size=pos.size)
             keep = ~is_pos[neg]
+            if not keep.any():
+                continue
             d = Vp[keep] - V[neg[keep]]
             x = d @ u + (bp[keep] - bias[neg[keep]])
             g = (1.0 / (1.0 + np.exp(x)))[:, None] * d

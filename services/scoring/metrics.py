@@ -1,0 +1,44 @@
+"""Scoring-specific Prometheus metrics (shared RED/Kafka metrics live in libs/common/metrics.py)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+EVENTS_APPLIED = Counter(
+    "stylerec_scoring_events_applied_total",
+    "Events applied to the interaction state, by source (kafka, archive) and outcome (new, duplicate).",
+    ["source", "outcome"],
+)
+FOLDIN_SECONDS = Histogram(
+    "stylerec_scoring_foldin_seconds",
+    "Time to recompute one user's top-N (fold-in) from their history, by source of the answer.",
+    ["source"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+)
+FRESHNESS_SECONDS = Histogram(
+    "stylerec_scoring_event_to_redis_seconds",
+    "From the Kafka record timestamp of an event to its user's top-N being rewritten in Redis.",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+TRAIN_SECONDS = Histogram(
+    "stylerec_scoring_train_seconds",
+    "Wall time of one training run (archive read + fit + publish).",
+    ["algorithm"],
+    buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+)
+TRAIN_RUNS = Counter(
+    "stylerec_scoring_train_runs_total",
+    "Training runs by algorithm, trigger (rpc, schedule, events, start, trainer) and outcome (ok, error, skipped).",
+    ["algorithm", "trigger", "outcome"],
+)
+MODEL_SWAPS = Counter("stylerec_scoring_model_swaps_total", "Models hot-loaded by this replica.")
+MODEL_TRAINED_AT = Gauge(
+    "stylerec_scoring_model_trained_timestamp_seconds",
+    "Unix time the serving model was trained (alert on now - this = model age).",
+)
+MODEL_ITEMS = Gauge("stylerec_scoring_model_items", "Items known to the serving model.")
+STATE_USERS = Gauge("stylerec_scoring_state_users", "Users in the interaction state.")
+STATE_ITEMS = Gauge("stylerec_scoring_state_items", "Items in the interaction state.")
+PROFILES_WRITTEN = Counter(
+    "stylerec_scoring_style_profiles_written_total", "Style profiles written, by outcome (written, none).", ["outcome"]
+)

@@ -1,0 +1,215 @@
+"""Training: read the whole archive, fit, publish (registry + GridFS + model-updates).
+
+Training needs every user's events, while a serving replica only consumes its own
+partitions, so a training run always starts from the MongoDB archive. The same code
+runs inside a serving replica (Train RPC, schedule, after N events; one at a time per
+cluster thanks to a Redis lock) and as ``--role trainer`` (a Kubernetes CronJob).
+A failed run publishes nothing: serving carries on with the last good model.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import redis
+from pymongo.database import Database
+from stylerec.v1 import scoring_pb2
+
+from libs.common import keys
+from libs.common.kafka import MODEL_UPDATES, ProtoProducer
+from libs.common.stores import with_retries
+from services.scoring import metrics
+from services.scoring.config import ScoringSettings
+from services.scoring.interactions import EventRecord, InteractionState
+from services.scoring.models import make_model
+from services.scoring.registry import ModelRegistry, ServingModel, new_version
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training could not produce a model (no data, bad parameters, fit failure)."""
+
+
+def archive_events(db: Database, collection: str, since_ts: float | None = None) -> Iterator[EventRecord]:
+    """Archived events (optionally with ``ts >= since_ts``); malformed documents are skipped."""
+    query: dict[str, Any] = {} if since_ts is None else {"ts": {"$gte": since_ts}}
+    docs = with_retries(lambda: list(db[collection].find(query, {"user_id": 1, "item_id": 1, "type": 1, "ts": 1})))
+    for d in docs:
+        try:
+            yield EventRecord(str(d["_id"]), str(d["user_id"]), str(d["item_id"]), int(d["type"]), float(d["ts"]))
+        except (KeyError, TypeError, ValueError):
+            continue
+
+
+def state_from_archive(settings: ScoringSettings, db: Database) -> InteractionState:
+    state = InteractionState(settings.event_weights(), settings.half_life_days * 86400)
+    n = state.apply_all(archive_events(db, settings.events_collection))
+    metrics.EVENTS_APPLIED.labels("archive", "new").inc(n)
+    return state
+
+
+def fit_model(state: InteractionState, algorithm: str, params: dict[str, Any]) -> ServingModel:
+    X, users, item_ids = state.matrix()
+    if X.nnz == 0:
+        raise TrainingError("no interactions to train on")
+    try:
+        model = make_model(algorithm, **params)
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from exc
+    t0 = time.perf_counter()
+    model.fit(X)
+    fit_s = time.perf_counter() - t0
+    return ServingModel(
+        version=new_version(algorithm),
+        model=model,
+        item_ids=item_ids,
+        algorithm=algorithm,
+        parameters=dict(model.params),
+        metrics={"fit_seconds": round(fit_s, 4), "interactions": float(X.nnz)},
+        data_watermark=state.watermark,
+        trained_at=time.time(),
+        users=len(users),
+    )
+
+
+class Trainer:
+    """Runs one training at a time in this process; publishes the result."""
+
+    def __init__(
+        self,
+        settings: ScoringSettings,
+        db: Database,
+        registry: ModelRegistry,
+        producer: ProtoProducer | None,
+        r: redis.Redis | None,
+        on_published: Callable[[ServingModel], object] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.registry = registry
+        self.producer = producer
+        self.redis = r
+        self.on_published = on_published
+        self._running = threading.Lock()
+        self.last_error = ""
+        self.last_version = ""
+
+    @property
+    def busy(self) -> bool:
+        return self._running.locked()
+
+    def train(self, algorithm: str = "", trigger: str = "rpc") -> ServingModel:
+        """Train and publish; raises TrainingError (nothing published) on failure."""
+        algorithm = algorithm or self.settings.algorithm
+        if not self._running.acquire(blocking=False):
+            raise TrainingError("a training run is already in progress in this replica")
+        lock_token = f"{time.time()}"
+        try:
+            if not self._cluster_lock(lock_token):
+                metrics.TRAIN_RUNS.labels(algorithm, trigger, "skipped").inc()
+                raise TrainingError("another replica is training (lock held)")
+            start = time.perf_counter()
+            try:
+                state = state_from_archive(self.settings, self.db)
+                if state.events < self.settings.min_train_events:
+                    raise TrainingError(
+                        f"only {state.events} archived events; need at least {self.settings.min_train_events}"
+                    )
+                sm = fit_model(state, algorithm, self.settings.params_for(algorithm))
+                sm.metrics["train_seconds"] = round(time.perf_counter() - start, 4)
+                artifact = self.registry.publish(sm)
+                self.registry.prune(self.settings.keep_models)
+                if self.producer is not None:
+                    msg = scoring_pb2.ModelUpdate(model_version=sm.version, algorithm=algorithm, artifact_ref=artifact)
+                    msg.trained_at.FromSeconds(int(sm.trained_at))
+                    self.producer.send_and_wait(MODEL_UPDATES, algorithm, msg)
+            except TrainingError as exc:
+                self.last_error = str(exc)
+                metrics.TRAIN_RUNS.labels(algorithm, trigger, "error").inc()
+                raise
+            except Exception as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                metrics.TRAIN_RUNS.labels(algorithm, trigger, "error").inc()
+                log.exception("training failed; serving keeps the last good model")
+                raise TrainingError(self.last_error) from exc
+            metrics.TRAIN_SECONDS.labels(algorithm).observe(time.perf_counter() - start)
+            metrics.TRAIN_RUNS.labels(algorithm, trigger, "ok").inc()
+            self.last_version = sm.version
+            log.info(
+                "model published",
+                extra={"version": sm.version, "trigger": trigger, "users": sm.users, "items": len(sm.item_ids)},
+            )
+            if self.on_published is not None:
+                self.on_published(sm)
+            return sm
+        finally:
+            self._cluster_unlock(lock_token)
+            self._running.release()
+
+    def _cluster_lock(self, token: str) -> bool:
+        if self.redis is None:
+            return True
+        return bool(self.redis.set(keys.train_lock(), token, nx=True, ex=600))
+
+    def _cluster_unlock(self, token: str) -> None:
+        if self.redis is None:
+            return
+        try:
+            if self.redis.get(keys.train_lock()) == token.encode():
+                self.redis.delete(keys.train_lock())
+        except redis.RedisError:
+            log.warning("could not release the training lock (it expires by itself)")
+
+    def train_in_background(self, algorithm: str = "", trigger: str = "rpc") -> bool:
+        if self.busy:
+            return False
+
+        def run() -> None:
+            try:
+                self.train(algorithm, trigger)
+            except TrainingError as exc:
+                log.warning("training did not publish", extra={"reason": str(exc), "trigger": trigger})
+
+        threading.Thread(target=run, name=f"train-{trigger}", daemon=True).start()
+        return True
+
+
+class TrainScheduler:
+    """Triggers: every ``train_interval_s`` and after ``train_after_events`` new events."""
+
+    def __init__(self, settings: ScoringSettings, trainer: Trainer, events_seen: Callable[[], int]) -> None:
+        self.settings = settings
+        self.trainer = trainer
+        self.events_seen = events_seen
+        self._stop = threading.Event()
+        self._last_train = time.monotonic()
+        self._events_at_last = events_seen()
+        self._thread = threading.Thread(target=self._run, name="train-scheduler", daemon=True)
+
+    def start(self) -> TrainScheduler:
+        if self.settings.train_interval_s > 0 or self.settings.train_after_events > 0:
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        s = self.settings
+        while not self._stop.wait(1.0):
+            now = time.monotonic()
+            new_events = self.events_seen() - self._events_at_last
+            trigger = ""
+            if s.train_interval_s > 0 and now - self._last_train >= s.train_interval_s:
+                trigger = "schedule"
+            elif s.train_after_events > 0 and new_events >= s.train_after_events:
+                trigger = "events"
+            if trigger and not self.trainer.busy:
+                self._last_train = now
+                self._events_at_last = self.events_seen()
+                self.trainer.train_in_background(trigger=trigger)
+
+    def stop(self) -> None:
+        self._stop.set()
