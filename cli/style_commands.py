@@ -137,6 +137,9 @@ def cmd_style_eval(args: argparse.Namespace) -> int:
 
     if args.limit < 0:
         raise UsageError("--limit must be >= 0")
+    for kind, folder in (("products", args.products), ("styles", args.styles)):
+        if folder is not None and not folder.is_dir():  # fail before loading any network
+            raise UsageError(f"--{kind} {folder} is not a folder")
     settings = StyleWorkerSettings()
     engine = StyleEngine.from_settings(settings)
     try:
