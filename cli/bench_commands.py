@@ -14,6 +14,7 @@ from typing import Any
 BENCH_MODULES = [
     "cli.bench_ingest",
     "cli.bench_style",
+    "cli.bench_gateway",
 ]
 
 

@@ -29,6 +29,7 @@ from services.gateway.candidates import CandidateSource
 from services.gateway.catalog import ItemCatalog
 from services.gateway.config import GatewaySettings
 from services.gateway.downstream import Downstream
+from services.gateway.embeddings import ItemEmbeddings
 from services.gateway.recommend import Recommender
 from services.gateway.server import GatewayServicer
 from services.gateway.similar import EmbeddingIndex, SimilarItems
@@ -84,9 +85,10 @@ def build_app(settings: GatewaySettings) -> GatewayApp:
         settings,
         ds,
         pseudonymize,
-        ItemCatalog(ds, settings.item_cache_ttl_s),
-        CandidateSource(ds),
+        ItemCatalog(ds, settings.item_cache_ttl_s, settings.item_near_cache_s),
+        CandidateSource(ds, settings.popular_near_cache_s),
         StylizedImages(settings, ds, publisher),
+        ItemEmbeddings(ds, settings.embedding_cache_s),
     )
     similar = SimilarItems(ds, EmbeddingIndex(ds, settings.embedding_index_refresh_s), settings.style_lambda)
     servicer = GatewayServicer(settings, ds, pseudonymize, recommender, similar)

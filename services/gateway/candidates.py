@@ -13,7 +13,9 @@ and whether it had to fall back.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis
 from stylerec.v1 import scoring_pb2
@@ -35,16 +37,28 @@ class CandidateSet:
 
 
 class CandidateSource:
-    def __init__(self, downstream: Downstream) -> None:
+    def __init__(self, downstream: Downstream, near_cache_s: float = 0.0) -> None:
         self.ds = downstream
+        self.near_cache_s = near_cache_s
+        self._near: dict[tuple[str, int], tuple[float, list[tuple[str, float]], str]] = {}
         # Last popularity list read from Redis: the answer of last resort when Redis is down.
         self._last_popular: dict[str, list[tuple[str, float]]] = {}
         self._lock = threading.Lock()
 
-    def for_user(self, user: str, pool: int, category: str, deadline: Deadline, deg: Degradation) -> CandidateSet:
+    def for_user(
+        self,
+        user: str,
+        pool: int,
+        category: str,
+        deadline: Deadline,
+        deg: Degradation,
+        prefetched: tuple[list[tuple[str, float]], str] | None = None,
+    ) -> CandidateSet:
+        """CF candidates, else popularity. ``prefetched``: recs the caller already read in its own
+        pipeline (saves a round trip); None = read them here."""
         recs_failed = False
         try:
-            recs, version = self.ds.redis_call("recs_get", lambda r: self._read_recs(r, user), deadline)
+            recs, version = prefetched or self.ds.redis_call("recs_get", lambda r: self.read_recs(r, user), deadline)
             if recs:
                 return CandidateSet(CF, recs[:pool], version, known_user=True)
         except DependencyUnavailable as exc:
@@ -73,10 +87,16 @@ class CandidateSource:
         return self.popular(pool, category, deadline, deg)
 
     def popular(self, n: int, category: str, deadline: Deadline, deg: Degradation) -> CandidateSet:
+        # Popularity moves slowly: a list a second or two old is as good and saves a round trip.
+        near = self._near.get((category, n))
+        if near is not None and time.monotonic() - near[0] < self.near_cache_s:
+            return CandidateSet(POPULAR, near[1], near[2])
         try:
             items, version = self.ds.redis_call("popular_get", lambda r: self._read_popular(r, n, category), deadline)
             with self._lock:
                 self._last_popular[category] = items
+                if self.near_cache_s > 0:
+                    self._near[(category, n)] = (time.monotonic(), items, version)
             return CandidateSet(POPULAR, items, version)
         except DependencyUnavailable as exc:
             deg.add(exc)
@@ -87,15 +107,10 @@ class CandidateSource:
         return CandidateSet(POPULAR, stale[:n], "")
 
     @staticmethod
-    def _read_recs(r: redis.Redis, user: str) -> tuple[list[tuple[str, float]], str]:
+    def read_recs(r: redis.Redis, user: str) -> tuple[list[tuple[str, float]], str]:
         pipe = r.pipeline(transaction=False)
-        pipe.hgetall(keys.recs(user))
-        pipe.hget(keys.recs_meta(user), "model_version")
-        pipe.get(keys.model_version())
-        recs_raw, version, global_version = pipe.execute()
-        ranked = sorted(((i.decode(), float(s)) for i, s in recs_raw.items()), key=lambda kv: (-kv[1], kv[0]))
-        v = version or global_version
-        return ranked, v.decode() if v else ""
+        queue_recs(pipe, user)
+        return parse_recs(pipe.execute())
 
     @staticmethod
     def _read_popular(r: redis.Redis, n: int, category: str) -> tuple[list[tuple[str, float]], str]:
@@ -108,3 +123,17 @@ class CandidateSource:
         version = out[-1].decode() if out[-1] else ""
         rows = out[0] if (category and out[0]) else out[-2]
         return [(i.decode(), float(s)) for i, s in rows], version
+
+
+def queue_recs(pipe: Any, user: str) -> None:
+    """Queue the three reads :func:`parse_recs` expects (so callers can share one pipeline)."""
+    pipe.hgetall(keys.recs(user))
+    pipe.hget(keys.recs_meta(user), "model_version")
+    pipe.get(keys.model_version())
+
+
+def parse_recs(replies: list[Any]) -> tuple[list[tuple[str, float]], str]:
+    recs_raw, version, global_version = replies
+    ranked = sorted(((i.decode(), float(s)) for i, s in recs_raw.items()), key=lambda kv: (-kv[1], kv[0]))
+    v = version or global_version
+    return ranked, v.decode() if v else ""

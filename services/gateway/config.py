@@ -49,6 +49,12 @@ class GatewaySettings(ServiceSettings):
 
     # --- catalog cache ---------------------------------------------------------------------------
     item_cache_ttl_s: int = Field(3600, ge=1, description="TTL of item metadata cached in Redis.")
+    item_near_cache_s: float = Field(
+        5.0, ge=0, le=300, description="In-process item-metadata cache lifetime (0 = off): staleness bound."
+    )
+    popular_near_cache_s: float = Field(
+        2.0, ge=0, le=300, description="In-process popularity-list cache lifetime (0 = off)."
+    )
 
     # --- stylized images -------------------------------------------------------------------------
     stylize_top_n: int = Field(4, ge=0, le=50, description="How many top items get a stylized image.")
@@ -59,6 +65,10 @@ class GatewaySettings(ServiceSettings):
     stylize_rate_window_s: int = Field(60, ge=1, description="Window of the per-user stylize rate limit.")
     stylize_strength: float = Field(1.0, gt=0, le=1, description="Style strength sent with stylize jobs.")
     image_chunk_bytes: int = Field(64 * 1024, ge=1024, le=4 * 1024 * 1024, description="GetStylizedImage chunk.")
+
+    embedding_cache_s: float = Field(
+        30.0, ge=0, le=3600, description="In-process item style-embedding cache lifetime (0 = off)."
+    )
 
     # --- similar items ---------------------------------------------------------------------------
     embedding_index_refresh_s: float = Field(

@@ -22,7 +22,7 @@ DOWNSTREAM_SECONDS = Histogram(
 )
 ITEM_CACHE = Counter(
     "stylerec_gateway_item_cache_total",
-    "Item-metadata lookups, by result (hit in Redis, miss filled from MongoDB, absent from the catalog).",
+    "Item-metadata lookups, by result (near_hit in process, hit in Redis, miss filled from MongoDB, absent).",
     ["result"],
 )
 STYLIZE_JOBS = Counter(

@@ -14,20 +14,21 @@ named in ``degraded_reason`` and the rest of the answer is still given.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-import numpy as np
 import redis
 from stylerec.v1 import gateway_pb2
 
 from libs.common import keys
 from libs.common.pseudonym import Pseudonymizer
-from services.gateway.candidates import CF, CandidateSet, CandidateSource
+from services.gateway.candidates import CF, CandidateSet, CandidateSource, parse_recs, queue_recs
 from services.gateway.catalog import ItemCatalog, ItemMeta
 from services.gateway.config import GatewaySettings
 from services.gateway.deadlines import Deadline, DependencyUnavailable
 from services.gateway.downstream import Degradation, Downstream
+from services.gateway.embeddings import ItemEmbeddings, affinities
 from services.gateway.metrics import RECOMMENDATIONS
-from services.gateway.style import StyleProfile, decode_embedding, normalize_cf, rerank
+from services.gateway.style import StyleProfile, normalize_cf, rerank_scored
 from services.gateway.stylized import StylizedImages
 
 
@@ -48,6 +49,7 @@ class Recommender:
         catalog: ItemCatalog,
         candidates: CandidateSource,
         stylized: StylizedImages,
+        embeddings: ItemEmbeddings,
     ) -> None:
         self.settings = settings
         self.ds = downstream
@@ -55,21 +57,28 @@ class Recommender:
         self.catalog = catalog
         self.candidates = candidates
         self.stylized = stylized
+        self.embeddings = embeddings
 
-    def user_state(self, user: str, deadline: Deadline, deg: Degradation) -> tuple[StyleProfile | None, set[str]]:
-        def read(r: redis.Redis) -> tuple[dict[bytes, bytes], set[bytes]]:
+    def user_state(
+        self, user: str, deadline: Deadline, deg: Degradation, with_recs: bool = False
+    ) -> tuple[StyleProfile | None, set[str], tuple[list[tuple[str, float]], str] | None]:
+        """Style profile, seen items and (optionally) CF recs of a user in one Redis round trip."""
+
+        def read(r: redis.Redis) -> list[Any]:
             pipe = r.pipeline(transaction=False)
             pipe.hgetall(keys.style_profile(user))
             pipe.smembers(keys.user_seen(user))
-            profile_raw, seen_raw = pipe.execute()
-            return profile_raw, seen_raw
+            if with_recs:
+                queue_recs(pipe, user)
+            return pipe.execute()
 
         try:
-            profile_raw, seen_raw = self.ds.redis_call("user_state", read, deadline)
+            replies = self.ds.redis_call("user_state", read, deadline)
         except DependencyUnavailable as exc:
             deg.add(exc)
-            return None, set()
-        return StyleProfile.from_redis(profile_raw), {s.decode() for s in seen_raw}
+            return None, set(), None
+        recs = parse_recs(replies[2:]) if with_recs else None
+        return StyleProfile.from_redis(replies[0]), {s.decode() for s in replies[1]}, recs
 
     def recommend(
         self, request: gateway_pb2.GetRecommendationsRequest, deadline: Deadline
@@ -79,9 +88,9 @@ class Recommender:
         f = request.filters
         user = self.pseudonymize(request.user_id)
         deg = Degradation()
-        profile, seen = self.user_state(user, deadline, deg)
+        profile, seen, recs = self.user_state(user, deadline, deg, with_recs=True)
         pool = max(s.candidate_pool, k * 3)
-        cands = self.candidates.for_user(user, pool, f.category, deadline, deg)
+        cands = self.candidates.for_user(user, pool, f.category, deadline, deg, prefetched=recs)
         confident = profile is not None and profile.is_confident(s.style_confidence_threshold)
         resp = gateway_pb2.GetRecommendationsResponse(model_version=cands.model_version)
         if profile is not None:
@@ -149,19 +158,16 @@ class Recommender:
             items += [(i, floor) for i, _ in extra.items if i not in present and i not in seen]
         items = items[: pool + self.settings.style_popular_pool]
         ids = [i for i, _ in items]
-        embeddings: dict[str, np.ndarray | None] = {}
+        known: list[float | None] = []
         try:
-            raws = self.ds.redis_call(
-                "embeddings_get", lambda r: r.mget([keys.item_embedding(i) for i in ids]) if ids else [], deadline
-            )
-            embeddings = {i: decode_embedding(raw) for i, raw in zip(ids, raws, strict=True)}
+            known = affinities(profile.vector, self.embeddings.get_many(ids, deadline))
         except DependencyUnavailable as exc:
             deg.add(exc)
-        if not any(v is not None for v in embeddings.values()):
+        if not any(a is not None for a in known):
             if ids:
                 deg.add("style: no candidate has a style embedding; CF order kept")
             return self._cf_ranked(CandidateSet(cands.source, items))
-        rows = rerank(items, profile.vector, embeddings, self.settings.style_lambda)
+        rows = rerank_scored(items, known, self.settings.style_lambda)
         return [Ranked(i, c, a, fin) for i, c, a, fin in rows]
 
     def _filter(

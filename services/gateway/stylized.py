@@ -75,7 +75,7 @@ class StyleJobPublisher:
             )
         return self._producer
 
-    def _failed(self, job: style_pb2.StyleJob, error: str) -> None:
+    def fail(self, job: style_pb2.StyleJob, error: str) -> None:
         self.last_failure_at = time.monotonic()
         self.last_error = error[:200]
         STYLIZE_JOBS.labels("failed").inc()
@@ -94,9 +94,9 @@ class StyleJobPublisher:
             try:
                 producer = self._ensure_producer()
                 fut = producer.send(STYLE_JOBS, job.content_item_id, job)
-                fut.add_errback(lambda exc, j=job: self._failed(j, f"{type(exc).__name__}: {exc}"))
+                fut.add_errback(lambda exc, j=job: self.fail(j, f"{type(exc).__name__}: {exc}"))
             except Exception as exc:
-                self._failed(job, f"{type(exc).__name__}: {exc}")
+                self.fail(job, f"{type(exc).__name__}: {exc}")
                 self._producer = None
                 time.sleep(0.5)
 
@@ -117,11 +117,56 @@ class StylizedState:
     ref: str = ""
 
 
+# One round trip per answer: ready refs, dedup claims (SET NX + TTL) and the per-user rate
+# limit together, atomically. KEYS = [rate, stylized_1..n, pending_1..n];
+# ARGV = [n, pending_ttl, limit, window]. Per item: "R:<ref>" ready, "N" claimed (enqueue),
+# "P" someone else's pending job, "L" over the user's limit (claim given back).
+# In Redis Cluster these keys must share a hash slot; the embedded/compose Redis is one node.
+RESOLVE_LUA = """
+local n = tonumber(ARGV[1])
+local ttl = tonumber(ARGV[2])
+local limit = tonumber(ARGV[3])
+local window = tonumber(ARGV[4])
+local out = {}
+local new = {}
+for i = 1, n do
+  local ref = redis.call('GET', KEYS[1 + i])
+  if ref then
+    out[i] = 'R:' .. ref
+  elseif redis.call('SET', KEYS[1 + n + i], '1', 'NX', 'EX', ttl) then
+    out[i] = 'N'
+    table.insert(new, i)
+  else
+    out[i] = 'P'
+  end
+end
+if #new > 0 then
+  local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+  local allowed = math.max(0, limit - used)
+  for j, i in ipairs(new) do
+    if j > allowed then
+      redis.call('DEL', KEYS[1 + n + i])
+      out[i] = 'L'
+    end
+  end
+  local granted = math.min(#new, allowed)
+  if granted > 0 then
+    redis.call('INCRBY', KEYS[1], granted)
+    if redis.call('TTL', KEYS[1]) < 0 then
+      redis.call('EXPIRE', KEYS[1], window)
+    end
+  end
+end
+return out
+"""
+
+
 class StylizedImages:
     def __init__(self, settings: GatewaySettings, downstream: Downstream, publisher: StyleJobPublisher) -> None:
         self.settings = settings
         self.ds = downstream
         self.publisher = publisher
+        self._resolve = downstream.redis.register_script(RESOLVE_LUA)
 
     def resolve(
         self,
@@ -143,38 +188,37 @@ class StylizedImages:
                 todo.append(meta.item_id)
         if not todo:
             return out
+        publishing = self.publisher.healthy
         try:
-            refs = self.ds.redis_call(
-                "stylized_get", lambda r: r.mget([keys.stylized(i, anchor) for i in todo]), deadline
-            )
+            if publishing:
+                s = self.settings
+                keys_ = [
+                    keys.stylize_rate(user),
+                    *[keys.stylized(i, anchor) for i in todo],
+                    *[keys.stylize_pending(i, anchor) for i in todo],
+                ]
+                args = [len(todo), s.stylize_pending_ttl_s, s.stylize_rate_per_user, s.stylize_rate_window_s]
+                replies = [
+                    text(x)
+                    for x in self.ds.redis_call("stylize_resolve", lambda r: self._resolve(keys_, args), deadline)
+                ]
+            else:
+                refs = self.ds.redis_call(
+                    "stylized_get", lambda r: r.mget([keys.stylized(i, anchor) for i in todo]), deadline
+                )
+                replies = [f"R:{text(ref)}" if ref else "U" for ref in refs]
         except DependencyUnavailable as exc:
             deg.add(exc)
             for i in todo:
                 out[i] = StylizedState(gateway_pb2.STYLIZED_UNAVAILABLE)
             return out
-        missing = []
-        for item_id, ref in zip(todo, refs, strict=True):
-            if ref:
-                out[item_id] = StylizedState(gateway_pb2.STYLIZED_READY, text(ref))
-                STYLIZE_JOBS.labels("ready").inc()
-            else:
-                missing.append(item_id)
-        if not missing:
-            return out
-        if not self.publisher.healthy:
+        if not publishing and any(x == "U" for x in replies):
             deg.add(f"style-jobs: publishing failed recently ({self.publisher.last_error})")
-            for i in missing:
-                out[i] = StylizedState(gateway_pb2.STYLIZED_UNAVAILABLE)
-            return out
-        try:
-            claimed = self.ds.redis_call("stylize_claim", lambda r: self._claim(r, user, anchor, missing), deadline)
-        except DependencyUnavailable as exc:
-            deg.add(exc)
-            for i in missing:
-                out[i] = StylizedState(gateway_pb2.STYLIZED_UNAVAILABLE)
-            return out
-        for item_id, outcome in claimed.items():
-            if outcome == "enqueue":
+        for item_id, reply in zip(todo, replies, strict=True):
+            if reply.startswith("R:"):
+                out[item_id] = StylizedState(gateway_pb2.STYLIZED_READY, reply[2:])
+                STYLIZE_JOBS.labels("ready").inc()
+            elif reply == "N":
                 job = style_pb2.StyleJob(
                     job_id=f"sj_{uuid.uuid4().hex[:16]}",
                     kind=style_pb2.STYLIZE,
@@ -188,47 +232,16 @@ class StylizedImages:
                     STYLIZE_JOBS.labels("enqueued").inc()
                     out[item_id] = StylizedState(gateway_pb2.STYLIZED_PENDING)
                 else:
-                    self.publisher._failed(job, "publish queue full")
+                    self.publisher.fail(job, "publish queue full")
                     out[item_id] = StylizedState(gateway_pb2.STYLIZED_UNAVAILABLE)
-            elif outcome == "pending":
+            elif reply == "P":
                 STYLIZE_JOBS.labels("deduplicated").inc()
                 out[item_id] = StylizedState(gateway_pb2.STYLIZED_PENDING)
-            else:
+            elif reply == "L":
                 STYLIZE_JOBS.labels("rate_limited").inc()
                 out[item_id] = StylizedState(gateway_pb2.STYLIZED_UNAVAILABLE)
-        return out
-
-    def _claim(self, r: redis.Redis, user: str, anchor: str, items: list[str]) -> dict[str, str]:
-        """Per item: "enqueue" (we own the job), "pending" (someone else does), "limited"."""
-        ttl = self.settings.stylize_pending_ttl_s
-        pipe = r.pipeline(transaction=False)
-        for i in items:
-            pipe.set(keys.stylize_pending(i, anchor), "1", nx=True, ex=ttl)
-        won = pipe.execute()
-        out: dict[str, str] = {}
-        new = [i for i, ok in zip(items, won, strict=True) if ok]
-        for i, ok in zip(items, won, strict=True):
-            if not ok:
-                out[i] = "pending"
-        if not new:
-            return out
-        rate_key = keys.stylize_rate(user)
-        pipe = r.pipeline(transaction=False)
-        pipe.incrby(rate_key, len(new))
-        pipe.expire(rate_key, self.settings.stylize_rate_window_s, nx=True)
-        used = int(pipe.execute()[0])
-        allowed = max(0, self.settings.stylize_rate_per_user - (used - len(new)))
-        over = new[allowed:]
-        if over:
-            # Give the claims back so another request (or user) can enqueue them later.
-            pipe = r.pipeline(transaction=False)
-            pipe.delete(*[keys.stylize_pending(i, anchor) for i in over])
-            pipe.decrby(rate_key, len(over))
-            pipe.execute()
-        for i in new[:allowed]:
-            out[i] = "enqueue"
-        for i in over:
-            out[i] = "limited"
+            else:
+                out[item_id] = StylizedState(gateway_pb2.STYLIZED_UNAVAILABLE)
         return out
 
 
