@@ -17,8 +17,8 @@ blend recovers *planted* style preferences, not how real shoppers behave.
 * Protocol: per user a random 70/30 split of their interactions; CF = item-kNN
   (cosine) on the training interactions; the style path re-ranks CF's candidates
   with :func:`services.gateway.style.rerank` — the gateway's own code — for users
-  whose profile confidence reaches the threshold. Confidence mirrors scoring's
-  definition (coherence of the weighted mean embedding * W/(W + half-weight)).
+  whose profile confidence reaches the threshold. Profiles and confidences come from
+  scoring's own ``compute_profile`` ((1 - 2^(-W/half)) x coherence).
   (λ, threshold) is chosen on a validation half of the users and nDCG@10 is
   reported on the other half, with and without style re-ranking.
 """
@@ -227,13 +227,14 @@ def item_knn_scores(users: list[SimUser], n_items: int) -> np.ndarray:
 
 
 def profile_of(su: SimUser, emb: np.ndarray, half_weight: float) -> tuple[np.ndarray, float]:
-    """Weighted mean style embedding and its confidence (coherence * W/(W + half_weight))."""
-    idx = np.array(list(su.train))
-    w = np.array([su.train[i] for i in idx], np.float32)
-    mean = (w[:, None] * emb[idx]).sum(0) / w.sum()
-    coherence = float(np.linalg.norm(mean))
-    total = float(w.sum())
-    return mean / (coherence or 1.0), coherence * total / (total + half_weight)
+    """The user's style profile and confidence, computed by scoring's own code."""
+    from services.scoring.style_profile import compute_profile
+
+    history = {str(i): w for i, w in su.train.items()}
+    profile = compute_profile(history, {str(i): emb[i] for i in su.train}, half_weight)
+    if profile is None:
+        return np.zeros(emb.shape[1], np.float32), 0.0
+    return profile.vector, profile.confidence
 
 
 def ndcg_at(ranked: list[int], relevant: set[int], k: int = 10) -> float:
@@ -348,7 +349,7 @@ def run_experiment(
             "choice_model": "P ∝ pop^0.8 · exp(2.5·[style=fav] (style-driven only) + 1.5·[product∈favs])",
             "events_per_user": "4..16, 70/30 random split per user",
             "event_weights": {name: w for name, w, _ in EVENT_TYPES},
-            "confidence": f"coherence * W/(W+{half_weight}) (scoring's profile_half_confidence_weight default)",
+            "confidence": f"services.scoring.style_profile.compute_profile, half weight {half_weight}",
         },
         "cf_model": "item-kNN (cosine) on training interactions; candidates = top 100 unseen",
         "blend": "final = (1-λ)·minmax(CF) + λ·cosine(profile, item embedding)  (services.gateway.style.rerank)",
