@@ -56,6 +56,12 @@ def producer_config(settings: IngestionSettings, client_id: str = "ingestion") -
         "client_id": client_id,
         "acks": "all",
         "retries": 3,
+        # kafka-python 3's idempotent producer wedges for good once a batch expires (a broker
+        # stall longer than delivery_timeout_ms): every later send times out. Without it, a
+        # retried batch may be written twice, which consumers absorb (they key on event_id);
+        # one request in flight per connection keeps per-user order across retries.
+        "enable_idempotence": False,
+        "max_in_flight_requests_per_connection": 1,
         "linger_ms": settings.kafka_linger_ms,
         "batch_size": settings.kafka_batch_bytes,
         "max_block_ms": settings.kafka_max_block_ms,

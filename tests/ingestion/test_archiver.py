@@ -1,0 +1,113 @@
+"""The archiver as its own process: SIGKILL mid-stream loses nothing and duplicates nothing."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from kafka import KafkaProducer
+from pymongo.database import Database
+from stylerec.v1 import common_pb2, ingestion_pb2
+
+from cli.stack import Stack, pid_alive
+from libs.common.kafka import dead_letter_topic, ensure_topics
+from services.ingestion.validation import PSEUDONYM_RE
+from tests.ingestion.conftest import make_event, read_records, start_ingestion, wait_until
+
+pytestmark = pytest.mark.integration
+
+N_CHUNKS, CHUNK = 20, 200
+
+
+def _kill(stack: Stack, name: str) -> None:
+    pid = stack.components[name].pid
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while pid_alive(pid) and time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.05)
+    assert not pid_alive(pid)
+
+
+def test_archiver_sigkill_mid_stream_ends_with_exactly_the_accepted_events(
+    infra: Stack, mongo_db: Database[Any]
+) -> None:
+    token = uuid.uuid4().hex[:8]
+    topic, coll_name, group = f"arch-kill-{token}", f"events_k_{token}", f"archiver-k-{token}"
+    ensure_topics([infra.kafka_bootstrap], {topic: 3})
+    env = {
+        "STYLEREC_EVENTS_TOPIC": topic,
+        "STYLEREC_EVENTS_COLLECTION": coll_name,
+        "STYLEREC_ARCHIVER_GROUP": group,
+        "STYLEREC_ARCHIVER_MAX_POLL_RECORDS": "100",
+    }
+    api, arch1, arch2 = f"ing-api-{token}", f"archiver-x-{token}", f"archiver-y-{token}"
+    coll = mongo_db[coll_name]
+    try:
+        start_ingestion(infra, api, {**env, "STYLEREC_ROLE": "api"}, wait=False)
+        start_ingestion(infra, arch1, {**env, "STYLEREC_ROLE": "archiver"}, wait=False)
+        infra.wait_serving([api, arch1], timeout_s=60)
+        # Junk on the topic: the archiver must dead-letter it, not crash and not archive it.
+        dlq_key_junk, dlq_key_raw = f"junk-{token}".encode(), f"raw-{token}".encode()
+        raw_event = make_event(f"raw-shopper-{token}", "item-1", event_id=f"{token}-raw")
+        producer = KafkaProducer(bootstrap_servers=[infra.kafka_bootstrap], acks="all")
+        producer.send(topic, key=dlq_key_junk, value=b"\xff\x00 not a protobuf").get(10)
+        producer.send(topic, key=dlq_key_raw, value=raw_event.SerializeToString()).get(10)
+        producer.close()
+
+        accepted: list[int] = []
+        ids = [f"{token}-{c}-{i}" for c in range(N_CHUNKS) for i in range(CHUNK)]
+
+        def chunks() -> Iterator[ingestion_pb2.IngestEventsRequest]:
+            for c in range(N_CHUNKS):
+                events = [
+                    make_event(f"shopper-{i % 37}", f"item-{i % 101}", event_id=ids[c * CHUNK + i])
+                    for i in range(CHUNK)
+                ]
+                yield ingestion_pb2.IngestEventsRequest(events=events, sequence=c + 1)
+                time.sleep(0.1)  # a steady producer, so the kill lands mid-stream
+
+        def produce() -> None:
+            import grpc
+            from stylerec.v1 import ingestion_pb2_grpc
+
+            with grpc.insecure_channel(infra.addr_of(api)) as ch:
+                for ack in ingestion_pb2_grpc.IngestionServiceStub(ch).StreamEvents(chunks(), timeout=120):
+                    accepted.append(ack.accepted)
+
+        sender = threading.Thread(target=produce)
+        sender.start()
+        assert wait_until(lambda: coll.count_documents({}) > 0, 60, 0.05), "archiver wrote nothing"
+        _kill(infra, arch1)
+        at_kill = coll.count_documents({})
+        sender.join(120)
+        assert sum(accepted) == len(ids) and len(accepted) == N_CHUNKS
+        assert at_kill < len(ids), "the archiver finished before it was killed; the test proves nothing"
+
+        start_ingestion(infra, arch2, {**env, "STYLEREC_ROLE": "archiver"})
+        assert wait_until(lambda: coll.count_documents({}) >= len(ids), 90, 0.5), coll.count_documents({})
+        time.sleep(2)  # anything replayed twice would show up now
+        docs = list(coll.find({}, {"user_id": 1}))
+        assert len(docs) == len(ids)
+        assert sorted(d["_id"] for d in docs) == sorted(ids)
+        assert all(PSEUDONYM_RE.match(d["user_id"]) for d in docs)
+
+        dead = {}
+        for r in read_records(infra.kafka_bootstrap, dead_letter_topic("ingestion")):
+            letter = common_pb2.DeadLetter.FromString(r.value)
+            if letter.source_topic == topic:
+                dead[letter.key] = letter.reason
+        assert dead[dlq_key_junk].startswith("undecodable")
+        assert dead[dlq_key_raw].startswith("invalid: user_id is not a pseudonym")
+    finally:
+        for name in (api, arch1, arch2):
+            infra.stop_component(name)
