@@ -244,6 +244,64 @@ def build() -> dict[str, Any]:
         description="Alert StyleRecDeadLetterRate.",
     )
 
+    d.row("Models (scoring)")
+    d.add(
+        "Serving model age",
+        [("time() - (stylerec_scoring_model_trained_timestamp_seconds > 0)", "{{instance}}")],
+        unit="s",
+        thresholds=[(3 * 3600, "orange"), (6 * 3600, "red")],
+        description="Since the model each replica serves was trained; the trainer runs hourly. "
+        "Alerts StyleRecModelStale / StyleRecNoModel.",
+    )
+    d.add("Items in the serving model", [("stylerec_scoring_model_items", "{{instance}}")])
+    d.add(
+        "Model swaps (1h)",
+        [("sum by (instance) (increase(stylerec_scoring_model_swaps_total[1h]))", "{{instance}}")],
+        description="Atomic hot swaps after model-updates.",
+    )
+    d.add(
+        "Fold-in latency",
+        [
+            (p(0.5, "stylerec_scoring_foldin_seconds", "source"), "p50 {{source}}"),
+            (p(0.99, "stylerec_scoring_foldin_seconds", "source"), "p99 {{source}}"),
+        ],
+        unit="s",
+        description="Recomputing one user's top-N from their history when their events arrive.",
+    )
+    d.add(
+        "Event → recommendations in Redis",
+        [
+            (p(0.5, "stylerec_scoring_event_to_redis_seconds", "job"), "p50"),
+            (p(0.99, "stylerec_scoring_event_to_redis_seconds", "job"), "p99"),
+        ],
+        unit="s",
+        description="Freshness: Kafka record timestamp to the user's top-N rewritten (target: within a second).",
+    )
+    d.add(
+        "Events applied / s",
+        [(f"sum by (source, outcome) (rate(stylerec_scoring_events_applied_total[{RATE}]))", "{{source}} {{outcome}}")],
+        unit="ops",
+    )
+    d.add(
+        "Training runs (1h)",
+        [
+            (
+                "sum by (algorithm, trigger, outcome) (increase(stylerec_scoring_train_runs_total[1h]))",
+                "{{algorithm}} {{trigger}} {{outcome}}",
+            )
+        ],
+        w=12,
+        description="Runs inside serving replicas (the CronJob trainer exits after one run and is not scraped).",
+    )
+    d.add(
+        "Interaction state",
+        [
+            ("sum by (instance) (stylerec_scoring_state_users)", "users {{instance}}"),
+            ("sum by (instance) (stylerec_scoring_state_items)", "items {{instance}}"),
+        ],
+        w=12,
+    )
+
     d.row("Ingestion")
     d.add(
         "Events / s by outcome",
