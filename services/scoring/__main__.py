@@ -161,6 +161,7 @@ def run_serving(settings: ScoringSettings) -> None:
             publisher.popularity(force=True)
         except Exception:
             log.exception("bootstrap from the archive failed; starting with what was loaded")
+        publisher.start()
         consumer.start()
         updates.start()
         archive_sync.start()
@@ -175,6 +176,7 @@ def run_serving(settings: ScoringSettings) -> None:
     runtime.on_shutdown(archive_sync.stop)
     runtime.on_shutdown(ownership.stop)
     runtime.on_shutdown(scheduler.stop)
+    runtime.on_shutdown(publisher.stop)
     runtime.start()
     threading.Thread(target=bootstrap, name="bootstrap", daemon=True).start()
     runtime.serve_forever()

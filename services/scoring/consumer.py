@@ -102,7 +102,27 @@ class Publisher:
         self.profiles = profiles
         self.categories = categories
         self._pop_at = 0.0
+        self._pop_dirty = False
         self._pop_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._flusher = threading.Thread(target=self._flush_loop, name="popularity-flush", daemon=True)
+
+    def start(self) -> Publisher:
+        """Trailing writes for throttled popularity updates (the last batch of a burst counts too)."""
+        self._flusher.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _flush_loop(self) -> None:
+        every = max(0.2, self.settings.popular_every_s)
+        while not self._stop.wait(every):
+            if self._pop_dirty:
+                try:
+                    self.popularity()
+                except Exception:
+                    log.warning("popularity flush failed", exc_info=True)
 
     def users(self, users: Iterable[str]) -> None:
         users = list(users)
@@ -119,8 +139,10 @@ class Publisher:
         now = time.monotonic()
         with self._pop_lock:
             if not force and now - self._pop_at < self.settings.popular_every_s:
+                self._pop_dirty = True
                 return
             self._pop_at = now
+            self._pop_dirty = False
         n = self.settings.popular_size
         pipe = self.redis.pipeline(transaction=True)
         top = self.state.popular(n)
@@ -161,8 +183,10 @@ class EventApplier:
                 self.applied += 1
             # Rewrite even for a duplicate: a replay after a crash must still leave Redis right.
             users.add(e.user_id)
-        self.publisher.users(users)
+        # Popularity first: a reader that sees the user's new recs must also see the popularity
+        # they were computed against (the gateway caches popularity briefly).
         self.publisher.popularity()
+        self.publisher.users(users)
         done = time.time()
         for d in batch:
             if d.record.timestamp and d.record.timestamp > 0:
