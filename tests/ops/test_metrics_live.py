@@ -94,8 +94,10 @@ def broken(stack: Stack, unique_module: str) -> Iterator[dict[str, Component]]:
     env = {"STYLEREC_REDIS_URL": dead_redis, "STYLEREC_STORE_TIMEOUT_S": "0.3", "STYLEREC_STORE_RETRIES": "0"}
     started = {}
     try:
-        for name in ("gateway", "ingestion"):
-            started[name] = stack.start_service(name, instance=f"{name}-ops-noredis-{unique_module}", extra_env=env)
+        # role=api: no second archiver joining the session's consumer group (no rebalances for others).
+        for name, extra in (("gateway", {}), ("ingestion", {"STYLEREC_ROLE": "api"})):
+            instance = f"{name}-ops-noredis-{unique_module}"
+            started[name] = stack.start_service(name, instance=instance, extra_env={**env, **extra})
         for comp in started.values():
             wait_port(comp.address)
         yield started
