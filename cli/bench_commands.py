@@ -15,6 +15,7 @@ BENCH_MODULES = [
     "cli.bench_ingest",
     "cli.bench_style",
     "cli.bench_gateway",
+    "cli.bench_scoring",
 ]
 
 
