@@ -109,6 +109,12 @@ class Recommender:
         if profile is not None:
             excluded.add(profile.anchor)
         chosen = self._filter(ranked, excluded, request, k, deadline, deg)
+        if len(chosen) < k and resp.strategy != gateway_pb2.POPULAR and (f.category or f.min_price or f.max_price):
+            # A narrow shelf (one category, a price band) can empty a personal list: top it up
+            # from popularity in that category rather than answer short.
+            have = excluded | {m.item_id for m, _ in chosen}
+            extra = self._cf_ranked(self.candidates.popular(pool, f.category, deadline, deg))
+            chosen += self._filter(extra, have, request, k - len(chosen), deadline, deg)
         states = {}
         if request.want_stylized and resp.strategy == gateway_pb2.STYLE_PERSONALIZED and profile is not None:
             top = [meta for meta, _ in chosen[: s.stylize_top_n]]
@@ -164,8 +170,8 @@ class Recommender:
         except DependencyUnavailable as exc:
             deg.add(exc)
         if not any(a is not None for a in known):
-            if ids:
-                deg.add("style: no candidate has a style embedding; CF order kept")
+            # No candidate has a look yet (no photos, or not embedded yet): nothing is missing
+            # from the answer, style simply has nothing to say, so CF order stands.
             return self._cf_ranked(CandidateSet(cands.source, items))
         rows = rerank_scored(items, known, self.settings.style_lambda)
         return [Ranked(i, c, a, fin) for i, c, a, fin in rows]
