@@ -125,7 +125,8 @@ def read_items(path: Path, images_dir: Path | None) -> Iterator[common_pb2.Item]
 
 def chunks(items: list[common_pb2.Item]) -> Iterator[tuple[int, list[common_pb2.Item]]]:
     """Split so each request stays far below the service's request-size limit."""
-    start, current, size = 0, [], 0
+    start, size = 0, 0
+    current: list[common_pb2.Item] = []
     for i, item in enumerate(items):
         n = item.ByteSize()
         if current and (len(current) >= MAX_CHUNK_ITEMS or size + n > MAX_CHUNK_BYTES):

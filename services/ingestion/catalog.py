@@ -39,6 +39,10 @@ from services.ingestion.validation import ItemLimits, check_id, validate_item
 log = logging.getLogger(__name__)
 
 
+# The style worker's fields describe the old photo; a new photo makes them wrong until it re-embeds.
+STALE_ON_NEW_PHOTO = ("style_embedding", "style_embedding_raw", "style_embedding_ref", "style_embedded_at")
+
+
 class ItemNotFound(LookupError):
     pass
 
@@ -193,7 +197,7 @@ class ItemCatalog:
                         )
                         if image_ref:
                             replaced.append(image_ref)
-                            update["$unset"] = {"style_embedding": ""}
+                            update["$unset"] = dict.fromkeys(STALE_ON_NEW_PHOTO, "")
                         image_ref = str(new_ref)
                     fields.update(
                         image_ref=image_ref,
