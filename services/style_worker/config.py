@@ -41,13 +41,14 @@ class StyleWorkerSettings(ServiceSettings):
     max_batch_delay_ms: float = Field(
         10.0, ge=0, le=10_000, description="Longest a request waits for others to fill a batch (D)."
     )
-    batching_mode: Literal["batched", "parallel", "sequential"] = Field(
-        "parallel",
+    batching_mode: Literal["auto", "batched", "parallel", "sequential"] = Field(
+        "auto",
         description=(
             "How a gathered batch runs: one session over a graph rewritten to a symbolic batch dim, "
             "N single-image sessions in parallel threads, or one session image by image. "
-            "'parallel' won `stylerec bench style` on the 2-core CPU dev box (see docs/style_worker.md); "
-            "on a GPU 'batched' is the one to measure first."
+            "auto = 'parallel' on the CPU (it won `stylerec bench style` on the 2-core dev box, see "
+            "docs/style_worker.md) and 'batched' on a GPU provider (one kernel launch per layer per batch; "
+            "not yet measured on a GPU)."
         ),
     )
     parallel_sessions: int = Field(2, ge=1, le=32, description="Sessions per network in 'parallel' mode.")

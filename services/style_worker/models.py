@@ -15,7 +15,8 @@ batch and the operator picks one (``STYLEREC_BATCHING_MODE``):
   extra session with all threads, so a lone request is not slowed down).
 * ``sequential`` — one session, image by image (the reference behaviour).
 
-Which wins depends on the machine; ``stylerec bench style`` measures all three.
+Which wins depends on the machine; ``stylerec bench style`` measures all three,
+and ``auto`` (the default) picks parallel on the CPU, batched on a GPU.
 """
 
 from __future__ import annotations
@@ -214,6 +215,8 @@ class StyleModels:
     ) -> None:
         self.dir = models_dir
         self.config = config
+        if mode == "auto":
+            mode = "batched" if config.on_gpu else "parallel"
         missing = [m for m in (PREDICT, TRANSFORM) if not (models_dir / f"{m}.onnx").exists()]
         if missing:
             raise FileNotFoundError(f"style networks missing in {models_dir}: {missing}")
