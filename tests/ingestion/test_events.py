@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -286,3 +288,41 @@ def test_property_random_fields_never_crash_the_service(ing: Ingestion) -> None:
         event = common_pb2.Event.FromString(record.value)
         assert validate_event(event, now=time.time(), pseudonymized=True) is None, event
         assert record.key == event.user_id.encode()
+
+
+def test_dedup_store_states_on_real_redis(ing: Ingestion, unique: str) -> None:
+    from libs.common.stores import make_redis
+    from services.ingestion.dedup import Claim, DedupStore
+
+    store = DedupStore(make_redis(ing.stack.redis_url), window_s=60, pending_s=2)
+    a, b = f"{unique}-a", f"{unique}-b"
+    assert store.claim([a, b]) == [Claim.NEW, Claim.NEW]
+    assert store.claim([a]) == [Claim.IN_PROGRESS]  # a concurrent request must retry, not be told "duplicate"
+    store.settle([a], [b])
+    assert store.claim([a, b]) == [Claim.DUPLICATE, Claim.NEW]
+    # A claim whose owner died expires, and the event can be published again.
+    assert wait_until(lambda: store.claim([b]) == [Claim.NEW], 10, 0.5)
+
+
+def test_cancelled_stream_releases_its_in_flight_budget(ing: Ingestion, unique: str) -> None:
+    release = threading.Event()
+
+    def chunks() -> Iterator[ingestion_pb2.IngestEventsRequest]:
+        for c in range(8):
+            yield ingestion_pb2.IngestEventsRequest(events=[_ev(unique, c * 100 + i) for i in range(100)])
+        release.wait(10)  # keep the stream open until the client cancels
+
+    # Cancel right after the first ack, while later chunks are being published or wait for acks:
+    # their admission must be returned even though nobody reads their answers.
+    with ing.channel() as ch:
+        call = ing.stub(ch).StreamEvents(chunks(), timeout=20)
+        first = next(call)
+        call.cancel()
+        release.set()
+    assert first.accepted == 100
+
+    def idle() -> bool:
+        body = urllib.request.urlopen(ing.metrics_url, timeout=5).read().decode()
+        return "stylerec_ingestion_inflight_events 0.0" in body
+
+    assert wait_until(idle, 10, 0.3)
