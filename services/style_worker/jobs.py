@@ -169,11 +169,26 @@ class StyleJobProcessor:
                 self._reject(d, exc.reason)
         self._run_embeds(work)
         self._run_stylizes(work)
+        log.info(
+            "style jobs handled",
+            extra={"jobs": len(batch), "embedded": len(work.embeds), "stylized": len(work.stylizes)},
+        )
 
     def _reject(self, d: Decoded[style_pb2.StyleJob], reason: str) -> None:
-        kind = KIND_NAMES.get(d.message.kind, "unknown")
-        log.warning("job rejected", extra={"job_id": d.message.job_id, "kind": kind, "reason": reason})
+        """Park the job with its reason, and tell result readers it failed so nobody waits for it."""
+        job = d.message
+        kind = KIND_NAMES.get(job.kind, "unknown")
+        log.warning("job rejected", extra={"job_id": job.job_id, "kind": kind, "reason": reason})
         self.producer.dead_letter(SERVICE, d.record, reason)
+        failed = style_pb2.StyleResult(
+            job_id=job.job_id,
+            kind=job.kind,
+            content_item_id=job.content_item_id,
+            style_item_id=job.style_item_id,
+            error=reason,
+            finished_at=now_timestamp(),
+        )
+        self.producer.send(self.settings.results_topic, job.content_item_id, failed).get(timeout=10)
         JOBS.labels(kind, "dead_letter").inc()
 
     # ---- loading ----

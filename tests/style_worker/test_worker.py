@@ -249,6 +249,8 @@ def test_bad_images_and_jobs_go_to_the_dead_letter_topic(worker: Worker, unique:
         job = style_pb2.StyleJob()
         job.ParseFromString(dl.value)
         assert job.content_item_id == item  # the original message is kept for replay
+    [failed] = results_for(worker, f"bomb-{unique}")  # result readers learn of the failure too
+    assert failed.error.startswith("bomb:") and not failed.image_ref
     assert dead_letters(worker, f"nokind-{unique}")[0].reason.startswith("invalid:")
     assert dead_letters(worker, f"garbage-{unique}")[0].reason.startswith("undecodable:")
     # a bad stylize job (style photo is a bomb) is parked too, and the worker keeps going
