@@ -36,6 +36,7 @@ import grpc
 from stylerec.v1 import common_pb2, ingestion_pb2, ingestion_pb2_grpc
 from tqdm import tqdm
 
+from cli.errors import UsageError
 from cli.stack import REPO, Stack
 from libs.common.kafka import ensure_topics
 from libs.common.pseudonym import Pseudonymizer
@@ -50,7 +51,8 @@ QUICK = {"batch_1": 300, "batch_100": 5_000, "batch_1000": 10_000, "stream": 10_
 
 def register_bench(bsub: Any) -> None:
     p = bsub.add_parser("ingest", help="ingestion events/s and ack latency vs a bare kafka-python producer")
-    p.add_argument("--quick", action="store_true", help="fewer events (about 30 s)")
+    p.add_argument("--quick", action="store_true", help="fewer events, one round (about 30 s)")
+    p.add_argument("--rounds", type=int, help="interleaved baseline/service rounds (default 3, --quick 1)")
     p.add_argument("--json", action="store_true", help="print the result JSON on stdout")
     p.add_argument("--out", type=Path, default=REPO / "out" / "bench" / "ingest.json")
     p.set_defaults(func=cmd_bench_ingest)
@@ -96,7 +98,22 @@ def percentiles(samples: list[float]) -> dict[str, float]:
 
 
 def _result(n: int, elapsed: float, latencies: list[float]) -> dict[str, Any]:
-    return {"events": n, "seconds": round(elapsed, 4), "events_per_s": round(n / elapsed, 1), **percentiles(latencies)}
+    return {"events": n, "seconds": elapsed, "events_per_s": n / elapsed, "latencies": latencies}
+
+
+def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median events/s over the rounds; latency percentiles over every call of every round."""
+    latencies = [x for r in rounds for x in r["latencies"]]
+    out: dict[str, Any] = {
+        "events_per_round": rounds[0]["events"],
+        "rounds": len(rounds),
+        "events_per_s": round(statistics.median(r["events_per_s"] for r in rounds), 1),
+        "events_per_s_rounds": [round(r["events_per_s"], 1) for r in rounds],
+        **percentiles(latencies),
+    }
+    if "accepted" in rounds[0]:
+        out["accepted"] = sum(r["accepted"] for r in rounds)
+    return out
 
 
 def bench_baseline_batches(producer: Any, records: list[tuple[bytes, bytes]], batch: int) -> dict[str, Any]:
@@ -165,11 +182,15 @@ def cmd_bench_ingest(args: argparse.Namespace) -> int:
     from services.ingestion.publisher import producer_config
 
     sizes = QUICK if args.quick else FULL
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
+    if args.rounds < 1:
+        raise UsageError("--rounds must be at least 1")
     run_id = uuid.uuid4().hex[:8]
     stack_dir = Path(tempfile.mkdtemp(prefix="bench-ingest-", dir=REPO / "out"))
     stack = Stack(dir=stack_dir)
     pseudonymize = Pseudonymizer(DEV_PSEUDONYM_SECRET)
-    results: dict[str, Any] = {"service": {}, "baseline": {}}
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {"service": {}, "baseline": {}}
     try:
         print("starting broker, redis, mongo and ingestion ...", flush=True)
         stack.start_infra()
@@ -192,29 +213,42 @@ def cmd_bench_ingest(args: argparse.Namespace) -> int:
         bench_unary(stub, synthetic_events(2000, f"{run_id}-warm"), 1000)
         bench_baseline_batches(producer, published_form(synthetic_events(2000, f"{run_id}-warmb"), pseudonymize), 1000)
 
-        plan: list[tuple[str, str, Callable[[], dict[str, Any]]]] = []
-        for name, batch in (("batch_1", 1), ("batch_100", 100), ("batch_1000", 1000)):
-            ev = synthetic_events(sizes[name], f"{run_id}-{name}")
-            recs = published_form(ev, pseudonymize)
-            plan.append(("baseline", name, lambda r=recs, b=batch: bench_baseline_batches(producer, r, b)))  # type: ignore[misc]
-            plan.append(("service", name, lambda e=ev, b=batch: bench_unary(stub, e, b)))  # type: ignore[misc]
-        ev = synthetic_events(sizes["stream"], f"{run_id}-stream")
-        recs = published_form(ev, pseudonymize)
-        plan.append(("baseline", "pipelined", lambda: bench_baseline_pipelined(producer, recs)))
-        plan.append(("service", "stream", lambda: bench_stream(stub, ev)))
-        for side, name, fn in tqdm(plan, desc="bench ingest", unit="run"):
-            results[side][name] = fn()
+        # Rounds interleave baseline and service so background load on the box hits both alike.
+        for rnd in range(args.rounds):
+            plan: list[tuple[str, str, Callable[[], dict[str, Any]]]] = []
+            for name, batch in (("batch_1", 1), ("batch_100", 100), ("batch_1000", 1000)):
+                ev = synthetic_events(sizes[name], f"{run_id}-{rnd}-{name}")
+                recs = published_form(ev, pseudonymize)
+                plan.append(("baseline", name, lambda r=recs, b=batch: bench_baseline_batches(producer, r, b)))  # type: ignore[misc]
+                plan.append(("service", name, lambda e=ev, b=batch: bench_unary(stub, e, b)))  # type: ignore[misc]
+            sev = synthetic_events(sizes["stream"], f"{run_id}-{rnd}-stream")
+            srecs = published_form(sev, pseudonymize)
+            plan.append(("baseline", "pipelined", lambda r=srecs: bench_baseline_pipelined(producer, r)))  # type: ignore[misc]
+            plan.append(("service", "stream", lambda e=sev: bench_stream(stub, e)))  # type: ignore[misc]
+            for side, name, fn in tqdm(plan, desc=f"bench ingest round {rnd + 1}/{args.rounds}", unit="run"):
+                runs[side].setdefault(name, []).append(fn())
         producer.close(timeout=5)
         channel.close()
     finally:
         stack.down()
-    svc, base = results["service"], results["baseline"]
+    svc = {name: summarize(r) for name, r in runs["service"].items()}
+    base = {name: summarize(r) for name, r in runs["baseline"].items()}
+    pairs = {
+        "batch_1": ("batch_1", "batch_1"),
+        "batch_100": ("batch_100", "batch_100"),
+        "batch_1000": ("batch_1000", "batch_1000"),
+        "stream_vs_pipelined": ("stream", "pipelined"),
+        "stream_vs_batch_1000": ("stream", "batch_1000"),
+    }
     ratios = {
-        "batch_1": round(svc["batch_1"]["events_per_s"] / base["batch_1"]["events_per_s"], 3),
-        "batch_100": round(svc["batch_100"]["events_per_s"] / base["batch_100"]["events_per_s"], 3),
-        "batch_1000": round(svc["batch_1000"]["events_per_s"] / base["batch_1000"]["events_per_s"], 3),
-        "stream_vs_pipelined": round(svc["stream"]["events_per_s"] / base["pipelined"]["events_per_s"], 3),
-        "stream_vs_batch_1000": round(svc["stream"]["events_per_s"] / base["batch_1000"]["events_per_s"], 3),
+        key: round(
+            statistics.median(
+                s["events_per_s"] / b["events_per_s"]
+                for s, b in zip(runs["service"][sv], runs["baseline"][bl], strict=True)
+            ),
+            3,
+        )
+        for key, (sv, bl) in pairs.items()
     }
     report = {
         "benchmark": "ingest",
@@ -225,7 +259,9 @@ def cmd_bench_ingest(args: argparse.Namespace) -> int:
         "notes": (
             "service = one client, calls in sequence, each answered after acks=all; baseline = bare kafka-python "
             "KafkaProducer with the service's producer settings sending the same pre-serialized records; "
-            "batch_N baseline waits for every ack of a batch before the next; pipelined = send all then flush"
+            "batch_N baseline waits for every ack of a batch before the next; pipelined = send all then flush; "
+            "events_per_s = median over rounds; ratio = median of per-round service/baseline; "
+            "p50/p99 = per call (unary) or per chunk from send to ack (stream), all rounds"
         ),
         "service": svc,
         "baseline": base,
