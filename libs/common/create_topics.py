@@ -31,7 +31,13 @@ def connect(bootstrap: list[str], timeout_s: float) -> KafkaAdminClient:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            return KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000, client_id="create-topics")
+            left_ms = max(1000, int((deadline - time.monotonic()) * 1000))
+            return KafkaAdminClient(
+                bootstrap_servers=bootstrap,
+                request_timeout_ms=10000,
+                bootstrap_timeout_ms=min(10000, left_ms),
+                client_id="create-topics",
+            )
         except KafkaError as exc:
             if time.monotonic() > deadline:
                 raise SystemExit(
@@ -55,10 +61,11 @@ def create(bootstrap: list[str], replication_factor: int, timeout_s: float) -> l
                 lines.append(f"exists  {topic.name}")
         described = admin.describe_topics([t for t in TOPICS if t in existing])
         for desc in described:
+            name = desc.get("name") or desc.get("topic")  # the key differs between kafka-python versions
             have = len(desc.get("partitions", []))
-            want = TOPICS[desc["topic"]]
+            want = TOPICS.get(name, 0)
             note = "" if have >= want else f" (WARNING: fewer than the {want} the code expects)"
-            lines.append(f"exists  {desc['topic']} partitions={have}{note}")
+            lines.append(f"exists  {name} partitions={have}{note}")
     finally:
         admin.close()
     return lines
