@@ -6,6 +6,8 @@ import io
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from services.style_worker import images
@@ -98,3 +100,26 @@ def test_encode_formats() -> None:
     assert ctype == "image/jpeg" and Image.open(io.BytesIO(data)).format == "JPEG"
     data, ctype = images.encode(photo(), "PNG")
     assert ctype == "image/png" and Image.open(io.BytesIO(data)).format == "PNG"
+
+
+_PNG = encoded(photo(64, 48))
+_JPEG = encoded(photo(64, 48), "JPEG")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    base=st.sampled_from([_PNG, _JPEG]),
+    cut=st.integers(min_value=0, max_value=4000),
+    flips=st.lists(st.tuples(st.integers(min_value=0, max_value=4000), st.integers(0, 255)), max_size=8),
+)
+def test_damaged_images_never_escape_as_other_errors(base: bytes, cut: int, flips: list[tuple[int, int]]) -> None:
+    """Whatever a shop uploads, the worker gets an RGB image or an ImageRejected - never a crash."""
+    data = bytearray(base[: max(1, len(base) - cut)])
+    for pos, value in flips:
+        data[pos % len(data)] = value
+    try:
+        img = decode_image(bytes(data), LIMITS)
+    except ImageRejected as exc:
+        assert exc.kind in {"too_large", "bomb", "corrupt", "too_small"}
+    else:
+        assert img.mode == "RGB" and min(img.size) >= LIMITS.min_side
