@@ -30,3 +30,15 @@ def test_every_metric_is_in_the_catalog() -> None:
         assert not any(label in {"user_id", "user", "item_id", "item", "event_id"} for label in m.labels), (
             f"{name}: per-user/per-item labels explode cardinality and leak personal data"
         )
+
+
+def test_deploy_docs_point_at_the_generated_reference() -> None:
+    readme = (REPO / "README.md").read_text()
+    deploy = readme.split("## Deploy", 1)[1]
+    for needle in ("docs/deploy.md", "docs/configuration.md", "docker compose", "kubectl apply -k"):
+        assert needle in deploy, needle
+    guide = (REPO / "docs/deploy.md").read_text()
+    alerts = [line.split("|")[1].strip() for line in guide.splitlines() if line.startswith("| StyleRec")]
+    from tests.ops.promql import load_rules
+
+    assert sorted(alerts) == sorted(r["alert"] for r in load_rules() if "alert" in r), "alert table in docs/deploy.md"
