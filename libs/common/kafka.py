@@ -208,6 +208,7 @@ class ProtoConsumerLoop(Generic[M]):
         self.batches = 0
         self._lag_every_s = 5.0
         self._lag_at = 0.0
+        self._lag_series: set[tuple[str, str]] = set()
 
     def start(self) -> ProtoConsumerLoop[M]:
         self._thread.start()
@@ -281,6 +282,14 @@ class ProtoConsumerLoop(Generic[M]):
         self._lag_at = now
         with self._lock:
             assigned = list(self._consumer.assignment())
+            # Partitions moved to another replica by a rebalance: drop their series, or this
+            # replica would report their last lag forever and the per-topic sum would count
+            # them twice (the lag alert and dashboard sum over replicas).
+            current = {(tp.topic, str(tp.partition)) for tp in assigned}
+            for topic, partition in self._lag_series - current:
+                with contextlib.suppress(KeyError):
+                    CONSUMER_LAG.remove(self.group_id, topic, partition)
+            self._lag_series = current
             if not assigned:
                 return
             try:
