@@ -15,8 +15,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import gridfs
@@ -48,10 +49,13 @@ class ItemNotFound(LookupError):
 
 
 @dataclass
-class _Accepted:
-    index: int
-    item: common_pb2.Item
-    image: CheckedImage | None
+class _Staged:
+    """What one call will write: Mongo ops, item-updates, GridFS files it created or replaces."""
+
+    ops: list[UpdateOne] = field(default_factory=list)
+    updates: list[common_pb2.ItemUpdate] = field(default_factory=list)
+    new_refs: list[str] = field(default_factory=list)
+    replaced: list[str] = field(default_factory=list)
 
 
 class ItemCatalog:
@@ -126,17 +130,18 @@ class ItemCatalog:
                 continue
             first_index[item.item_id] = i
             valid.append((i, item))
-        # Downloads and header checks run in parallel: one slow URL must not serialize the batch.
-        futures = [(i, item, self._fetchers.submit(self._image_of, item)) for i, item in valid]
-        accepted: list[_Accepted] = []
-        for i, item, fut in futures:
+        if valid:
             try:
-                accepted.append(_Accepted(i, item, fut.result()))
-            except ImageError as exc:
-                resp.rejected.add(index=i, reason=str(exc), item_id=item.item_id)
+                staged = self._stage(valid, resp)
+            except PyMongoError as exc:
+                metrics.ITEMS.labels("failed").inc(len(valid))
+                log.warning("catalog write failed", extra={"error": str(exc), "items": len(valid)})
+                raise DependencyUnavailable(f"catalog store unavailable: {type(exc).__name__}", 1.0) from exc
+        else:
+            staged = _Staged()
         if resp.rejected:
             metrics.ITEMS.labels("rejected").inc(len(resp.rejected))
-        if n and not accepted:
+        if n and not staged.ops:
             metrics.REQUEST_REJECTS.labels("UpsertItems", "all_invalid").inc()
             rejected = sorted(resp.rejected, key=lambda r: r.index)
             raise RequestRejected(
@@ -145,11 +150,11 @@ class ItemCatalog:
                 [(f"items[{r.index}]", r.reason) for r in rejected[:100]],
                 "all_invalid",
             )
-        if accepted:
-            updates = self._store(accepted)
-            self._publish(updates)
-            metrics.ITEMS.labels("upserted").inc(len(accepted))
-        resp.upserted = len(accepted)
+        if staged.ops:
+            self._commit(staged)
+            self._publish(staged.updates)
+            metrics.ITEMS.labels("upserted").inc(len(staged.ops))
+        resp.upserted = len(staged.ops)
         if len(resp.rejected) > 1:
             ordered = [
                 ingestion_pb2.RejectedItem(index=r.index, reason=r.reason, item_id=r.item_id)
@@ -159,71 +164,104 @@ class ItemCatalog:
             resp.rejected.extend(ordered)
         return resp
 
-    def _store(self, accepted: list[_Accepted]) -> list[common_pb2.ItemUpdate]:
-        """Write photos and documents; returns the item-updates to publish."""
+    def _stage(self, valid: list[tuple[int, common_pb2.Item]], resp: ingestion_pb2.UpsertItemsResponse) -> _Staged:
+        """Fetch/check photos through a sliding window and write each to GridFS as soon as it is
+        checked, so a call holds at most ``image_fetch_workers`` photos in memory at a time."""
+        ids = [item.item_id for _, item in valid]
+        existing = {
+            d["_id"]: d
+            for d in with_retries(
+                lambda: list(self.items.find({"_id": {"$in": ids}}, {"image_ref": 1, "image_sha256": 1}))
+            )
+        }
+        staged = _Staged()
         now = time.time()
-        ids = [a.item.item_id for a in accepted]
+        window: deque[tuple[int, common_pb2.Item, Future[CheckedImage | None]]] = deque()
+        todo = iter(valid)
         try:
-            existing = {
-                d["_id"]: d
-                for d in with_retries(
-                    lambda: list(self.items.find({"_id": {"$in": ids}}, {"image_ref": 1, "image_sha256": 1}))
-                )
-            }
-            ops: list[UpdateOne] = []
-            replaced: list[str] = []
-            updates: list[common_pb2.ItemUpdate] = []
-            for a in accepted:
-                item = a.item
-                old = existing.get(item.item_id, {})
-                fields: dict[str, Any] = {
-                    "title": item.title,
-                    "category": item.category,
-                    "brand": item.brand,
-                    "price": item.price,
-                    "attributes": dict(item.attributes),
-                    "updated_at": now,
-                }
-                update: dict[str, Any] = {"$set": fields}
-                image_ref = str(old.get("image_ref", ""))
-                if a.image is not None:
-                    sha = hashlib.sha256(a.image.data).hexdigest()
-                    if sha != old.get("image_sha256") or not image_ref:
-                        new_ref = self.fs.put(
-                            a.image.data,
-                            filename=f"item-{item.item_id}",
-                            content_type=a.image.content_type,
-                            metadata={"kind": "item-image", "item_id": item.item_id, "sha256": sha},
-                        )
-                        if image_ref:
-                            replaced.append(image_ref)
-                            update["$unset"] = dict.fromkeys(STALE_ON_NEW_PHOTO, "")
-                        image_ref = str(new_ref)
-                    fields.update(
-                        image_ref=image_ref,
-                        image_sha256=sha,
-                        image_content_type=a.image.content_type,
-                        image_size=[a.image.width, a.image.height],
+            while True:
+                while len(window) < self.settings.image_fetch_workers:
+                    nxt = next(todo, None)
+                    if nxt is None:
+                        break
+                    window.append((nxt[0], nxt[1], self._fetchers.submit(self._image_of, nxt[1])))
+                if not window:
+                    return staged
+                i, item, fut = window.popleft()
+                try:
+                    image = fut.result()
+                except ImageError as exc:
+                    resp.rejected.add(index=i, reason=str(exc), item_id=item.item_id)
+                    continue
+                self._stage_one(item, image, existing.get(item.item_id, {}), now, staged)
+        except BaseException:
+            for _, _, fut in window:
+                fut.cancel()
+            self._discard(staged.new_refs)
+            raise
+
+    def _stage_one(
+        self, item: common_pb2.Item, image: CheckedImage | None, old: dict[str, Any], now: float, staged: _Staged
+    ) -> None:
+        fields: dict[str, Any] = {
+            "title": item.title,
+            "category": item.category,
+            "brand": item.brand,
+            "price": item.price,
+            "attributes": dict(item.attributes),
+            "updated_at": now,
+        }
+        update: dict[str, Any] = {"$set": fields}
+        image_ref = str(old.get("image_ref", ""))
+        if image is not None:
+            sha = hashlib.sha256(image.data).hexdigest()
+            if sha != old.get("image_sha256") or not image_ref:
+                new_ref = str(
+                    self.fs.put(
+                        image.data,
+                        filename=f"item-{item.item_id}",
+                        content_type=image.content_type,
+                        metadata={"kind": "item-image", "item_id": item.item_id, "sha256": sha},
                     )
-                    metrics.IMAGE_BYTES.observe(len(a.image.data))
-                elif not old:
-                    fields["image_ref"] = ""
-                created = item.created_at.seconds + item.created_at.nanos / 1e9 if item.HasField("created_at") else now
-                update["$setOnInsert"] = {"created_at": created}
-                ops.append(UpdateOne({"_id": item.item_id}, update, upsert=True))
-                ts = now_timestamp()
-                updates.append(common_pb2.ItemUpdate(item_id=item.item_id, image_ref=image_ref, updated_at=ts))
-            with_retries(lambda: self.items.bulk_write(ops, ordered=False))
+                )
+                staged.new_refs.append(new_ref)
+                if image_ref:
+                    staged.replaced.append(image_ref)
+                    update["$unset"] = dict.fromkeys(STALE_ON_NEW_PHOTO, "")
+                image_ref = new_ref
+            fields.update(
+                image_ref=image_ref,
+                image_sha256=sha,
+                image_content_type=image.content_type,
+                image_size=[image.width, image.height],
+            )
+            metrics.IMAGE_BYTES.observe(len(image.data))
+        elif not old:
+            fields["image_ref"] = ""
+        created = item.created_at.seconds + item.created_at.nanos / 1e9 if item.HasField("created_at") else now
+        update["$setOnInsert"] = {"created_at": created}
+        staged.ops.append(UpdateOne({"_id": item.item_id}, update, upsert=True))
+        staged.updates.append(
+            common_pb2.ItemUpdate(item_id=item.item_id, image_ref=image_ref, updated_at=now_timestamp())
+        )
+
+    def _commit(self, staged: _Staged) -> None:
+        """One unordered bulk upsert; photos replaced by it are deleted afterwards (best effort)."""
+        try:
+            with_retries(lambda: self.items.bulk_write(staged.ops, ordered=False))
         except PyMongoError as exc:
-            metrics.ITEMS.labels("failed").inc(len(accepted))
-            log.warning("catalog write failed", extra={"error": str(exc), "items": len(accepted)})
+            metrics.ITEMS.labels("failed").inc(len(staged.ops))
+            log.warning("catalog write failed", extra={"error": str(exc), "items": len(staged.ops)})
+            self._discard(staged.new_refs)
             raise DependencyUnavailable(f"catalog store unavailable: {type(exc).__name__}", 1.0) from exc
-        for ref in replaced:
+        self._discard(staged.replaced)
+
+    def _discard(self, refs: list[str]) -> None:
+        for ref in refs:
             try:
                 self.fs.delete(ObjectId(ref))
             except (PyMongoError, ValueError):
-                log.warning("could not delete a replaced photo", extra={"image_ref": ref})
-        return updates
+                log.warning("could not delete a photo", extra={"image_ref": ref})
 
     def _publish(self, updates: list[common_pb2.ItemUpdate]) -> None:
         self.publisher.admit(len(updates))
