@@ -6,7 +6,7 @@ against that same broker and in one run:
 
 * the service: unary ``IngestEvents`` with batches of 1, 100 and 1000 events
   (one call at a time, each answered only after acks=all) and ``StreamEvents``
-  with 1000-event chunks and at most 8 unacknowledged chunks (client flow control);
+  with 1000-event chunks and at most 4 unacknowledged chunks (client flow control);
 * the baseline: a bare kafka-python ``KafkaProducer`` with the service's own
   producer settings sending the *same pre-serialized messages* (pseudonymized
   exactly like the service does), once per batch size with the same "wait for
@@ -44,7 +44,7 @@ from libs.common.settings import DEV_PSEUDONYM_SECRET
 
 TOPIC = "bench-user-events"
 STREAM_CHUNK = 1000
-STREAM_WINDOW = 8
+STREAM_WINDOW = 4
 FULL = {"batch_1": 2_000, "batch_100": 30_000, "batch_1000": 60_000, "stream": 60_000}
 QUICK = {"batch_1": 300, "batch_100": 5_000, "batch_1000": 10_000, "stream": 10_000}
 
