@@ -69,22 +69,31 @@ class IngestionServicer(ingestion_pb2_grpc.IngestionServiceServicer):
 
         def reader() -> None:
             counter = 0
-            try:
-                for req in request_iterator:
-                    counter += 1
-                    seq = req.sequence or counter
-                    try:
-                        item: Prepared | Exception = self.intake.prepare(req, "StreamEvents")
-                    except (RequestRejected, PublishRefused) as exc:
-                        item = exc
-                    if not put((seq, item)):
-                        if isinstance(item, Prepared):
-                            self.intake.abandon(item)
-                        return
-                    if isinstance(item, Exception):
-                        return
-            except Exception as exc:  # client cancelled or the RPC ended
-                log.debug("stream reader ended", extra={"error": str(exc)})
+            requests = iter(request_iterator)
+            while True:
+                try:
+                    req = next(requests)
+                except StopIteration:
+                    break
+                except Exception as exc:  # client cancelled or the RPC ended
+                    log.debug("stream reader ended", extra={"error": str(exc)})
+                    break
+                counter += 1
+                seq = req.sequence or counter
+                try:
+                    item: Prepared | Exception = self.intake.prepare(req, "StreamEvents")
+                except (RequestRejected, PublishRefused) as exc:
+                    item = exc
+                except Exception as exc:
+                    # Never end the stream "successfully" after a failure: the handler re-raises it.
+                    log.exception("stream chunk failed", extra={"sequence": seq})
+                    item = exc
+                if not put((seq, item)):
+                    if isinstance(item, Prepared):
+                        self.intake.abandon(item)
+                    return
+                if isinstance(item, Exception):
+                    return
             put(None)
 
         thread = threading.Thread(target=reader, name="stream-reader", daemon=True)
