@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
 SETUP_INPUTS := requirements.txt requirements-nodeps.txt pyproject.toml scripts/setup.sh $(wildcard protos/stylerec/v1/*.proto)
 
-.PHONY: setup up down status demo test test-all lint bench clean
+.PHONY: setup up down status demo demo-check test test-all lint bench clean
 
 $(STAMP): $(SETUP_INPUTS)
 	bash scripts/setup.sh
@@ -24,6 +24,10 @@ status: setup
 
 demo: setup
 	$(PY) -m cli.demo
+
+# Re-check out/demo/index.html (links, stylized images) and re-take out/demo/screenshot.png.
+demo-check: setup
+	$(PY) -m cli.demo_check
 
 test: setup
 	$(PY) -m pytest -q -ra

@@ -21,6 +21,7 @@ Without ``../shared/data`` it runs on generated purchases and pictures, labelled
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -74,6 +75,10 @@ def upsert(stack: Stack, items: list[common_pb2.Item], label: str, chunk: int) -
     return upserted, rejected
 
 
+def text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value or "")
+
+
 def wait_for(what: str, check: Callable[[], bool], timeout_s: float) -> float:
     t0 = time.monotonic()
     while not check():
@@ -106,6 +111,48 @@ def print_recs(resp: gateway_pb2.GetRecommendationsResponse, user: str, titles: 
             f"cf {item.cf_score:.3f} style {item.style_affinity:.3f} final {item.final_score:.3f}"
             + (f"  [{STATUS.get(item.stylized_status, '')}]" if item.stylized_status > 1 else "")
         )
+
+
+def train_model(stack: Stack, n_events: int, timeout_s: float = 240) -> str:
+    """Train once from the archive (``services.scoring --role trainer --once``); wait until serving loads it.
+
+    The stack's scoring replica serves popularity until a model exists. The trainer
+    trains the configured algorithm on the MongoDB archive, registers it and publishes
+    it on ``model-updates``; the serving replica hot-swaps it and rewrites its users' recs.
+    """
+    from pymongo import MongoClient
+    from stylerec.v1 import scoring_pb2, scoring_pb2_grpc
+
+    from cli.stack import free_port
+
+    mongo: MongoClient = MongoClient(stack.mongo_uri)
+    try:
+        events = mongo["stylerec"]["events"]
+        wait_for("the archiver to store every event", lambda: events.estimated_document_count() >= n_events, 180)
+    finally:
+        mongo.close()
+    env = stack.service_env("scoring", free_port(), free_port())
+    with open(stack.dir / "scoring-trainer.log", "ab") as log:
+        proc = subprocess.run(
+            [sys.executable, "-m", "services.scoring", "--role", "trainer", "--once"],
+            cwd=str(REPO),
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=timeout_s,
+            check=False,
+        )
+    if proc.returncode != 0:
+        raise RuntimeError(f"training failed (exit {proc.returncode}); see {stack.dir / 'scoring-trainer.log'}")
+    with grpc.insecure_channel(stack.addr_of("scoring")) as channel:
+        stub = scoring_pb2_grpc.ScoringServiceStub(channel)
+
+        def loaded() -> bool:
+            info = stub.ModelInfo(scoring_pb2.ModelInfoRequest(), timeout=10)
+            return info.algorithm != "popularity" and bool(info.model_version)
+
+        wait_for("the serving replica to load the trained model", loaded, 60)
+        return str(stub.ModelInfo(scoring_pb2.ModelInfoRequest(), timeout=10).model_version)
 
 
 class Demo:
@@ -183,6 +230,7 @@ class Demo:
                     original=self.original(it.item_id) if it.image_ref else "",
                     stylized=stylized,
                     stylized_status=STATUS.get(it.stylized_status, "").removeprefix("STYLIZED_").lower(),
+                    has_look=bool(it.image_ref) or resp.strategy != gateway_pb2.STYLE_PERSONALIZED,
                 )
             )
         return out
@@ -268,17 +316,37 @@ def main(argv: list[str] | None = None) -> int:
         last_ts = max(p.ts for p in purchases)
         t = time.monotonic()
         ingest(stack, shopper_events(visitors, last_ts), "gallery visitors (synthetic)")
-        ingest(stack, shopper_events([s for s in shoppers if s.synthetic], last_ts + 7200), "scripted shoppers")
-        with_history = [s.user_id for s in shoppers if s.events or not s.synthetic]
-        wait_applied(stack, with_history)
+        n_events = accepted + sum(len(v.events) for v in visitors)
+        version = train_model(stack, n_events)
+        timings["model trained"] = time.monotonic() - t
+        print(f"model {version} trained on the archive and hot-loaded by scoring ({timings['model trained']:.1f}s)")
+
+        # The scripted shoppers act after the model exists: scoring folds their events in with it.
+        t = time.monotonic()
         pseudo = Pseudonymizer(DEV_PSEUDONYM_SECRET)
+        scripted = [s for s in shoppers if s.synthetic and s.events]
+        ingest(stack, shopper_events(scripted, last_ts + 7200), "scripted shoppers")
+        wait_for(
+            "scoring to fold the scripted shoppers in with the new model",
+            lambda: all(text(r.hget(keys.recs_meta(pseudo(s.user_id)), "model_version")) == version for s in scripted),
+            120,
+        )
+        real = [s.user_id for s in shoppers if not s.synthetic]
+        try:
+            wait_for(
+                "scoring to rewrite the real customer's recommendations with the new model",
+                lambda: all(text(r.hget(keys.recs_meta(pseudo(u)), "model_version")) == version for u in real),
+                60,
+            )
+        except RuntimeError as exc:
+            print(f"note: {exc}; showing what scoring has written so far")
+        timings["shoppers applied"] = time.monotonic() - t
         lovers = [s for s in shoppers if s.expect == "STYLE_PERSONALIZED"]
         wait_for(
             "style profiles of the print lovers",
             lambda: all(r.exists(keys.style_profile(pseudo(s.user_id))) for s in lovers),
             60,
         )
-        timings["shoppers applied"] = time.monotonic() - t
 
         demo = Demo(stack, args.out, pictures, titles)
         t = time.monotonic()
@@ -355,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
             print_recs(answers[s.user_id], s.user_id, titles)
         shot = ""
         if not args.no_screenshot:
-            shot = screenshot(path, args.out / "screenshot.png")
+            shot = screenshot(path, args.out / "screenshot.png", height=4000)
         print("\nsummary")
         for line in summary:
             print(f"  {line}")

@@ -37,6 +37,7 @@ class RecRow:
     original: str = ""
     stylized: str = ""
     stylized_status: str = ""
+    has_look: bool = True  # False: no photo, so no style embedding (the affinity is the pool's mean)
 
 
 @dataclass
@@ -109,6 +110,13 @@ def _pair(row: RecRow) -> str:
     return f'<td class="pair">{"".join(parts)}</td>'
 
 
+def _affinity(r: RecRow) -> str:
+    if r.has_look:
+        return f"{r.style_affinity:.3f}"
+    why = "no photo, so no style embedding: the mean of the pool is used"
+    return f'<span class=muted title="{why}">n/a ({r.style_affinity:.3f})</span>'
+
+
 def _recs_table(rows: list[RecRow]) -> str:
     if not rows:
         return "<p class=muted>no recommendations</p>"
@@ -119,10 +127,16 @@ def _recs_table(rows: list[RecRow]) -> str:
     body = "".join(
         f"<tr><td>{r.rank}</td><td>{_e(r.title[:60])}<br><span class=muted>{_e(r.item_id)}</span></td>"
         f"<td>{_e(r.category)}</td><td class=num>{r.price:.2f}</td><td class=num>{r.cf_score:.3f}</td>"
-        f"<td class=num>{r.style_affinity:.3f}</td><td class=num><b>{r.final_score:.3f}</b></td>{_pair(r)}</tr>"
+        f"<td class=num>{_affinity(r)}</td><td class=num><b>{r.final_score:.3f}</b></td>{_pair(r)}</tr>"
         for r in rows
     )
-    return f"<table>{head}{body}</table>"
+    note = (
+        "<p class=muted>n/a: the item has no photo, so no style embedding; the blend uses the mean affinity "
+        "of the pool for it (an unknown look is neither a match nor a mismatch).</p>"
+        if any(not r.has_look for r in rows)
+        else ""
+    )
+    return f"<table>{head}{body}</table>{note}"
 
 
 def _shelf(rows: list[RecRow]) -> str:

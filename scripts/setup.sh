@@ -8,7 +8,8 @@ export PATH="$PWD/.venv/bin:$PATH"  # protoc plugins (mypy-protobuf) live in the
 
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
-if [ "${STYLEREC_WITH_BROWSER:-0}" = 1 ]; then command -v chromium >/dev/null 2>&1 || need_apt+=(chromium); fi
+# Headless Chromium renders the demo page (tests/gateway/test_e2e.py, `make demo-check`): always needed.
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 # promtool (Debian package prometheus): tests/ops checks and unit-tests the alert rules with it,
 # so it is installed whenever it is missing (STYLEREC_WITH_OPS is no longer needed).
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)

@@ -127,7 +127,10 @@ def test_style_cf_popular_end_to_end_and_demo_page(stack: Stack, unique: str) ->
             event(gifter, mug, common_pb2.PURCHASE, now - 12),
             event(gifter, card, common_pb2.PURCHASE, now - 11),
             # Other shoppers buy the photo prints, so popularity and CF know them.
-            *[event(f"visitor-{n}-{unique}", it, common_pb2.PURCHASE, now - 10 + n) for n, it in enumerate([coffee, apple, card, coffee, apple, mug])],
+            *[
+                event(f"visitor-{n}-{unique}", it, common_pb2.PURCHASE, now - 10 + n)
+                for n, it in enumerate([coffee, apple, card, coffee, apple, mug])
+            ],
         ]
         resp = ing.IngestEvents(ingestion_pb2.IngestEventsRequest(events=events), timeout=30)
         assert resp.accepted == len(events), resp.rejected
@@ -167,8 +170,9 @@ def test_style_cf_popular_end_to_end_and_demo_page(stack: Stack, unique: str) ->
 
         cf = poll("a CF answer for the gift buyer", lambda: ask(gifter), lambda r: r.strategy == gateway_pb2.CF, 60)
         assert cf.model_version and mug not in [it.item_id for it in cf.items]
-        popular = ask(stranger)
-        assert popular.strategy == gateway_pb2.POPULAR and popular.items and not popular.degraded
+        # Scoring refreshes the popularity list periodically: poll until it names items.
+        popular = poll("a POPULAR answer with items", lambda: ask(stranger), lambda r: len(r.items) > 0, 60)
+        assert popular.strategy == gateway_pb2.POPULAR and not popular.degraded
 
         # The demo page for these answers: links to files that exist, stylized images shown, rendered.
         shutil.rmtree(E2E_OUT, ignore_errors=True)
@@ -184,18 +188,35 @@ def test_style_cf_popular_end_to_end_and_demo_page(stack: Stack, unique: str) ->
             styl.write_bytes(b"".join(c.data for c in styl_chunks))
             rows.append(
                 RecRow(
-                    rank, it.item_id, it.title, it.category, it.price, it.cf_score, it.style_affinity,
-                    it.final_score, f"img/{orig.name}", f"img/{styl.name}", "ready",
+                    rank,
+                    it.item_id,
+                    it.title,
+                    it.category,
+                    it.price,
+                    it.cf_score,
+                    it.style_affinity,
+                    it.final_score,
+                    f"img/{orig.name}",
+                    f"img/{styl.name}",
+                    "ready",
                 )
             )
         anchor_path = E2E_OUT / "img" / "anchor.jpg"
         anchor_path.write_bytes(pictures[starry][2])
         view = ShopperView(
-            name="Print lover (e2e test)", user_id=lover, story="favourited and bought The Starry Night",
-            expect="STYLE_PERSONALIZED", strategy="STYLE_PERSONALIZED", model_version=ready.model_version,
-            degraded=ready.degraded, degraded_reason=ready.degraded_reason, confidence=ready.style_confidence,
-            style_lambda=ready.style_lambda, anchor=Tile(starry, pictures[starry][0], "img/anchor.jpg"),
-            history=[Tile(starry, pictures[starry][0], "img/anchor.jpg", "favorite")], recs=rows,
+            name="Print lover (e2e test)",
+            user_id=lover,
+            story="favourited and bought The Starry Night",
+            expect="STYLE_PERSONALIZED",
+            strategy="STYLE_PERSONALIZED",
+            model_version=ready.model_version,
+            degraded=ready.degraded,
+            degraded_reason=ready.degraded_reason,
+            confidence=ready.style_confidence,
+            style_lambda=ready.style_lambda,
+            anchor=Tile(starry, pictures[starry][0], "img/anchor.jpg"),
+            history=[Tile(starry, pictures[starry][0], "img/anchor.jpg", "favorite")],
+            recs=rows,
         )
         page = write_page(E2E_OUT, PageData("StyleRec e2e page (SYNTHETIC test shoppers)", ["test data"], [], [view]))
         problems, shown = check_page(page)
