@@ -400,7 +400,7 @@ def build() -> dict[str, Any]:
         "Degraded answers ratio",
         [
             (
-                f'sum (rate(stylerec_gateway_recommendations_total{{degraded="true"}}[{RATE}])) / '
+                f'(sum (rate(stylerec_gateway_recommendations_total{{degraded="true"}}[{RATE}])) or vector(0)) / '
                 f"sum (rate(stylerec_gateway_recommendations_total[{RATE}]))",
                 "degraded",
             )

@@ -12,9 +12,12 @@ degraded answers, admission rejects) produce their series too. Then each service
 from __future__ import annotations
 
 import io
+import shutil
+import subprocess
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -39,7 +42,8 @@ from stylerec.v1 import (
 from cli.stack import SERVICES, Component, Stack, free_port
 from libs.common import keys
 from libs.common.kafka import USER_EVENTS
-from tests.ops.promql import base_name, exported_names_needed
+from tests.ops.prom_server import JOB_OF, prometheus_for
+from tests.ops.promql import base_name, dashboard_exprs, dashboards, exported_names_needed, load_rules
 
 pytestmark = pytest.mark.integration
 
@@ -262,3 +266,46 @@ def test_process_metrics_and_health_gauges_per_service(stack: Stack) -> None:
         scraped = scrape(stack.components[name].metrics_port)
         for metric in ("process_resident_memory_bytes", "process_cpu_seconds_total", "stylerec_serving"):
             assert metric in scraped, f"{name} does not export {metric}"
+
+
+def test_exposition_passes_promtool_lint(stack: Stack) -> None:
+    """promtool's own linter (naming, units, counter suffixes) over each service's /metrics."""
+    exe = shutil.which("promtool")
+    assert exe, "promtool not found: run `make setup`"
+    for name in SERVICES:
+        port = stack.components[name].metrics_port
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            text = resp.read()
+        res = subprocess.run([exe, "check", "metrics"], input=text, capture_output=True, timeout=30)
+        problems = (res.stdout + res.stderr).decode().strip()
+        assert res.returncode == 0 and not problems, f"{name}:\n{problems}"
+
+
+def test_real_prometheus_loads_rules_and_runs_every_dashboard_query(stack: Stack, tmp_path: Path) -> None:
+    """The Debian Prometheus server scrapes the stack with the repository's rules: every rule
+    evaluates without error, every panel query is accepted by the engine, and the job names,
+    recording rules and lag series the dashboard is built on carry data."""
+    targets = {JOB_OF[name]: [stack.components[name].metrics_port] for name in SERVICES}
+    (dash,) = dashboards().values()
+    with prometheus_for(targets, tmp_path) as prom:
+        # Two scrapes and a rule evaluation are needed before rates exist.
+        deadline = time.monotonic() + 30
+        while not prom.query("stylerec:grpc_requests:rate5m") and time.monotonic() < deadline:
+            time.sleep(0.5)
+        groups = prom.api("/api/v1/rules")["data"]["groups"]
+        loaded = {r["name"] for g in groups for r in g["rules"]}
+        expected = {r.get("alert") or r.get("record") for r in load_rules()}
+        assert loaded == expected
+        unhealthy = [(r["name"], r.get("lastError")) for g in groups for r in g["rules"] if r["health"] != "ok"]
+        assert not unhealthy, unhealthy
+        for where, expr in dashboard_exprs(dash):
+            try:
+                prom.query(expr.replace("$__rate_interval", "1m"))
+            except AssertionError as exc:
+                raise AssertionError(f"{where}: Prometheus rejects the query: {exc}") from exc
+        up = {r["metric"]["job"]: r["value"][1] for r in prom.query('up{job=~"stylerec-.+"}')}
+        assert up == dict.fromkeys(JOB_OF.values(), "1"), up
+        assert prom.query("stylerec:grpc_requests:rate5m")
+        assert prom.query("stylerec:grpc_error_ratio:rate5m"), "the error ratio is 0, not absent, without errors"
+        assert prom.query("stylerec:kafka_consumer_lag_messages:sum")
+        assert prom.query('stylerec_style_provider_active{provider="CPUExecutionProvider"} == 1')
