@@ -9,6 +9,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -111,3 +112,13 @@ def test_archiver_sigkill_mid_stream_ends_with_exactly_the_accepted_events(
     finally:
         for name in (api, arch1, arch2):
             infra.stop_component(name)
+
+
+def test_dev_mode_without_secret_warns_loudly(infra: Stack) -> None:
+    name = f"ing-devkey-{uuid.uuid4().hex[:6]}"
+    try:
+        start_ingestion(infra, name, {"STYLEREC_ROLE": "api", "STYLEREC_PSEUDONYM_SECRET": ""})
+        log = Path(infra.components[name].log).read_text()
+        assert "PUBLIC dev key" in log and '"level": "warning"' in log
+    finally:
+        infra.stop_component(name)
