@@ -320,3 +320,28 @@ def test_optional_components(rendered: dict[str, list[Obj]]) -> None:
     for job in {s["metadata"]["labels"]["stylerec.io/job"] for n, s in of_kind(objs, "Service").items()
                 if n in OUR_DEPLOYMENTS}:  # fmt: skip
         assert f'job="{job}"' in rules, job
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_pod_meets_pod_security_restricted(rendered: dict[str, list[Obj]], overlay: str) -> None:
+    """The overlays' namespaces enforce Pod Security "restricted"; a pod that misses it is rejected at apply."""
+    objs = rendered[overlay]
+    for ns in of_kind(objs, "Namespace").values():
+        assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    for kind in ("Deployment", "StatefulSet", "Job", "CronJob"):
+        for name, obj in of_kind(objs, kind).items():
+            spec = pod_spec(obj)
+            psc = spec.get("securityContext", {})
+            for c in spec["containers"] + spec.get("initContainers", []):
+                sc = c.get("securityContext", {})
+                where = f"{overlay} {kind}/{name}/{c['name']}"
+                assert sc.get("runAsNonRoot", psc.get("runAsNonRoot")) is True, where
+                assert sc.get("allowPrivilegeEscalation") is False, where
+                assert sc.get("capabilities", {}).get("drop") == ["ALL"], where
+                assert not sc.get("capabilities", {}).get("add"), where
+                seccomp = sc.get("seccompProfile", psc.get("seccompProfile", {}))
+                assert seccomp.get("type") in ("RuntimeDefault", "Localhost"), where
+                assert not sc.get("privileged"), where
+            for vol in spec.get("volumes", []):
+                assert "hostPath" not in vol, f"{overlay} {name}: hostPath volume"
+            assert not spec.get("hostNetwork") and not spec.get("hostPID"), name
