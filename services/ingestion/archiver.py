@@ -16,6 +16,7 @@ import threading
 import time
 from typing import Any
 
+from kafka import KafkaProducer
 from kafka.errors import KafkaError
 from pymongo import UpdateOne
 from pymongo.database import Database
@@ -82,6 +83,26 @@ class EventArchiver:
         metrics.ARCHIVED.inc(len(ops))
 
 
+class DeadLetterProducer(ProtoProducer):
+    """ProtoProducer whose KafkaProducer is not idempotent: kafka-python 3's idempotent producer
+    never recovers once a batch expires (see publisher.producer_config), which would leave the
+    archiver unable to dead-letter anything after a broker stall, i.e. stuck."""
+
+    def __init__(self, bootstrap: list[str], client_id: str) -> None:
+        self._producer = KafkaProducer(
+            bootstrap_servers=bootstrap,
+            client_id=client_id,
+            acks="all",
+            retries=3,
+            enable_idempotence=False,
+            max_in_flight_requests_per_connection=1,
+            linger_ms=5,
+            max_block_ms=5000,
+            request_timeout_ms=10000,
+            bootstrap_timeout_ms=5000,
+        )
+
+
 class ArchiverRunner:
     """Starts the consumer loop once the broker answers (retrying in the background), so an
     ingestion process started before Kafka still comes up; stops it on shutdown."""
@@ -102,7 +123,7 @@ class ArchiverRunner:
         s = self.settings
         while not self._stop.is_set():
             try:
-                self.producer = self.producer or ProtoProducer(s.kafka_servers, client_id="ingestion-archiver")
+                self.producer = self.producer or DeadLetterProducer(s.kafka_servers, client_id="ingestion-archiver")
                 self.loop = ProtoConsumerLoop(
                     bootstrap=s.kafka_servers,
                     group_id=s.archiver_group,
