@@ -180,6 +180,7 @@ class ProtoConsumerLoop(Generic[M]):
         session_timeout_ms: int = 10000,
         validate: Callable[[M], str | None] | None = None,
         auto_offset_reset: str = "earliest",
+        fetch_max_wait_ms: int | None = None,
     ) -> None:
         self.group_id = group_id
         self.topics = list(topics)
@@ -189,6 +190,9 @@ class ProtoConsumerLoop(Generic[M]):
         self._producer = producer
         self._service = service
         self._poll_timeout_ms = poll_timeout_ms
+        # fetch_max_wait_ms (None = kafka-python's 500 ms): a broker that does not wake a parked
+        # fetch when data arrives (the embedded tansu) adds up to this much latency per hop.
+        extra: dict[str, int] = {} if fetch_max_wait_ms is None else {"fetch_max_wait_ms": fetch_max_wait_ms}
         self._consumer = KafkaConsumer(
             bootstrap_servers=list(bootstrap),
             group_id=group_id,
@@ -199,6 +203,7 @@ class ProtoConsumerLoop(Generic[M]):
             session_timeout_ms=session_timeout_ms,
             heartbeat_interval_ms=max(500, session_timeout_ms // 4),
             client_id=f"{service}-{group_id}",
+            **extra,
         )
         self._consumer.subscribe(self.topics)
         self._stop = threading.Event()
