@@ -26,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,20 @@ def wait_until(check: Any, timeout_s: float, what: str) -> None:
     raise StackError(f"timed out waiting for {what}")
 
 
+def scrape_histogram(stack: Stack, name: str) -> tuple[float, float]:
+    """(sum, count) of a histogram on the scoring replica's /metrics endpoint."""
+    port = stack.components["scoring"].metrics_port
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    total = count = 0.0
+    for line in text.splitlines():
+        if line.startswith(f"{name}_sum"):
+            total = float(line.split()[-1])
+        elif line.startswith(f"{name}_count"):
+            count = float(line.split()[-1])
+    return total, count
+
+
 def bench_kafka_hop(bootstrap: str, n: int) -> list[float]:
     """Baseline: produce one record (acks=all) → a bare consumer receives it."""
     topic = f"bench-scoring-hop-{uuid.uuid4().hex[:6]}"
@@ -219,6 +234,8 @@ def bench_stack(sizes: dict[str, int], progress: tqdm) -> dict[str, Any]:
 
             # Freshness: ingestion → Kafka → scoring → Redis.
             fresh_s: list[float] = []
+            ingest_call_s: list[float] = []
+            hist_before = scrape_histogram(stack, "stylerec_scoring_event_to_redis_seconds")
             changed = 0
             for n in range(sizes["probes"]):
                 raw = users[(n * 37) % len(users)]
@@ -234,6 +251,7 @@ def bench_stack(sizes: dict[str, int], progress: tqdm) -> dict[str, Any]:
                 ev.timestamp.GetCurrentTime()
                 t = time.perf_counter()
                 ing.IngestEvents(ingestion_pb2.IngestEventsRequest(events=[ev]), timeout=10)
+                ingest_call_s.append(time.perf_counter() - t)
                 while time.perf_counter() - t < 15:
                     if r.hget(keys.recs_meta(u), "updated_at") != before:
                         fresh_s.append(time.perf_counter() - t)
@@ -241,6 +259,7 @@ def bench_stack(sizes: dict[str, int], progress: tqdm) -> dict[str, Any]:
                         break
                     time.sleep(0.002)
                 time.sleep(0.05)
+            hist_after = scrape_histogram(stack, "stylerec_scoring_event_to_redis_seconds")
             hop_s = bench_kafka_hop(stack.kafka_bootstrap, sizes["probes"])
             progress.update(1)
             topn = summary_ms(topn_s)
@@ -266,6 +285,12 @@ def bench_stack(sizes: dict[str, int], progress: tqdm) -> dict[str, Any]:
                     "probes_timed_out": sizes["probes"] - len(fresh_s),
                     "recs_content_changed": changed,
                     "baseline_bare_kafka_hop": hop,
+                    "breakdown": {
+                        "ingest_rpc_incl_kafka_ack": summary_ms(ingest_call_s),
+                        "scoring_record_timestamp_to_redis_mean_ms": round(
+                            1000 * (hist_after[0] - hist_before[0]) / max(1.0, hist_after[1] - hist_before[1]), 3
+                        ),
+                    },
                     "ratio_p50": round(fresh["p50_ms"] / hop["p50_ms"], 2) if hop["p50_ms"] else None,
                     "target_p95_ms": 1000,
                 },

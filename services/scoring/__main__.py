@@ -136,6 +136,7 @@ def run_serving(settings: ScoringSettings) -> None:
         max_poll_interval_ms=settings.kafka_max_poll_interval_ms,
         session_timeout_ms=settings.kafka_session_timeout_ms,
         validate=event_problem,
+        fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
     )
     ownership = Ownership(consumer.assignment, state, publisher)
     registry = ModelRegistry(db, settings.models_collection)

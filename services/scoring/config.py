@@ -49,6 +49,9 @@ class ScoringSettings(ServiceSettings):
     profile_half_confidence_weight: float = Field(
         20.0, gt=0, description="Decayed weight at which style-profile confidence reaches half its coherence."
     )
+    kafka_fetch_max_wait_ms: int = Field(
+        50, ge=1, le=5000, description="Consumer fetch long-poll; bounds the event-to-recs latency on tansu."
+    )
     embedding_dim: int = Field(100, ge=1, description="Length of item style embeddings.")
 
     @field_validator("algorithm")

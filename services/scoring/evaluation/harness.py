@@ -189,14 +189,14 @@ def evaluate(
             {
                 "algorithm": r.algorithm,
                 "params": r.params,
-                "metrics": {m: round(v, 5) for m, v in r.metrics.items()},
+                "metrics": {m: round(float(v), 5) for m, v in r.metrics.items()},
                 "train_seconds": round(r.train_seconds, 3),
                 "tune_seconds": round(r.tune_seconds, 3),
                 "validation": r.validation,
             }
             for r in results
         ],
-        "best": {"algorithm": best.algorithm, key: round(best.metrics[key], 5)},
+        "best": {"algorithm": best.algorithm, key: round(float(best.metrics[key]), 5)},
     }
     if data.name == "ml-100k" and protocol == "stratified-item" and k == 10:
         top_pub = max(PUBLISHED_ML100K_NDCG10.values())
