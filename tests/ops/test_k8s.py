@@ -315,6 +315,14 @@ def test_optional_components(rendered: dict[str, list[Obj]]) -> None:
             job = svc["metadata"]["labels"]["stylerec.io/job"]
             assert job.startswith("stylerec-"), name
             assert any(p["name"] == monitor["spec"]["endpoints"][0]["port"] for p in svc["spec"]["ports"]), name
+    (rule,) = of_kind(objs, "PrometheusRule").values()
+    groups = []
+    for path in sorted((REPO / "deploy/prometheus/rules").glob("*.yml")):
+        groups.extend(yaml.safe_load(path.read_text())["groups"])
+    assert rule["spec"]["groups"] == groups, "PrometheusRule differs from deploy/prometheus/rules"
+    dashboard = of_kind(objs, "ConfigMap")["stylerec-grafana-dashboard"]
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert dashboard["data"]["stylerec.json"] == (REPO / "deploy/grafana/dashboards/stylerec.json").read_text()
     # The jobs Prometheus will see are the ones the alert rules and dashboard expect.
     rules = (REPO / "deploy/prometheus/rules/stylerec-alerts.yml").read_text()
     for job in {s["metadata"]["labels"]["stylerec.io/job"] for n, s in of_kind(objs, "Service").items()
