@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 import threading
@@ -231,6 +232,7 @@ def cmd_bench_ingest(args: argparse.Namespace) -> int:
         channel.close()
     finally:
         stack.down()
+        shutil.rmtree(stack_dir, ignore_errors=True)
     svc = {name: summarize(r) for name, r in runs["service"].items()}
     base = {name: summarize(r) for name, r in runs["baseline"].items()}
     pairs = {
