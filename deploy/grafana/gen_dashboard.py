@@ -250,6 +250,11 @@ def build() -> dict[str, Any]:
         unit="ops",
     )
     d.add(
+        "Partitions owned per replica",
+        [("count by (group, instance) (stylerec_kafka_consumer_lag_messages)", "{{group}} {{instance}}")],
+        description="How the consumer groups spread partitions over replicas; replicas with 0 are idle.",
+    )
+    d.add(
         "Dead letters / s",
         [(f"sum by (topic, reason) (rate(stylerec_dead_letters_total[{RATE}]))", "{{topic}} {{reason}}")],
         unit="ops",
