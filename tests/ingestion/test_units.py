@@ -295,3 +295,58 @@ def test_property_random_events_never_crash_and_never_publish_invalid(events: li
         assert validate_event(out, now=time.time(), pseudonymized=True) is None
         assert PSEUDONYM_RE.match(out.user_id) and key == out.user_id.encode()
         assert out.user_id not in raw_ids
+
+
+# ---------- publisher admission and circuit (fake KafkaProducer) ----------
+class _DoneFuture:
+    is_done = True
+
+    def get(self, timeout: float | None = None) -> None:
+        return None
+
+
+class _FakeKafka:
+    def __init__(self, **config: Any) -> None:
+        self.config = config
+        self.fail_with: Exception | None = None
+
+    def send(self, topic: str, value: bytes, key: bytes) -> Any:
+        if self.fail_with is not None:
+            raise self.fail_with
+        return _DoneFuture()
+
+    def flush(self, timeout: float | None = None) -> None:
+        pass
+
+    def close(self, timeout: float | None = None) -> None:
+        pass
+
+
+def test_publisher_admission_budget_and_broker_circuit() -> None:
+    from kafka.errors import KafkaTimeoutError
+
+    from services.ingestion.publisher import BrokerUnavailable, EventPublisher, Overloaded
+
+    cfg = IngestionSettings(
+        max_batch_events=10, max_inflight_events=10, admission_wait_s=0.01, broker_cooldown_s=30, publish_timeout_s=1
+    )
+    pub = EventPublisher(cfg, factory=_FakeKafka)
+    with pytest.raises(BrokerUnavailable, match="not connected"):
+        pub.admit(1)
+    pub.start()
+    assert pub.wait_ready(5)
+    assert pub._producer.config["acks"] == "all" and pub._producer.config["enable_idempotence"] is False
+    pub.admit(8)
+    with pytest.raises(Overloaded) as over:
+        pub.admit(3)
+    assert over.value.retry_after_s > 0
+    batch = pub.send("t", [(b"k", b"v")] * 8, admitted=8)
+    assert pub.wait(batch, "t").error is None and pub.inflight == 0
+    pub._producer.fail_with = KafkaTimeoutError("no metadata")
+    pub.admit(2)
+    failed = pub.send("t", [(b"k", b"v")] * 2, admitted=2)
+    result = pub.wait(failed, "t")
+    assert result.error and "unreachable" in result.error and result.ok == [False, False]
+    with pytest.raises(BrokerUnavailable, match="failing"):
+        pub.admit(1)  # the circuit is open: fail fast instead of waiting on a dead broker
+    assert pub.inflight == 0
