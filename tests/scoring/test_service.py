@@ -189,3 +189,26 @@ def test_bad_requests_get_clear_errors(seeded: ScoringEnv) -> None:
     assert unknown.source == "popularity"
     scored = stub.Score(scoring_pb2.ScoreRequest(user_id=user(seeded, "a0"), item_ids=[item(seeded, "A3")]), timeout=5)
     assert scored.items[0].item_id == item(seeded, "A3")
+
+
+def test_failed_training_publishes_nothing_and_serving_keeps_its_model(seeded: ScoringEnv) -> None:
+    """In process against the real Mongo-protocol server: a fit that fails leaves the registry alone."""
+    from services.scoring.config import ScoringSettings
+    from services.scoring.registry import ModelRegistry
+    from services.scoring.trainer import Trainer, TrainingError
+
+    settings = ScoringSettings(
+        events_collection=f"events_{seeded.tag}",
+        models_collection=f"models_{seeded.tag}",
+        algorithm_params='{"l2": -1e9}',  # not positive definite: the Cholesky factorisation fails
+    )
+    registry = ModelRegistry(seeded.db, settings.models_collection)
+    before = [d["_id"] for d in registry.versions()]
+    serving = seeded.stub("scoring-a").ModelInfo(scoring_pb2.ModelInfoRequest(), timeout=5).model_version
+    with pytest.raises(TrainingError):
+        Trainer(settings, seeded.db, registry, None, None).train("ease", "rpc")
+    too_few = ScoringSettings(events_collection=f"events_{seeded.tag}", min_train_events=10**6)
+    with pytest.raises(TrainingError, match="archived events"):
+        Trainer(too_few, seeded.db, registry, None, None).train("ease", "rpc")
+    assert [d["_id"] for d in registry.versions()] == before
+    assert seeded.stub("scoring-a").ModelInfo(scoring_pb2.ModelInfoRequest(), timeout=5).model_version == serving
