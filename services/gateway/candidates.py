@@ -95,7 +95,7 @@ class CandidateSource:
             items, version = self.ds.redis_call("popular_get", lambda r: self._read_popular(r, n, category), deadline)
             with self._lock:
                 self._last_popular[category] = items
-                if self.near_cache_s > 0:
+                if self.near_cache_s > 0 and items:  # an empty list may fill any moment: do not keep it
                     self._near[(category, n)] = (time.monotonic(), items, version)
             return CandidateSet(POPULAR, items, version)
         except DependencyUnavailable as exc:
