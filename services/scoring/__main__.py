@@ -142,7 +142,7 @@ def run_serving(settings: ScoringSettings) -> None:
     registry = ModelRegistry(db, settings.models_collection)
     updates = ModelUpdates(settings, registry, holder, on_swap=lambda _sm: ownership.rewrite_in_background())
     trainer = Trainer(settings, db, registry, producer, r, on_published=updates.install)
-    scheduler = TrainScheduler(settings, trainer, lambda: applier.applied)
+    scheduler = TrainScheduler(settings, trainer, lambda: applier.applied, holder.age_s)
     archive_sync = ArchiveSync(settings, db, state, publisher, categories)
     servicer = ScoringServicer(engine, holder, trainer, settings.replica_name, ownership.partitions)
     runtime.add_service("stylerec.v1.ScoringService", scoring_pb2_grpc.add_ScoringServiceServicer_to_server, servicer)
@@ -161,7 +161,8 @@ def run_serving(settings: ScoringSettings) -> None:
                     log.warning("start-up training skipped", extra={"reason": str(exc)})
             publisher.popularity(force=True)
         except Exception:
-            log.exception("bootstrap from the archive failed; starting with what was loaded")
+            archive_sync.full_needed = True
+            log.exception("bootstrap from the archive failed; the archive sync will retry a full read")
         publisher.start()
         consumer.start()
         updates.start()

@@ -124,9 +124,16 @@ class Publisher:
                 except Exception:
                     log.warning("popularity flush failed", exc_info=True)
 
-    def users(self, users: Iterable[str]) -> None:
+    def users(self, users: Iterable[str], profiles: bool = True) -> None:
+        """Rewrite recs (and, unless ``profiles`` is False, style profiles) of ``users``.
+
+        Profiles depend on history and embeddings only, not on the model, so a model swap
+        or a rebalance rewrites recs alone; a user's next event refreshes the profile.
+        """
         users = list(users)
         self.recs.write_users(users)
+        if not profiles:
+            return
         for user in users:
             try:
                 p = self.profiles.update(user, self.state.history(user))
@@ -211,10 +218,15 @@ class ArchiveSync:
         self.categories = categories
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="archive-sync", daemon=True)
+        # Set when the start-up rebuild failed: the next sync reads the whole archive.
+        self.full_needed = False
 
     def sync_once(self) -> int:
         since = self.state.watermark - self.settings.archive_slack_s if self.state.watermark else None
+        if self.full_needed:
+            since = None
         n = self.state.apply_all(archive_events(self.db, self.settings.events_collection, since))
+        self.full_needed = False
         metrics.EVENTS_APPLIED.labels("archive", "new").inc(n)
         self.categories.refresh()
         return n
@@ -371,7 +383,7 @@ class Ownership:
         users = self.owned_users(parts)
         with self._rewrite_lock:
             for start in range(0, len(users), 500):
-                self.publisher.users(users[start : start + 500])
+                self.publisher.users(users[start : start + 500], profiles=False)
         self.publisher.popularity(force=True)
         return len(users)
 

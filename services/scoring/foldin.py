@@ -53,6 +53,11 @@ class ModelHolder:
         metrics.MODEL_ITEMS.set(len(sm.item_ids))
         return True
 
+    def age_s(self) -> float:
+        """Seconds since the serving model was trained (infinite when there is none)."""
+        cur = self._current
+        return time.time() - cur.trained_at if cur else float("inf")
+
     @property
     def version(self) -> str:
         cur = self._current

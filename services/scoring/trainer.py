@@ -182,8 +182,15 @@ class Trainer:
 class TrainScheduler:
     """Triggers: every ``train_interval_s`` and after ``train_after_events`` new events."""
 
-    def __init__(self, settings: ScoringSettings, trainer: Trainer, events_seen: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        settings: ScoringSettings,
+        trainer: Trainer,
+        events_seen: Callable[[], int],
+        model_age_s: Callable[[], float] = lambda: float("inf"),
+    ) -> None:
         self.settings = settings
+        self.model_age_s = model_age_s
         self.trainer = trainer
         self.events_seen = events_seen
         self._stop = threading.Event()
@@ -203,7 +210,12 @@ class TrainScheduler:
             new_events = self.events_seen() - self._events_at_last
             trigger = ""
             if s.train_interval_s > 0 and now - self._last_train >= s.train_interval_s:
-                trigger = "schedule"
+                # Several replicas may run a schedule: a fresh model (trained by any of them and
+                # hot-loaded here) resets this replica's timer instead of training again.
+                if self.model_age_s() < s.train_interval_s:
+                    self._last_train = now - self.model_age_s()
+                else:
+                    trigger = "schedule"
             elif s.train_after_events > 0 and new_events >= s.train_after_events:
                 trigger = "events"
             if trigger and not self.trainer.busy:
