@@ -176,6 +176,17 @@ def bench_stream(stub: Any, events: list[common_pb2.Event]) -> dict[str, Any]:
     return res
 
 
+def peak_rss_of(pid: int) -> float:
+    """VmHWM of the service process: in-flight data is bounded, so this must not grow with the load."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return 0.0
+
+
 def cmd_bench_ingest(args: argparse.Namespace) -> int:
     from kafka import KafkaProducer
 
@@ -192,6 +203,7 @@ def cmd_bench_ingest(args: argparse.Namespace) -> int:
     stack = Stack(dir=stack_dir)
     pseudonymize = Pseudonymizer(DEV_PSEUDONYM_SECRET)
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {"service": {}, "baseline": {}}
+    peak_rss_mb = 0.0
     try:
         print("starting broker, redis, mongo and ingestion ...", flush=True)
         stack.start_infra()
@@ -230,6 +242,7 @@ def cmd_bench_ingest(args: argparse.Namespace) -> int:
                 runs[side].setdefault(name, []).append(fn())
         producer.close(timeout=5)
         channel.close()
+        peak_rss_mb = peak_rss_of(stack.components["ingestion-bench"].pid)
     finally:
         stack.down()
         shutil.rmtree(stack_dir, ignore_errors=True)
@@ -268,6 +281,7 @@ def cmd_bench_ingest(args: argparse.Namespace) -> int:
         "service": svc,
         "baseline": base,
         "ratio_service_over_baseline": ratios,
+        "service_peak_rss_mb": peak_rss_mb,
         "goal": {"batch_1000": 0.8, "stream": 0.8},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -285,5 +299,5 @@ def cmd_bench_ingest(args: argparse.Namespace) -> int:
             f"    stream: service {svc['stream']['events_per_s']:>9.0f} ev/s  pipelined baseline "
             f"{base['pipelined']['events_per_s']:>9.0f} ev/s  ratio {ratios['stream_vs_pipelined']:.2f}"
         )
-        print(f"wrote {args.out}")
+        print(f"service peak RSS {peak_rss_mb} MiB; wrote {args.out}")
     return 0
