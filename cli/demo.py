@@ -34,7 +34,7 @@ from stylerec.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, ingestion_pb2
 from tqdm import tqdm
 
 from cli.demo_catalog import DemoPictures, gift_items, load_pictures, picture_items
-from cli.demo_data import ONLINE_RETAIL, Purchase, read_online_retail, synthetic_purchases, to_events
+from cli.demo_data import SHARED_DATA, Purchase, read_online_retail, synthetic_purchases, to_events
 from cli.demo_page import PageData, RecRow, ShopperView, Tile, check_page, screenshot, write_page
 from cli.demo_shoppers import gallery_visitors, scripted_shoppers, shopper_events
 from cli.stack import REPO, Stack
@@ -243,27 +243,34 @@ def pending(resp: gateway_pb2.GetRecommendationsResponse) -> int:
     return sum(1 for it in resp.items if it.stylized_status == gateway_pb2.STYLIZED_PENDING)
 
 
-def load_purchases(limit: int) -> tuple[list[Purchase], str]:
-    if ONLINE_RETAIL.exists():
-        purchases = sorted(read_online_retail(), key=lambda p: p.ts)
+def load_purchases(limit: int, data_dir: Path) -> tuple[list[Purchase], str]:
+    online_retail = data_dir / "online-retail" / "online_retail.csv.gz"
+    if online_retail.exists():
+        purchases = sorted(read_online_retail(online_retail), key=lambda p: p.ts)
         total = len(purchases)
         if limit and limit < total:
             purchases = purchases[-limit:]
             return purchases, (
                 f"REAL data: the most recent {len(purchases):,} of {total:,} Online Retail purchases "
-                f"({ONLINE_RETAIL}; subsampled so the demo fits a few minutes on a 2-core machine)"
+                f"({online_retail}; subsampled so the demo fits a few minutes on a 2-core machine)"
             )
-        return purchases, f"REAL data: all {total:,} Online Retail purchases ({ONLINE_RETAIL})"
+        return purchases, f"REAL data: all {total:,} Online Retail purchases ({online_retail})"
     purchases = synthetic_purchases()
     if limit:
         purchases = purchases[-limit:]
-    return purchases, "SYNTHETIC purchases (../shared/data not found): generated shoppers and items, not real data"
+    return purchases, f"SYNTHETIC purchases ({online_retail} not found): generated shoppers and items, not real data"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="StyleRec demo on the embedded stack")
     parser.add_argument("--limit", type=int, default=DEFAULT_LIMIT, help="ingest the most recent N purchases (0 = all)")
     parser.add_argument("--out", type=Path, default=OUT, help="where index.html and img/ go")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=SHARED_DATA,
+        help="folder with online-retail/ and images/ (default ../shared/data; generated data when absent)",
+    )
     parser.add_argument("--stylize-wait", type=float, default=240, help="max seconds to wait for stylized images")
     parser.add_argument("--no-screenshot", action="store_true")
     parser.add_argument("--keep-up", action="store_true", help="leave the stack running afterwards")
@@ -273,8 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     t_start = time.monotonic()
-    purchases, data_label = load_purchases(args.limit)
-    pictures = load_pictures()
+    purchases, data_label = load_purchases(args.limit, args.data_dir)
+    pictures = load_pictures(args.data_dir / "images")
+    real_customers = data_label.startswith("REAL")
     print(data_label)
     print(f"pictures: {pictures.source}")
     gifts = gift_items(purchases)
@@ -410,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"pictures: {pictures.source}",
                 f"{len(visitors)} gallery visitors and the scripted shoppers are SYNTHETIC (scripted/seeded), "
                 "labelled as such; the customer ids that are numbers are real Online Retail customers"
-                if ONLINE_RETAIL.exists()
+                if real_customers
                 else f"{len(visitors)} gallery visitors and the scripted shoppers are SYNTHETIC",
             ],
             summary=summary,

@@ -30,6 +30,7 @@ from services.gateway.catalog import ItemCatalog
 from services.gateway.config import GatewaySettings
 from services.gateway.downstream import Downstream
 from services.gateway.embeddings import ItemEmbeddings
+from services.gateway.invalidation import ItemCacheInvalidator
 from services.gateway.recommend import Recommender
 from services.gateway.server import GatewayServicer
 from services.gateway.similar import EmbeddingIndex, SimilarItems
@@ -44,10 +45,12 @@ class GatewayApp:
     publisher: StyleJobPublisher
     mongo: MongoClient
     scoring_channel: grpc.Channel | None
+    invalidator: ItemCacheInvalidator
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def start_background(self) -> None:
         self.publisher.start()
+        self.invalidator.start()
         threading.Thread(target=self._gauge_loop, name="dependency-gauges", daemon=True).start()
 
     def _gauge_loop(self) -> None:
@@ -64,6 +67,7 @@ class GatewayApp:
 
     def close(self) -> None:
         self._stop.set()
+        self.invalidator.stop()
         self.publisher.stop()
         if self.scoring_channel is not None:
             self.scoring_channel.close()
@@ -92,7 +96,8 @@ def build_app(settings: GatewaySettings) -> GatewayApp:
     )
     similar = SimilarItems(ds, EmbeddingIndex(ds, settings.embedding_index_refresh_s), settings.style_lambda)
     servicer = GatewayServicer(settings, ds, pseudonymize, recommender, similar)
-    return GatewayApp(settings, servicer, ds, publisher, mongo, scoring_channel)
+    invalidator = ItemCacheInvalidator(settings, ds.redis)
+    return GatewayApp(settings, servicer, ds, publisher, mongo, scoring_channel, invalidator)
 
 
 def main() -> None:

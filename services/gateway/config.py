@@ -49,6 +49,9 @@ class GatewaySettings(ServiceSettings):
 
     # --- catalog cache ---------------------------------------------------------------------------
     item_cache_ttl_s: int = Field(3600, ge=1, description="TTL of item metadata cached in Redis.")
+    item_updates_group: str = Field(
+        "gateway-item-cache", min_length=1, description="Consumer group that invalidates item_meta on item-updates."
+    )
     item_near_cache_s: float = Field(
         5.0, ge=0, le=300, description="In-process item-metadata cache lifetime (0 = off): staleness bound."
     )

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from kafka import KafkaConsumer
 from PIL import Image
-from stylerec.v1 import gateway_pb2, style_pb2
+from stylerec.v1 import common_pb2, gateway_pb2, style_pb2
 
 from cli.stack import Stack
 from libs.common import keys
@@ -306,3 +306,45 @@ def test_deadlines_honoured_with_a_hung_scoring(infra: Stack, blackhole: str, un
     finally:
         gw.channel.close()
         infra.stop_component(gw.component.name)
+
+
+def test_narrow_shelf_is_topped_up_from_category_popularity(gateway: Gateway, seed: Seeder, unique: str) -> None:
+    user = f"shelf-{unique}"
+    gifts = [f"g-{unique}-{i}" for i in range(3)]
+    photos = [f"p-{unique}-{i}" for i in range(3)]
+    for i in gifts:
+        seed.item(i, category="gift")
+    for i in photos:
+        seed.item(i, category=f"photo-{unique}")
+    seed.recs(pseudo(user), {i: 1.0 for i in gifts})
+    seed.popular({p: 10.0 - n for n, p in enumerate(photos)}, category=f"photo-{unique}")
+    resp = recommend(gateway, user, k=2, filters=gateway_pb2.Filters(category=f"photo-{unique}"))
+    assert resp.strategy == gateway_pb2.CF
+    assert [r.item_id for r in resp.items] == photos[:2]
+
+
+def test_catalog_change_invalidates_cached_metadata(infra: Stack, gateway: Gateway, seed: Seeder, unique: str) -> None:
+    from libs.common.kafka import ITEM_UPDATES, ProtoProducer
+
+    user = f"pricey-{unique}"
+    item = f"lamp-{unique}"
+    seed.item(item, title="Lamp", price=10.0)
+    seed.recs(pseudo(user), {item: 1.0})
+    assert recommend(gateway, user, k=1).items[0].price == pytest.approx(10.0)
+    assert gateway.redis.exists(keys.item_meta(item))
+    seed.db["items"].update_one({"_id": item}, {"$set": {"price": 12.5}})
+    producer = ProtoProducer([infra.kafka_bootstrap], client_id="test-catalog")
+    try:
+        end = time.monotonic() + 45
+        price = 10.0
+        while time.monotonic() < end:
+            # Repeated until seen: the gateway's group may still be joining (it starts at "latest").
+            producer.send_and_wait(ITEM_UPDATES, item, common_pb2.ItemUpdate(item_id=item))
+            time.sleep(1.0)
+            # The in-process copy lives item_near_cache_s (5 s) after the Redis entry is gone.
+            price = recommend(gateway, user, k=1).items[0].price
+            if price == pytest.approx(12.5):
+                break
+        assert price == pytest.approx(12.5)
+    finally:
+        producer.close()
