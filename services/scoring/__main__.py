@@ -116,7 +116,7 @@ def run_serving(settings: ScoringSettings) -> None:
     state = InteractionState(settings.event_weights(), settings.half_life_days * 86400)
     holder = ModelHolder()
     categories = CategoryCache(db, settings.items_collection)
-    engine = Recommender(state, holder, settings.new_item_slots, categories)
+    engine = Recommender(state, holder, settings.new_item_slots, categories, categories.newest)
     profiles = ProfileWriter(
         r,
         EmbeddingSource(r, db, settings.items_collection, settings.embedding_dim),

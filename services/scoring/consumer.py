@@ -61,25 +61,40 @@ def partition_of(user: str, partitions: int = TOPICS[USER_EVENTS]) -> int:
 
 
 class CategoryCache:
-    """item → category from MongoDB ``items``, refreshed by the archive sync."""
+    """item → category and the newest catalog arrivals, from MongoDB ``items``; refreshed by
+    the archive sync (plain find with a projection: the catalog is small next to the events)."""
 
-    def __init__(self, db: Database | None, collection: str) -> None:
+    def __init__(self, db: Database | None, collection: str, arrivals: int = 200) -> None:
         self.db = db
         self.collection = collection
+        self.arrivals = arrivals
         self._map: dict[str, str] = {}
+        self._newest: list[tuple[str, float]] = []
 
     def refresh(self) -> None:
         if self.db is None:
             return
         try:
-            docs = list(self.db[self.collection].find({}, {"category": 1}))
+            docs = list(self.db[self.collection].find({}, {"category": 1, "created_at": 1}))
         except Exception:
             STORE_ERRORS.labels("mongo", "item_categories").inc()
             return
         self._map = {str(d["_id"]): str(d.get("category") or "") for d in docs}
+        dated = []
+        for d in docs:
+            try:
+                dated.append((str(d["_id"]), float(d.get("created_at") or 0.0)))
+            except (TypeError, ValueError):
+                continue
+        dated.sort(key=lambda it: (-it[1], it[0]))
+        self._newest = dated[: self.arrivals]
 
     def __call__(self) -> dict[str, str]:
         return self._map
+
+    def newest(self) -> list[tuple[str, float]]:
+        """Newest catalog items first: (item id, created_at)."""
+        return self._newest
 
 
 class Publisher:

@@ -80,11 +80,13 @@ class Recommender:
         holder: ModelHolder,
         new_item_slots: int = 2,
         categories: Callable[[], dict[str, str]] | None = None,
+        arrivals: Callable[[], list[tuple[str, float]]] | None = None,
     ) -> None:
         self.state = state
         self.holder = holder
         self.new_item_slots = new_item_slots
         self.categories = categories or (lambda: {})
+        self.arrivals = arrivals or (lambda: [])
 
     def history_row(self, sm: ServingModel, history: dict[str, float]) -> sp.csr_matrix:
         cols = [sm.item_index[i] for i in history if i in sm.item_index]
@@ -138,13 +140,22 @@ class Recommender:
         exclude: set[str],
         allowed: set[str] | None,
     ) -> list[tuple[str, float]]:
-        """Items the model has never seen (added after training) take the last few slots,
-        ranked by popularity, scored just below the model's lowest score shown."""
+        """Items the model has never seen (added after training) take the last few slots:
+        first those already interacted with, by decayed popularity, then the newest catalog
+        arrivals created after the model was trained; scored just below the lowest model score."""
         slots = min(self.new_item_slots, k)
         if slots <= 0:
             return items[:k]
         skip = exclude | set(sm.item_index)
         fresh = self.state.popular(slots, skip, allowed)
+        if len(fresh) < slots:
+            taken = {i for i, _ in fresh}
+            for item, created in self.arrivals():
+                if len(fresh) >= slots or created <= sm.trained_at:
+                    break
+                if item in skip or item in taken or (allowed is not None and item not in allowed):
+                    continue
+                fresh.append((item, 0.0))
         if not fresh:
             return items[:k]
         kept = items[: k - len(fresh)]

@@ -212,3 +212,23 @@ def test_failed_training_publishes_nothing_and_serving_keeps_its_model(seeded: S
         Trainer(too_few, seeded.db, registry, None, None).train("ease", "rpc")
     assert [d["_id"] for d in registry.versions()] == before
     assert seeded.stub("scoring-a").ModelInfo(scoring_pb2.ModelInfoRequest(), timeout=5).model_version == serving
+
+
+def test_registry_prunes_old_versions_and_their_artifacts(seeded: ScoringEnv) -> None:
+    from bson import ObjectId
+
+    from services.scoring.registry import ModelRegistry
+    from services.scoring.trainer import fit_model
+    from tests.scoring.test_state_and_foldin import events, state_of
+
+    registry = ModelRegistry(seeded.db, f"models_prune_{seeded.tag}")
+    published = []
+    for n in range(3):
+        sm = fit_model(state_of(events()), "popularity", {})
+        sm.trained_at += n  # strictly increasing
+        published.append((sm.version, registry.publish(sm)))
+    assert registry.prune(keep=1) == [published[1][0], published[0][0]]
+    assert [d["_id"] for d in registry.versions()] == [published[2][0]]
+    assert not seeded.db["fs.files"].find_one({"_id": ObjectId(published[0][1])})
+    loaded = registry.load(registry.latest() or {})
+    assert loaded.version == published[2][0] and loaded.algorithm == "popularity"

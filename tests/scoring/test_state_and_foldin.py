@@ -95,6 +95,18 @@ def test_unknown_user_gets_popularity_and_new_items_get_slots() -> None:
     assert recs.items[-1][1] < recs.items[-2][1]
 
 
+def test_new_catalog_arrivals_fill_remaining_slots() -> None:
+    state = state_of(events())
+    holder = ModelHolder()
+    sm = serving(state)
+    holder.swap(sm)
+    arrivals = [("just-listed", sm.trained_at + 10), ("a0", sm.trained_at + 5), ("old-stock", sm.trained_at - 10)]
+    engine = Recommender(state, holder, new_item_slots=2, arrivals=lambda: arrivals)
+    ids = [i for i, _ in engine.top_n("auser0", 4).items]
+    assert ids[-1] == "just-listed"  # newer than the model, never interacted with: gets a slot
+    assert "old-stock" not in ids  # created before training: the model had its chance
+
+
 def test_artifact_round_trip_keeps_item_index() -> None:
     sm = serving(state_of(events()), "itemknn")
     model, item_ids = parse_artifact(artifact_bytes(sm))
