@@ -149,13 +149,13 @@ class Publisher:
         self.recs.write_users(users)
         if not profiles:
             return
-        for user in users:
-            try:
-                p = self.profiles.update(user, self.state.history(user))
-                metrics.PROFILES_WRITTEN.labels("written" if p else "none").inc()
-            except redis.RedisError:
-                STORE_ERRORS.labels("redis", "style_profile").inc()
-                raise
+        try:
+            written = self.profiles.update_many({u: self.state.history(u) for u in users})
+        except redis.RedisError:
+            STORE_ERRORS.labels("redis", "style_profile").inc()
+            raise
+        for p in written.values():
+            metrics.PROFILES_WRITTEN.labels("written" if p else "none").inc()
 
     def popularity(self, force: bool = False) -> None:
         now = time.monotonic()

@@ -60,13 +60,22 @@ def compute_profile(
 
 
 class EmbeddingSource:
-    """Item embeddings from Redis (style worker's cache), falling back to MongoDB items."""
+    """Item embeddings from Redis (style worker's cache), falling back to MongoDB items.
 
-    def __init__(self, r: redis.Redis, db: Database | None, items_collection: str, dim: int) -> None:
+    Items without a photo never get an embedding; during a bulk backfill every batch would
+    ask MongoDB about them again, so a negative answer is remembered for ``miss_ttl_s``
+    (an embedding that appears later is picked up after that).
+    """
+
+    def __init__(
+        self, r: redis.Redis, db: Database | None, items_collection: str, dim: int, miss_ttl_s: float = 60.0
+    ) -> None:
         self.redis = r
         self.db = db
         self.items_collection = items_collection
         self.dim = dim
+        self.miss_ttl_s = miss_ttl_s
+        self._missing_until: dict[str, float] = {}
 
     def _decode(self, raw: bytes | str | None) -> np.ndarray | None:
         if not isinstance(raw, bytes) or len(raw) != 4 * self.dim:
@@ -84,7 +93,8 @@ class EmbeddingSource:
             v = self._decode(raw)
             if v is not None:
                 out[item] = v
-        missing = [i for i in wanted if i not in out]
+        now = time.monotonic()
+        missing = [i for i in wanted if i not in out and self._missing_until.get(i, 0.0) < now]
         if missing and self.db is not None:
             try:
                 cur = self.db[self.items_collection].find({"_id": {"$in": missing}}, {"style_embedding": 1})
@@ -97,6 +107,12 @@ class EmbeddingSource:
             except Exception:
                 STORE_ERRORS.labels("mongo", "embedding_fallback").inc()
                 log.warning("embedding fallback failed", exc_info=True)
+                return out
+            if len(self._missing_until) > 1_000_000:
+                self._missing_until.clear()
+            for item in missing:
+                if item not in out:
+                    self._missing_until[item] = now + self.miss_ttl_s
         return out
 
 
@@ -108,12 +124,27 @@ class ProfileWriter:
         self.ttl_s = ttl_s
 
     def update(self, user: str, history: dict[str, float]) -> StyleProfile | None:
-        profile = compute_profile(history, self.source.get(history), self.half)
+        return self.update_many({user: history})[user]
+
+    def update_many(self, histories: dict[str, dict[str, float]]) -> dict[str, StyleProfile | None]:
+        """One embedding lookup for all users of a batch, one MULTI/EXEC per user."""
+        items = {i for h in histories.values() for i in h}
+        embeddings = self.source.get(items)
+        out: dict[str, StyleProfile | None] = {}
+        # One MULTI/EXEC for the batch: the gateway never sees a half-written profile.
+        pipe = self.redis.pipeline(transaction=True)
+        for user, history in histories.items():
+            profile = compute_profile(history, {i: embeddings[i] for i in history if i in embeddings}, self.half)
+            out[user] = profile
+            self._queue(pipe, user, profile)
+        pipe.execute()
+        return out
+
+    def _queue(self, pipe: redis.client.Pipeline, user: str, profile: StyleProfile | None) -> None:
         key = keys.style_profile(user)
         if profile is None:
-            self.redis.delete(key)
-            return None
-        pipe = self.redis.pipeline(transaction=True)
+            pipe.delete(key)
+            return
         pipe.delete(key)
         pipe.hset(
             key,
@@ -125,5 +156,3 @@ class ProfileWriter:
             },
         )
         pipe.expire(key, self.ttl_s)
-        pipe.execute()
-        return profile
