@@ -121,7 +121,11 @@ def test_end_to_end_history_vs_unknown_user(stack: Stack, unique: str) -> None:
         time.sleep(0.3)
         known = _recommend(stack, users[0])
     assert known.strategy == gateway_pb2.CF, "scoring never wrote recommendations for the user"
+    # Popularity is eventually consistent (scoring throttles its writes, the gateway caches it briefly).
     unknown = _recommend(stack, f"nobody-{unique}")
+    while not unknown.items and time.monotonic() < deadline + 30:
+        time.sleep(0.5)
+        unknown = _recommend(stack, f"nobody-{unique}")
     assert unknown.strategy == gateway_pb2.POPULAR
     assert known.model_version and unknown.model_version
     known_items = [r.item_id for r in known.items]
