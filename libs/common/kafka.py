@@ -83,8 +83,12 @@ def now_timestamp() -> timestamp_pb2.Timestamp:
 class ProtoProducer:
     """A KafkaProducer that sends protobuf messages with explicit keys.
 
-    ``acks='all'`` and idempotent-ish settings are the default because every
-    producer in StyleRec sends data someone was told is safe.
+    ``acks='all'`` is the default because every producer in StyleRec sends data
+    someone was told is safe. kafka-python's idempotent mode is off: in 3.0 a
+    producer whose batch expired once (broker stall) never recovers, every later
+    send times out. Ordering per partition is kept by one in-flight request per
+    connection, and duplicates from a retry are harmless because every consumer
+    is idempotent (upserts by id, Redis SET NX, result keys per job).
     """
 
     def __init__(
@@ -107,6 +111,7 @@ class ProtoProducer:
             request_timeout_ms=request_timeout_ms,
             max_in_flight_requests_per_connection=1,
             max_request_size=max_request_size,
+            enable_idempotence=False,
         )
 
     def send(self, topic: str, key: str, message: Message):  # type: ignore[no-untyped-def]
