@@ -86,6 +86,8 @@ def start_gateway(infra: Stack, name: str, env: dict[str, str] | None = None, wa
         "STYLEREC_SCORING_ADDR": "",
         "STYLEREC_HEALTH_INTERVAL_S": "0.5",
         "STYLEREC_LOG_LEVEL": "WARNING",
+        # Replicas that share one Redis share the invalidation group; these use their own Redis db.
+        "STYLEREC_ITEM_UPDATES_GROUP": f"gateway-item-cache-{name}",
         **(env or {}),
     }
     comp = infra.start_service("gateway", instance=name, extra_env=full_env)
