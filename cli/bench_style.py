@@ -3,8 +3,11 @@
 Speed is a ratio measured in one run on one machine: for each batch size B a
 "round" of B requests arrives at once; the worker's engine (dynamic batcher +
 the configured batching mode) and a bare ``InferenceSession.run`` loop over
-the *same* network and the *same* preprocessed inputs both serve it.
-images/s = images / wall time; a request's latency = its finish - round start.
+the *same* network and the *same* preprocessed inputs both serve it, round
+after round in rotating order (the dev box is shared: load drifts, and
+interleaving at round granularity makes the drift hit every contender alike).
+images/s = images / summed wall time of its rounds; a request's latency = its
+finish - round start.
 The bare loop cannot batch (the shipped graphs are batch-1), so any ratio above
 1 at B > 1 is what dynamic batching buys. Every batching mode (batched graph,
 parallel sessions, sequential) is measured so the default can be chosen by
@@ -41,7 +44,7 @@ def register_bench(bench_sub: Any) -> None:
     p = bench_sub.add_parser("style", help="style worker inference vs a bare ONNX Runtime loop (images/s, p50/p95)")
     p.add_argument("--batch-sizes", default="1,2,4,8", help="comma-separated batch sizes (default 1,2,4,8)")
     p.add_argument("--images", type=int, default=16, help="images per batch size, contender and repeat (default 16)")
-    p.add_argument("--repeats", type=int, default=5, help="interleaved repeats; the median one is reported (default 5)")
+    p.add_argument("--repeats", type=int, default=3, help="passes over the images, interleaved (default 3)")
     p.add_argument("--modes", default=",".join(MODES), help=f"batching modes to compare (default {','.join(MODES)})")
     p.add_argument("--models", default="transform,predict", help="networks: transform,predict (default both)")
     p.add_argument("--provider", choices=sorted(PROVIDER_ALIASES), default="", help="force one execution provider")
@@ -89,23 +92,6 @@ def _stats(latencies: list[float], images: int, wall: float) -> dict[str, float]
         "p95_ms": round(float(np.percentile(lat, 95)) * 1000, 2),
         "wall_s": round(wall, 3),
     }
-
-
-def _median_run(runs: list[dict[str, float]]) -> dict[str, Any]:
-    """The repeat with the median throughput, plus every repeat's images/s for the record."""
-    ranked = sorted(runs, key=lambda r: r["images_per_s"])
-    chosen: dict[str, Any] = dict(ranked[len(ranked) // 2])
-    chosen["images_per_s_repeats"] = [r["images_per_s"] for r in runs]
-    return chosen
-
-
-def _measure_rounds(batch: int, n: int, serve_round: Callable[[list[int]], list[float]]) -> dict[str, float]:
-    """Serve ``n`` requests as rounds of ``batch``; ``serve_round`` returns per-request latencies."""
-    latencies: list[float] = []
-    start = time.perf_counter()
-    for r in range(0, n, batch):
-        latencies.extend(serve_round(list(range(r, min(n, r + batch)))))
-    return _stats(latencies, n, time.perf_counter() - start)
 
 
 def _bare_round(
@@ -219,16 +205,32 @@ def cmd_bench_style(args: argparse.Namespace) -> int:
 
                     contenders[mode] = _engine_round(submit)
                     contenders[mode](list(range(min(b, n))))  # warm-up at this batch size
-                # Interleave contenders and rotate their order so drifting load hits all alike.
-                runs: dict[str, list[dict[str, float]]] = {k: [] for k in contenders}
+                # Interleave round by round, rotating the order, so load that drifts on a shared
+                # machine hits every contender alike; each contender's totals are pooled.
+                walls: dict[str, float] = dict.fromkeys(contenders, 0.0)
+                lats: dict[str, list[float]] = {k: [] for k in contenders}
+                per_rep: dict[str, list[float]] = {k: [] for k in contenders}
                 order = list(contenders)
-                for rep in range(args.repeats):
-                    for key in order[rep % len(order) :] + order[: rep % len(order)]:
-                        runs[key].append(_measure_rounds(b, n, contenders[key]))
+                turn = 0
+                for _rep in range(args.repeats):
+                    rep_wall = dict.fromkeys(contenders, 0.0)
+                    for r in range(0, n, b):
+                        idx = list(range(r, min(n, r + b)))
+                        for key in order[turn % len(order) :] + order[: turn % len(order)]:
+                            start = time.perf_counter()
+                            lats[key].extend(contenders[key](idx))
+                            rep_wall[key] += time.perf_counter() - start
+                        turn += 1
+                    for key, w in rep_wall.items():
+                        walls[key] += w
+                        per_rep[key].append(round(n / w, 3))
                     progress.update(1)
                 for engine in engines:
                     engine.close(close_models=False)
-                row: dict[str, Any] = {k: _median_run(v) for k, v in runs.items()}
+                row: dict[str, Any] = {}
+                for key in contenders:
+                    row[key] = _stats(lats[key], n * args.repeats, walls[key])
+                    row[key]["images_per_s_repeats"] = per_rep[key]
                 for mode in modes:
                     row[mode]["ratio_vs_bare"] = round(row[mode]["images_per_s"] / row["bare"]["images_per_s"], 3)
                     row[mode]["effective_mode"] = loaded[mode].transform.mode
@@ -255,9 +257,10 @@ def cmd_bench_style(args: argparse.Namespace) -> int:
         "max_batch_delay_ms": delay_ms,
         "intra_op_threads": settings.intra_op_threads or "ort-default",
         "method": (
-            "rounds of B simultaneous requests; worker = StyleEngine (dynamic batcher + mode) on the same "
-            "preprocessed tensors as a bare InferenceSession.run loop over the shipped batch-1 graph; "
-            "latency = request finish - round start"
+            "rounds of B simultaneous requests, contenders interleaved round by round in rotating order; "
+            "worker = StyleEngine (dynamic batcher + mode) on the same preprocessed tensors as a bare "
+            "InferenceSession.run loop over the shipped batch-1 graph; images/s = images / summed round wall "
+            "time; latency = request finish - round start"
         ),
         "models": report_models,
         "best_mode": winner,
