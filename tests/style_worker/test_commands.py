@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from tests.style_worker.conftest import photo, texture
@@ -74,3 +76,17 @@ def test_bench_style_refuses_a_provider_that_does_not_load(tmp_path: Path) -> No
         assert res.returncode == 2 and "does not load" in res.stderr and "Traceback" not in res.stderr
     res = run("bench", "style", "--batch-sizes", "0", "--out", str(tmp_path / "x.json"))
     assert res.returncode == 2 and "1..64" in res.stderr
+
+
+def test_style_eval_without_shared_data_uses_labelled_synthetic_images(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import cli.style_commands as sc
+
+    monkeypatch.setattr(sc, "SHARED_IMAGES", tmp_path / "no-shared-data")
+    args = argparse.Namespace(products=None, styles=None, out=tmp_path / "out", limit=2, json=True)
+    assert sc.cmd_style_eval(args) == 0
+    report = json.loads((tmp_path / "out" / "style_eval.json").read_text())
+    assert report["synthetic"] is True and report["products_source"] == "synthetic"
+    assert report["summary"]["pairs"] == 2
+    assert "SYNTHETIC" in capsys.readouterr().err
