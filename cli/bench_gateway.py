@@ -6,7 +6,8 @@ worker would (recs, profiles, embeddings, popularity, items in MongoDB), then
 starts two processes on the same bootstrap (``ServiceRuntime``, same settings):
 
 * the gateway (``python -m services.gateway``), and
-* the baseline: ``python -m services.gateway.noop``, which answers without I/O.
+* the baseline: ``python -m services.gateway.noop``, which answers without I/O with a
+  canned answer of the same size (k=10 items with titles and scores).
 
 Both get the same closed-loop load (N client threads, each sending its next
 request when the last one is answered) at several concurrencies, interleaved
@@ -115,6 +116,7 @@ def closed_loop(
     warmup_s: float,
 ) -> dict[str, Any]:
     latencies: list[list[float]] = [[] for _ in range(concurrency)]
+    by_path: list[dict[str, list[float]]] = [{"style": [], "cf": []} for _ in range(concurrency)]
     errors = [0] * concurrency
     error_kinds: dict[str, int] = {}
     start_at = time.perf_counter() + warmup_s
@@ -136,6 +138,8 @@ def closed_loop(
             if t0 >= start_at:
                 if ok:
                     latencies[w].append(t1 - t0)
+                    req = requests[n % len(requests)]
+                    by_path[w]["style" if req.want_stylized else "cf"].append(t1 - t0)
                 else:
                     errors[w] += 1
             n += concurrency
@@ -150,7 +154,13 @@ def closed_loop(
     def pct(p: float) -> float:
         return lat[min(len(lat) - 1, int(p * len(lat)))] * 1000 if lat else 0.0
 
+    def p50_of(path: str) -> float:
+        xs = sorted(x for part in by_path for x in part[path])
+        return round(xs[len(xs) // 2] * 1000, 3) if xs else 0.0
+
     return {
+        "p50_ms_style_requests": p50_of("style"),
+        "p50_ms_cf_requests": p50_of("cf"),
         "concurrency": concurrency,
         "requests": len(lat),
         "errors": sum(errors),
@@ -243,7 +253,8 @@ def run_bench(quick: bool, concurrencies: list[int]) -> dict[str, Any]:
         )
     errors = sum(r["errors"] for rs in results.values() for r in rs)
     return {
-        "benchmark": "gateway GetRecommendations vs a no-op GatewayService on the same ServiceRuntime bootstrap",
+        "benchmark": "gateway GetRecommendations vs a no-op GatewayService on the same ServiceRuntime bootstrap "
+        "(the no-op returns a canned 10-item answer: same payload, no work)",
         "data": f"SYNTHETIC: {N_USERS} users (half STYLE_PERSONALIZED with want_stylized, half CF), "
         f"{N_ITEMS} items, {RECS_PER_USER} recs per user, k=10",
         "machine": {

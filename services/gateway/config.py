@@ -67,6 +67,12 @@ class GatewaySettings(ServiceSettings):
     stylize_rate_per_user: int = Field(20, ge=0, description="New stylize jobs one user may cause per window.")
     stylize_rate_window_s: int = Field(60, ge=1, description="Window of the per-user stylize rate limit.")
     stylize_strength: float = Field(1.0, gt=0, le=1, description="Style strength sent with stylize jobs.")
+    stylized_near_cache_s: float = Field(
+        30.0, ge=0, le=3600, description="How long this replica reuses a READY stylized reference without Redis."
+    )
+    stylized_pending_recheck_s: float = Field(
+        1.0, ge=0, le=60, description="How long this replica reports PENDING without asking Redis again."
+    )
     image_chunk_bytes: int = Field(64 * 1024, ge=1024, le=4 * 1024 * 1024, description="GetStylizedImage chunk.")
 
     embedding_cache_s: float = Field(

@@ -167,6 +167,7 @@ class StylizedImages:
         self.ds = downstream
         self.publisher = publisher
         self._resolve = downstream.redis.register_script(RESOLVE_LUA)
+        self._recent: dict[tuple[str, str], tuple[float, str]] = {}
 
     def resolve(
         self,
@@ -188,6 +189,39 @@ class StylizedImages:
                 todo.append(meta.item_id)
         if not todo:
             return out
+        # Answers this replica saw lately: a ready reference stays valid for a while and a pending
+        # job will not finish within a second, so neither needs a round trip on every request.
+        now = time.monotonic()
+        replies_by_item: dict[str, str] = {}
+        for i in todo:
+            seen = self._recent.get((i, anchor))
+            if seen is not None and now < seen[0]:
+                replies_by_item[i] = seen[1]
+        asked = [i for i in todo if i not in replies_by_item]
+        replies_by_item.update(self._ask(user, anchor, asked, deadline, deg, out) if asked else {})
+        if len(self._recent) > 50_000:
+            self._recent.clear()
+        for i in asked:
+            reply = replies_by_item.get(i, "")
+            if reply.startswith("R:"):
+                self._recent[(i, anchor)] = (now + self.settings.stylized_near_cache_s, reply)
+            elif reply in ("N", "P"):
+                self._recent[(i, anchor)] = (now + self.settings.stylized_pending_recheck_s, "P")
+        todo = [i for i in todo if i in replies_by_item]
+        replies = [replies_by_item[i] for i in todo]
+        self._apply(user, anchor, todo, replies, out)
+        return out
+
+    def _ask(
+        self,
+        user: str,
+        anchor: str,
+        todo: list[str],
+        deadline: Deadline,
+        deg: Degradation,
+        out: dict[str, StylizedState],
+    ) -> dict[str, str]:
+        """Replies per item from Redis (the Lua script, or plain reads while publishing is failing)."""
         publishing = self.publisher.healthy
         try:
             if publishing:
@@ -211,9 +245,14 @@ class StylizedImages:
             deg.add(exc)
             for i in todo:
                 out[i] = StylizedState(gateway_pb2.STYLIZED_UNAVAILABLE)
-            return out
+            return {}
         if not publishing and any(x == "U" for x in replies):
             deg.add(f"style-jobs: publishing failed recently ({self.publisher.last_error})")
+        return dict(zip(todo, replies, strict=True))
+
+    def _apply(
+        self, user: str, anchor: str, todo: list[str], replies: list[str], out: dict[str, StylizedState]
+    ) -> None:
         for item_id, reply in zip(todo, replies, strict=True):
             if reply.startswith("R:"):
                 out[item_id] = StylizedState(gateway_pb2.STYLIZED_READY, reply[2:])
@@ -242,7 +281,6 @@ class StylizedImages:
                 out[item_id] = StylizedState(gateway_pb2.STYLIZED_UNAVAILABLE)
             else:
                 out[item_id] = StylizedState(gateway_pb2.STYLIZED_UNAVAILABLE)
-        return out
 
 
 def read_stylized_ref(ds: Downstream, item_id: str, style_item: str, deadline: Deadline) -> str:
