@@ -93,4 +93,5 @@ class ItemCacheInvalidator:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(10)
+        if self._thread.is_alive():
+            self._thread.join(10)

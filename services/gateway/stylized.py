@@ -104,7 +104,8 @@ class StyleJobPublisher:
         self._stop.set()
         with contextlib.suppress(queue.Full):
             self._queue.put_nowait(None)
-        self._thread.join(5)
+        if self._thread.is_alive():
+            self._thread.join(5)
         if self._producer is not None:
             with contextlib.suppress(Exception):
                 self._producer.flush(5)
