@@ -47,7 +47,7 @@ def abort_retryable(
 
 def violations_of(error: grpc.RpcError) -> list[tuple[str, str]]:
     """Client side: the field violations carried by an error raised from ``abort_invalid``."""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    status = rpc_status.from_call(error)
     out: list[tuple[str, str]] = []
     if status is None:
         return out
