@@ -239,6 +239,20 @@ class Demo:
         return Tile(item_id, self.titles.get(item_id, item_id), self.original(item_id), note)
 
 
+def style_providers(stack: Stack) -> str:
+    """The execution providers the style worker reports (CUDA/TensorRT on a GPU, else CPU)."""
+    from stylerec.v1 import style_pb2, style_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(stack.addr_of("style-worker")) as channel:
+            info = style_pb2_grpc.StyleWorkerServiceStub(channel).ModelInfo(
+                style_pb2.StyleModelInfoRequest(), timeout=5
+            )
+        return ", ".join(info.active_providers) or "unknown providers"
+    except grpc.RpcError as exc:
+        return f"unknown providers ({exc.code().name})"
+
+
 def pending(resp: gateway_pb2.GetRecommendationsResponse) -> int:
     return sum(1 for it in resp.items if it.stylized_status == gateway_pb2.STYLIZED_PENDING)
 
@@ -408,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = [
             f"{len(views)} shoppers: " + ", ".join(f"{n} {k}" for k, n in sorted(strategies.items())),
             f"{as_expected}/{len(views)} got the strategy their scripted history should lead to",
-            f"{n_stylized} stylized images shown (style worker on this machine's CPU/GPU via ONNX Runtime)",
+            f"{n_stylized} stylized images shown (style worker: ONNX Runtime on {style_providers(stack)})",
             "timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()),
         ]
         page = PageData(
