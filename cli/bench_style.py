@@ -147,7 +147,8 @@ def cmd_bench_style(args: argparse.Namespace) -> int:
     providers = choose_providers(preference, settings.gpu_device_id)
     if args.provider and providers[0] != PROVIDER_ALIASES[args.provider]:
         reasons = {p.provider: p.reason for p in probe_providers(tuple(preference), settings.gpu_device_id)}
-        raise UsageError(f"{PROVIDER_ALIASES[args.provider]} does not load here: {reasons.get(providers[0], '')}")
+        wanted = PROVIDER_ALIASES[args.provider]
+        raise UsageError(f"{wanted} does not load here: {reasons.get(wanted, 'not probed')}")
     delay_ms = settings.max_batch_delay_ms if args.delay_ms is None else args.delay_ms
     n = args.images
     contents, style_imgs, source = _inputs(n, "products")
@@ -307,3 +308,24 @@ def _print_table(report: dict[str, Any]) -> None:
                     parts.append(f"{mode} {st['images_per_s']:.2f}/s x{ratio:.2f} p95 {st['p95_ms']:.0f}ms")
             print(f"  B={b}: " + " | ".join(parts))
     print(f"best mode: {report['best_mode']}; goal: {json.dumps(report['goal'])}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m cli.bench_style [options]``: the same command without the rest of the CLI.
+
+    For machines that have only what this benchmark needs (the GPU check installs
+    a minimal set of wheels; the full ``stylerec`` CLI imports every area's clients).
+    """
+    parser = argparse.ArgumentParser(prog="python -m cli.bench_style")
+    sub = parser.add_subparsers(dest="bench", required=True)
+    register_bench(sub)
+    args = parser.parse_args(["style", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as exc:
+        print(f"bench style: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
