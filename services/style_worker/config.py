@@ -73,6 +73,9 @@ class StyleWorkerSettings(ServiceSettings):
     max_poll_records: int = Field(16, ge=1, le=1000, description="Records one poll hands to the batcher.")
     stylized_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="TTL of the Redis reference to a stylized image.")
     default_strength: float = Field(1.0, gt=0, le=1, description="Strength used when a job leaves it 0.")
+    max_job_attempts: int = Field(
+        5, ge=1, le=100, description="Inference failures of a job (none of its batch succeeding) before it is parked."
+    )
 
     @field_validator("providers")
     @classmethod

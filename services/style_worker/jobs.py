@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +32,9 @@ import numpy as np
 import redis
 from bson import ObjectId
 from bson.errors import InvalidId
+from kafka.errors import KafkaError
 from pymongo.database import Database
+from pymongo.errors import PyMongoError
 from stylerec.v1 import common_pb2, style_pb2
 
 from libs.common import keys
@@ -44,6 +47,8 @@ from services.style_worker.models import EMBEDDING_DIM
 
 log = logging.getLogger(__name__)
 SERVICE = "style-worker"
+# Failures of the stores or the broker: never a job's fault, always retried as a batch.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (PyMongoError, redis.RedisError, KafkaError)
 KIND_NAMES = {style_pb2.EMBED: "embed", style_pb2.STYLIZE: "stylize"}
 
 
@@ -131,6 +136,7 @@ class StyleJobProcessor:
         self.fs = gridfs.GridFS(db)
         self.redis = r
         self.producer = producer
+        self._attempts: dict[tuple[str, int, int], int] = {}
 
     # ------------------------------------------------------------------ item-updates
     def handle_item_updates(self, batch: list[Decoded[common_pb2.ItemUpdate]]) -> None:
@@ -167,8 +173,8 @@ class StyleJobProcessor:
                     self._prepare_stylize(d, work)
             except (JobRejected, ImageRejected) as exc:
                 self._reject(d, exc.reason)
-        self._run_embeds(work)
-        self._run_stylizes(work)
+        self._guarded(self._run_embeds, work.embeds)
+        self._guarded(self._run_stylizes, work.stylizes)
         log.info(
             "style jobs handled",
             extra={"jobs": len(batch), "embedded": len(work.embeds), "stylized": len(work.stylizes)},
@@ -190,6 +196,54 @@ class StyleJobProcessor:
         )
         self.producer.send(self.settings.results_topic, job.content_item_id, failed).get(timeout=10)
         JOBS.labels(kind, "dead_letter").inc()
+
+    # ---- inference failures: isolate a poison job, retry an outage ----
+    def _guarded(self, stage: Callable[[list[Any]], None], items: list[Any]) -> None:
+        """Run a stage; if the *engine* fails, find out whether one job or the runtime is to blame.
+
+        Store and broker errors propagate untouched (the batch is retried). On an
+        inference error the stage is rerun job by job: jobs that fail alone are
+        poison and go to the dead-letter topic as ``inference_error``, the others
+        complete. If every job fails alone, the runtime itself is broken (device
+        lost, out of memory): the error propagates and the batch is retried — but
+        a job retried ``max_job_attempts`` times is parked, so a lone poison job
+        cannot block its partition forever.
+        """
+        try:
+            stage(items)
+            return
+        except TRANSIENT_ERRORS:
+            raise
+        except Exception as exc:
+            first = exc
+        log.warning("inference failed for a batch; retrying job by job", extra={"error": repr(first)})
+        failed: list[tuple[Any, Exception]] = []
+        for item in items:
+            try:
+                stage([item])
+            except TRANSIENT_ERRORS:
+                raise
+            except Exception as alone:
+                failed.append((item, alone))
+        if not failed:
+            return
+        if len(failed) < len(items):
+            for item, err in failed:
+                self._reject(item.decoded, f"inference_error: {type(err).__name__}: {err}")
+            return
+        parked = 0
+        for item, err in failed:
+            rec = item.decoded.record
+            key = (rec.topic, rec.partition, rec.offset)
+            self._attempts[key] = self._attempts.get(key, 0) + 1
+            if self._attempts[key] >= self.settings.max_job_attempts:
+                del self._attempts[key]
+                self._reject(item.decoded, f"inference_error: {type(err).__name__}: {err} (after retries)")
+                parked += 1
+        if len(self._attempts) > 10_000:  # offsets of long-gone batches: forget them
+            self._attempts.clear()
+        if parked < len(failed):
+            raise first
 
     # ---- loading ----
     def _item(self, item_id: str) -> dict[str, Any]:
@@ -252,12 +306,12 @@ class StyleJobProcessor:
         )
         self.redis.set(keys.item_embedding(item_id), embedding_bytes(vector))
 
-    def _run_embeds(self, work: _Batch) -> None:
-        if not work.embeds:
+    def _run_embeds(self, embeds: list[_Embed]) -> None:
+        if not embeds:
             return
-        vectors = self.engine.embed_many([e.image for e in work.embeds])
+        vectors = self.engine.embed_many([e.image for e in embeds])
         futures = []
-        for e, v in zip(work.embeds, vectors, strict=True):
+        for e, v in zip(embeds, vectors, strict=True):
             self._store_embedding(e.item_id, e.image_ref, v)
             result = style_pb2.StyleResult(
                 job_id=e.decoded.message.job_id,
@@ -332,10 +386,10 @@ class StyleJobProcessor:
             latency_seconds=latency_s,
         )
 
-    def _run_stylizes(self, work: _Batch) -> None:
-        if not work.stylizes:
+    def _run_stylizes(self, stylizes: list[_Stylize]) -> None:
+        if not stylizes:
             return
-        need = [s for s in work.stylizes if s.style_vector is None]
+        need = [s for s in stylizes if s.style_vector is None]
         if need:
             vectors = self.engine.embed_many([s.style_image for s in need])
             stored: set[str] = set()
@@ -347,11 +401,11 @@ class StyleJobProcessor:
         outputs = self.engine.stylize_many(
             [
                 StylizeRequest(s.content_image, np.asarray(s.style_vector), s.strength, s.preserve_color)
-                for s in work.stylizes
+                for s in stylizes
             ]
         )
         sent = []
-        for s, img in zip(work.stylizes, outputs, strict=True):
+        for s, img in zip(stylizes, outputs, strict=True):
             sent.append((s, self._store_stylized(s, img)))
         for s, fut in sent:
             fut.get(timeout=10)
