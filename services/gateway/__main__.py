@@ -85,6 +85,7 @@ def build_app(settings: GatewaySettings) -> GatewayApp:
     publisher = StyleJobPublisher(
         settings, make_redis(settings.redis_url, settings.store_timeout_s, settings.store_retries)
     )
+    index = EmbeddingIndex(ds, settings.embedding_index_refresh_s)
     recommender = Recommender(
         settings,
         ds,
@@ -93,8 +94,9 @@ def build_app(settings: GatewaySettings) -> GatewayApp:
         CandidateSource(ds, settings.popular_near_cache_s),
         StylizedImages(settings, ds, publisher),
         ItemEmbeddings(ds, settings.embedding_cache_s),
+        index,
     )
-    similar = SimilarItems(ds, EmbeddingIndex(ds, settings.embedding_index_refresh_s), settings.style_lambda)
+    similar = SimilarItems(ds, index, settings.style_lambda)
     servicer = GatewayServicer(settings, ds, pseudonymize, recommender, similar)
     invalidator = ItemCacheInvalidator(settings, ds.redis)
     return GatewayApp(settings, servicer, ds, publisher, mongo, scoring_channel, invalidator)

@@ -42,6 +42,9 @@ class GatewaySettings(ServiceSettings):
     style_confidence_threshold: float = Field(
         0.5, ge=0, le=1, description="Profiles at or above this confidence get STYLE_PERSONALIZED."
     )
+    style_neighbour_pool: int = Field(
+        30, ge=0, le=2000, description="Items closest in style to the profile added to the pool on the style path."
+    )
     candidate_pool: int = Field(100, ge=1, le=2000, description="CF candidates considered before filtering.")
     style_popular_pool: int = Field(
         50, ge=0, le=2000, description="Popular items added to the pool on the style path (style can lift them)."
@@ -60,7 +63,9 @@ class GatewaySettings(ServiceSettings):
     )
 
     # --- stylized images -------------------------------------------------------------------------
-    stylize_top_n: int = Field(4, ge=0, le=50, description="How many top items get a stylized image.")
+    stylize_top_n: int = Field(
+        4, ge=0, le=50, description="How many of the answer's items with a photo (best first) get a stylized image."
+    )
     stylize_pending_ttl_s: int = Field(
         300, ge=1, description="Dedup window of an enqueued stylize job (SET NX TTL); retried after it."
     )

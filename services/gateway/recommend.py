@@ -28,6 +28,7 @@ from services.gateway.deadlines import Deadline, DependencyUnavailable
 from services.gateway.downstream import Degradation, Downstream
 from services.gateway.embeddings import ItemEmbeddings, affinities
 from services.gateway.metrics import RECOMMENDATIONS
+from services.gateway.similar import EmbeddingIndex
 from services.gateway.style import StyleProfile, normalize_cf, rerank_scored
 from services.gateway.stylized import StylizedImages
 
@@ -50,6 +51,7 @@ class Recommender:
         candidates: CandidateSource,
         stylized: StylizedImages,
         embeddings: ItemEmbeddings,
+        index: EmbeddingIndex | None = None,
     ) -> None:
         self.settings = settings
         self.ds = downstream
@@ -58,6 +60,7 @@ class Recommender:
         self.candidates = candidates
         self.stylized = stylized
         self.embeddings = embeddings
+        self.index = index
 
     def user_state(
         self, user: str, deadline: Deadline, deg: Degradation, with_recs: bool = False
@@ -117,8 +120,12 @@ class Recommender:
             chosen += self._filter(extra, have, request, k - len(chosen), deadline, deg)
         states = {}
         if request.want_stylized and resp.strategy == gateway_pb2.STYLE_PERSONALIZED and profile is not None:
-            top = [meta for meta, _ in chosen[: s.stylize_top_n]]
-            states = self.stylized.resolve(user, profile.anchor, top, deadline, deg)
+            # The first stylize_top_n items that have a photo get drawn; items without one are
+            # reported UNAVAILABLE (nothing to draw), the rest NOT_REQUESTED.
+            metas = [meta for meta, _ in chosen]
+            drawable = [m for m in metas if m.image_ref and m.item_id != profile.anchor][: s.stylize_top_n]
+            undrawable = [m for m in metas if not m.image_ref]
+            states = self.stylized.resolve(user, profile.anchor, drawable + undrawable, deadline, deg)
         for meta, r in chosen:
             st = states.get(meta.item_id)
             resp.items.add(
@@ -154,15 +161,23 @@ class Recommender:
         deadline: Deadline,
         deg: Degradation,
     ) -> list[Ranked]:
+        s = self.settings
         items = [(i, sc) for i, sc in cands.items if i not in seen]
-        if cands.source == CF and self.settings.style_popular_pool:
-            # Popular items the CF list lacks join at the bottom of the CF scale;
-            # a strong style match can still lift them (the paper's point).
-            floor = min((sc for _, sc in items), default=0.0)
-            present = {i for i, _ in items}
-            extra = self.candidates.popular(self.settings.style_popular_pool, category, deadline, deg)
-            items += [(i, floor) for i, _ in extra.items if i not in present and i not in seen]
-        items = items[: pool + self.settings.style_popular_pool]
+        # Items the CF list lacks join at the bottom of the CF scale: popular ones, and the
+        # catalog's closest looks to the profile. A strong style match can still lift them
+        # (style as a recommendation signal, the paper's point); CF order decides the rest.
+        extra: list[str] = []
+        if cands.source == CF and s.style_popular_pool:
+            extra += [i for i, _ in self.candidates.popular(s.style_popular_pool, category, deadline, deg).items]
+        if s.style_neighbour_pool and self.index is not None:
+            extra += [i for i, _ in self.index.nearest(profile.vector, s.style_neighbour_pool, deadline, deg)]
+        floor = min((sc for _, sc in items), default=0.0)
+        present = {i for i, _ in items} | seen
+        for i in extra:
+            if i not in present:
+                items.append((i, floor))
+                present.add(i)
+        items = items[: pool + s.style_popular_pool + s.style_neighbour_pool]
         ids = [i for i, _ in items]
         known: list[float | None] = []
         try:

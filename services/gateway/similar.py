@@ -47,6 +47,17 @@ class EmbeddingIndex:
         with self._lock:
             return self._ids, self._matrix
 
+    def nearest(
+        self, vec: np.ndarray, n: int, deadline: Deadline, deg: Degradation, exclude: str = ""
+    ) -> list[tuple[str, float]]:
+        """The n items whose style embedding is closest (cosine) to the unit vector ``vec``."""
+        ids, matrix = self.snapshot(deadline, deg)
+        if not ids or n <= 0:
+            return []
+        sims = matrix @ vec
+        top = np.argsort(-sims, kind="stable")[: n + 1]
+        return [(ids[k], float(sims[k])) for k in top if ids[k] != exclude][:n]
+
     def invalidate(self) -> None:
         self._loaded_at = 0.0
 
@@ -96,19 +107,7 @@ class SimilarItems:
         if vec is None:
             deg.add(f"style: item {item_id!r} has no style embedding yet")
             return []
-        ids, matrix = self.index.snapshot(deadline, deg)
-        if not ids:
-            return []
-        sims = matrix @ vec
-        order = np.argsort(-sims, kind="stable")
-        out: list[tuple[str, float]] = []
-        for idx in order:
-            if ids[idx] == item_id:
-                continue
-            out.append((ids[idx], float(sims[idx])))
-            if len(out) >= k:
-                break
-        return out
+        return self.index.nearest(vec, k, deadline, deg, exclude=item_id)
 
     def similar(
         self, item_id: str, k: int, mode: int, deadline: Deadline, deg: Degradation
