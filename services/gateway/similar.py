@@ -55,7 +55,9 @@ class EmbeddingIndex:
         if not ids or n <= 0:
             return []
         sims = matrix @ vec
-        top = np.argsort(-sims, kind="stable")[: n + 1]
+        m = min(n + 1, len(ids))
+        top = np.argpartition(-sims, m - 1)[:m] if m < len(ids) else np.arange(len(ids))
+        top = top[np.argsort(-sims[top], kind="stable")]
         return [(ids[k], float(sims[k])) for k in top if ids[k] != exclude][:n]
 
     def invalidate(self) -> None:
