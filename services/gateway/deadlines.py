@@ -30,6 +30,18 @@ class DependencyUnavailable(Exception):
         self.reason = reason
 
 
+def describe(exc: Exception) -> str:
+    """Short reason text; gRPC errors as CODE: details rather than their multi-line repr."""
+    code = getattr(exc, "code", None)
+    details = getattr(exc, "details", None)
+    if callable(code) and callable(details):
+        try:
+            return f"{code().name}: {details()}"
+        except Exception:
+            pass
+    return f"{type(exc).__name__}: {exc}"[:300]
+
+
 class Deadline:
     """What is left of one request's time budget, on the monotonic clock."""
 
@@ -73,7 +85,15 @@ class Breaker:
     def is_open(self) -> bool:
         return time.monotonic() < self._open_until
 
-    def call(self, fn: Callable[[], T], deadline: Deadline, min_budget_s: float = 0.002) -> T:
+    def call(
+        self,
+        fn: Callable[[], T],
+        deadline: Deadline,
+        min_budget_s: float = 0.002,
+        is_failure: Callable[[Exception], bool] | None = None,
+    ) -> T:
+        """Run ``fn`` unless the breaker is open. ``is_failure`` tells a broken dependency from one
+        that answered with an error (e.g. NOT_FOUND): only the former opens the breaker."""
         if self.is_open():
             raise DependencyUnavailable(self.name, f"skipped after recent failure ({self.last_error})")
         if deadline.remaining() < min_budget_s:
@@ -83,8 +103,9 @@ class Breaker:
         except DependencyUnavailable:
             raise
         except Exception as exc:
-            self.trip(f"{type(exc).__name__}: {exc}")
-            raise DependencyUnavailable(self.name, f"{type(exc).__name__}: {exc}") from exc
+            if is_failure is None or is_failure(exc):
+                self.trip(f"{type(exc).__name__}: {exc}")
+            raise DependencyUnavailable(self.name, describe(exc)) from exc
         return result
 
     def trip(self, error: str) -> None:

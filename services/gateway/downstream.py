@@ -40,6 +40,23 @@ def text(value: object) -> str:
     return str(value)
 
 
+# Codes that mean scoring is broken or overloaded; others (NOT_FOUND, FAILED_PRECONDITION,
+# INVALID_ARGUMENT, ...) are answers about the request and must not open the breaker.
+TRANSIENT_GRPC = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.CANCELLED,
+}
+
+
+def grpc_failure(exc: Exception) -> bool:
+    code = exc.code() if isinstance(exc, grpc.RpcError) and callable(getattr(exc, "code", None)) else None
+    return code is None or code in TRANSIENT_GRPC
+
+
 class Downstream:
     def __init__(
         self,
@@ -55,10 +72,17 @@ class Downstream:
         self.scoring = scoring_pb2_grpc.ScoringServiceStub(scoring_channel) if scoring_channel is not None else None
         self.breakers = {name: Breaker(name, settings.breaker_open_s) for name in (REDIS, MONGO, SCORING)}
 
-    def call(self, dependency: str, operation: str, fn: Callable[[], T], deadline: Deadline) -> T:
+    def call(
+        self,
+        dependency: str,
+        operation: str,
+        fn: Callable[[], T],
+        deadline: Deadline,
+        is_failure: Callable[[Exception], bool] | None = None,
+    ) -> T:
         start = time.perf_counter()
         try:
-            return self.breakers[dependency].call(fn, deadline)
+            return self.breakers[dependency].call(fn, deadline, is_failure=is_failure)
         except DependencyUnavailable:
             if dependency in (REDIS, MONGO):
                 STORE_ERRORS.labels(dependency, operation).inc()
@@ -86,7 +110,11 @@ class Downstream:
         if stub is None:
             raise DependencyUnavailable(SCORING, "no scoring address configured")
         return self.call(
-            SCORING, operation, lambda: fn(stub, deadline.timeout(self.settings.scoring_timeout_s)), deadline
+            SCORING,
+            operation,
+            lambda: fn(stub, deadline.timeout(self.settings.scoring_timeout_s)),
+            deadline,
+            is_failure=grpc_failure,
         )
 
 

@@ -168,7 +168,19 @@ def test_style_cf_popular_end_to_end_and_demo_page(stack: Stack, unique: str) ->
         assert chunks[0].total_size == len(data) > 0
         Image.open(io.BytesIO(data)).verify()  # a real, decodable picture
 
+        # Similar items on the real stack: style neighbours from the embeddings; CF and BLEND answer
+        # (degraded if scoring has no trained model yet) without an RPC error.
+        by_style = gw.GetSimilarItems(
+            gateway_pb2.GetSimilarItemsRequest(item_id=starry, k=200, mode=gateway_pb2.SIMILARITY_STYLE), timeout=5
+        )
+        assert {scream, coffee, apple} <= {s.item_id for s in by_style.items} and starry not in [
+            s.item_id for s in by_style.items
+        ]
+        for mode in (gateway_pb2.SIMILARITY_CF, gateway_pb2.SIMILARITY_BLEND):
+            gw.GetSimilarItems(gateway_pb2.GetSimilarItemsRequest(item_id=starry, k=5, mode=mode), timeout=5)
+
         cf = poll("a CF answer for the gift buyer", lambda: ask(gifter), lambda r: r.strategy == gateway_pb2.CF, 60)
+        assert not cf.degraded, cf.degraded_reason  # scoring's answers above did not open its breaker
         assert cf.model_version and mug not in [it.item_id for it in cf.items]
         # Scoring refreshes the popularity list periodically: poll until it names items.
         popular = poll("a POPULAR answer with items", lambda: ask(stranger), lambda r: len(r.items) > 0, 60)

@@ -94,3 +94,14 @@ def test_breaker_refuses_without_budget() -> None:
     b = Breaker("scoring", open_s=1)
     with pytest.raises(DependencyUnavailable, match="no time left"):
         b.call(lambda: 1, Deadline(0.0))
+
+
+def test_breaker_stays_closed_when_the_dependency_answered_with_an_error() -> None:
+    b = Breaker("scoring", open_s=60)
+
+    def not_found() -> int:
+        raise LookupError("item unknown to the model")
+
+    with pytest.raises(DependencyUnavailable, match="item unknown"):
+        b.call(not_found, Deadline(5), is_failure=lambda e: not isinstance(e, LookupError))
+    assert not b.is_open() and b.call(lambda: 7, Deadline(5)) == 7
