@@ -80,11 +80,12 @@ def test_style_cf_popular_end_to_end_and_demo_page(stack: Stack, unique: str) ->
         starry, scream = f"print-starry-{unique}", f"print-scream-{unique}"
         coffee, apple = f"photo-coffee-{unique}", f"photo-apple-{unique}"
         mug, card = f"gift-mug-{unique}", f"gift-card-{unique}"
+        photo_cat = f"photo-{unique}"  # a shelf only this test's items are on, whatever else the session stored
         pictures = {
             starry: ("Art print: The Starry Night", "art-print", picture("starry_night", (20, 40, 160))),
             scream: ("Art print: The Scream", "art-print", picture("the_scream", (200, 90, 20))),
-            coffee: ("Photo print: Coffee", "photo", picture("coffee", (120, 70, 30))),
-            apple: ("Photo print: Apple", "photo", picture("apple", (30, 160, 40))),
+            coffee: ("Photo print: Coffee", photo_cat, picture("coffee", (120, 70, 30))),
+            apple: ("Photo print: Apple", photo_cat, picture("apple", (30, 160, 40))),
         }
         items = [
             common_pb2.Item(
@@ -140,7 +141,7 @@ def test_style_cf_popular_end_to_end_and_demo_page(stack: Stack, unique: str) ->
 
         style = poll(
             "a STYLE_PERSONALIZED answer for the print lover",
-            lambda: ask(lover, want_stylized=True, filters=gateway_pb2.Filters(category="photo")),
+            lambda: ask(lover, want_stylized=True, filters=gateway_pb2.Filters(category=photo_cat)),
             lambda r: r.strategy == gateway_pb2.STYLE_PERSONALIZED and len(r.items) > 0,
             60,
         )
@@ -155,7 +156,7 @@ def test_style_cf_popular_end_to_end_and_demo_page(stack: Stack, unique: str) ->
 
         ready = poll(
             "the stylized photos to arrive",
-            lambda: ask(lover, want_stylized=True, filters=gateway_pb2.Filters(category="photo")),
+            lambda: ask(lover, want_stylized=True, filters=gateway_pb2.Filters(category=photo_cat)),
             lambda r: all(it.stylized_status == gateway_pb2.STYLIZED_READY for it in r.items),
             180,
             1.0,
