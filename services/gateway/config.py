@@ -35,12 +35,14 @@ class GatewaySettings(ServiceSettings):
     )
 
     # --- the paper's decision ------------------------------------------------------------------
-    # Defaults come from `stylerec experiment style-lambda` (docs/gateway.md): see out/experiment.
+    # Defaults come from `stylerec experiment style-lambda` (docs/gateway.md, out/experiment/): λ=0.7 and
+    # threshold 0.1 over 5 synthetic populations. The threshold barely matters there because scoring's
+    # confidence does not tell style-driven users apart (AUC 0.51); it mainly keeps one-glance profiles out.
     style_lambda: float = Field(
         0.7, ge=0, le=1, description="λ: final = (1-λ)·normalized CF + λ·cosine(profile, item style)."
     )
     style_confidence_threshold: float = Field(
-        0.5, ge=0, le=1, description="Profiles at or above this confidence get STYLE_PERSONALIZED."
+        0.1, ge=0, le=1, description="Profiles at or above this confidence get STYLE_PERSONALIZED."
     )
     style_neighbour_pool: int = Field(
         30, ge=0, le=2000, description="Items closest in style to the profile added to the pool on the style path."

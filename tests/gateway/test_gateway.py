@@ -74,7 +74,7 @@ def test_user_with_history_but_no_confident_style_gets_cf(gateway: Gateway, seed
     seed.recs(u, {ids[0]: 0.9, ids[1]: 0.5, ids[2]: 0.1, ids[3]: 0.7}, version="als-v42")
     seed.seen(u, [f"bought-{unique}"])
     # A weak style profile stays below the threshold: CF, not the style path.
-    seed.profile(u, basis(0), confidence=0.1, anchor=ids[0])
+    seed.profile(u, basis(0), confidence=0.05, anchor=ids[0])
     resp = recommend(gateway, user, k=3)
     assert resp.strategy == gateway_pb2.CF
     assert resp.model_version == "als-v42"
