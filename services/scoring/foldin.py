@@ -142,8 +142,10 @@ class Recommender:
     ) -> list[tuple[str, float]]:
         """Items the model has never seen (added after training) take the last few slots:
         first those already interacted with, by decayed popularity, then the newest catalog
-        arrivals created after the model was trained; scored just below the lowest model score."""
-        slots = min(self.new_item_slots, k)
+        arrivals created after the model was trained; scored just below the lowest model score.
+        At most a quarter of the list: a short list (k < 4) is the model's alone, so unproven items
+        never push out every personalized answer."""
+        slots = min(self.new_item_slots, k // 4)
         if slots <= 0:
             return items[:k]
         skip = exclude | set(sm.item_index)
