@@ -27,6 +27,11 @@ def register(sub: Any) -> None:
     p.add_argument("--seeds", type=int, default=5, help="independent populations averaged over")
     p.add_argument("--style-share", type=float, default=0.5, help="share of simulated users who choose by style")
     p.add_argument("--half-weight", type=float, default=20.0, help="scoring's profile_half_confidence_weight")
+    p.add_argument(
+        "--uncentred",
+        action="store_true",
+        help="compare: plain cosines instead of catalog-centred ones (writes style_lambda_uncentred.json)",
+    )
     p.add_argument("--out-dir", type=Path, default=REPO / "out" / "experiment")
     p.add_argument("--json", action="store_true", help="print the result JSON")
     p.set_defaults(func=cmd_style_lambda)
@@ -53,12 +58,14 @@ def cmd_style_lambda(args: argparse.Namespace) -> int:
         half_weight=args.half_weight,
         n_seeds=args.seeds,
         style_share=args.style_share,
+        centred=not args.uncentred,
     )
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
     t = result["test"]
     print("SYNTHETIC BENCHMARK: simulated users with planted style preferences, not real shoppers")
+    print("style similarity: " + ("UNCENTRED cosines (comparison)" if args.uncentred else "catalog-centred cosines"))
     print(f"catalog: {result['catalog']['items']} items; {result['catalog']['images']}")
     print(
         f"chosen on the validation half: λ = {result['chosen']['lambda']}, "
@@ -79,5 +86,6 @@ def cmd_style_lambda(args: argparse.Namespace) -> int:
     print(f"  on the style path: {t['style_path_share']:.0%} of users")
     gains = ", ".join(f"{g:+.4f}" for g in t["per_seed_gain"])
     print(f"  nDCG@10 gain per population (seeds {result['simulation']['seeds']}): {gains}")
-    print(f"written: {args.out_dir / 'style_lambda.json'}  ({result['wall_seconds']} s)")
+    name = "style_lambda_uncentred.json" if args.uncentred else "style_lambda.json"
+    print(f"written: {args.out_dir / name}  ({result['wall_seconds']} s)")
     return 0

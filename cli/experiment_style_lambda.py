@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from libs.common.style_math import catalog_centroid
 from services.gateway.style import rerank
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -226,12 +227,14 @@ def item_knn_scores(users: list[SimUser], n_items: int) -> np.ndarray:
     return np.asarray(x @ sim, dtype=np.float32)
 
 
-def profile_of(su: SimUser, emb: np.ndarray, half_weight: float) -> tuple[np.ndarray, float]:
+def profile_of(
+    su: SimUser, emb: np.ndarray, half_weight: float, centroid: np.ndarray | None = None
+) -> tuple[np.ndarray, float]:
     """The user's style profile and confidence, computed by scoring's own code."""
     from services.scoring.style_profile import compute_profile
 
     history = {str(i): w for i, w in su.train.items()}
-    profile = compute_profile(history, {str(i): emb[i] for i in su.train}, half_weight)
+    profile = compute_profile(history, {str(i): emb[i] for i in su.train}, half_weight, centroid)
     if profile is None:
         return np.zeros(emb.shape[1], np.float32), 0.0
     return profile.vector, profile.confidence
@@ -251,8 +254,13 @@ def evaluate(
     thresholds: list[float],
     half_weight: float,
     pool: int = 100,
+    centroid: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """nDCG@10 per user: CF alone, and style re-ranked for every λ (τ is applied afterwards)."""
+    """nDCG@10 per user: CF alone, and style re-ranked for every λ (τ is applied afterwards).
+
+    ``centroid`` as the live system uses it (scoring's profiles, the gateway's affinities);
+    None = the uncentred variant, for comparison.
+    """
     ids = list(range(len(cat.item_ids)))
     emb_map = {str(i): cat.embeddings[i] for i in ids}
     base, conf, driven = [], [], []
@@ -260,12 +268,12 @@ def evaluate(
     for u, su in enumerate(users):
         order = [i for i in np.argsort(-cf[u], kind="stable") if i not in su.train][:pool]
         base.append(ndcg_at([int(i) for i in order], su.test))
-        profile, c = profile_of(su, cat.embeddings, half_weight)
+        profile, c = profile_of(su, cat.embeddings, half_weight, centroid)
         conf.append(c)
         driven.append(su.style_driven)
         cands = [(str(i), float(cf[u, i])) for i in order]
         for li, lam in enumerate(lambdas):
-            rows = rerank(cands, profile, emb_map, lam)
+            rows = rerank(cands, profile, emb_map, lam, centroid)
             styled[u, li] = ndcg_at([int(r[0]) for r in rows], su.test)
     return {
         "base": np.array(base),
@@ -303,6 +311,7 @@ def run_experiment(
     half_weight: float = 20.0,
     n_seeds: int = 1,
     style_share: float = 0.5,
+    centred: bool = True,
 ) -> dict[str, Any]:
     """Simulate ``n_seeds`` independent populations (seeds seed, seed+1, ...); choose (λ, τ) on the
     mean validation nDCG over all of them; report the test halves pooled and per seed.
@@ -316,12 +325,14 @@ def run_experiment(
     # a candidate; how it would have done is reported next to the choice.
     thresholds = thresholds or [round(x, 2) for x in np.linspace(0.1, 0.9, 9)]
     cat = build_catalog(images_dir, out_dir / "cache")
+    # The catalog's style centroid, as scoring publishes it (libs/common/style_math.py).
+    centroid = catalog_centroid(cat.embeddings)[0] if centred else None
     runs = []
     for sd in range(seed, seed + n_seeds):
         rng = np.random.default_rng(sd)
         users = simulate_users(cat, n_users, rng, style_share=style_share)
         cf = item_knn_scores(users, len(cat.item_ids))
-        ev = evaluate(cat, users, cf, lambdas, thresholds, half_weight)
+        ev = evaluate(cat, users, cf, lambdas, thresholds, half_weight, centroid=centroid)
         perm = rng.permutation(n_users)
         runs.append((sd, ev, perm[: n_users // 2], perm[n_users // 2 :]))
     grid: list[dict[str, Any]] = []
@@ -382,9 +393,15 @@ def run_experiment(
             "events_per_user": "4..16, 70/30 random split per user",
             "event_weights": {name: w for name, w, _ in EVENT_TYPES},
             "confidence": f"services.scoring.style_profile.compute_profile, half weight {half_weight}",
+            "embeddings_centred_on_catalog_centroid": centroid is not None,
         },
         "cf_model": "item-kNN (cosine) on training interactions; candidates = top 100 unseen",
-        "blend": "final = (1-λ)·minmax(CF) + λ·cosine(profile, item embedding)  (services.gateway.style.rerank)",
+        "blend": (
+            "final = (1-λ)·minmax(CF) + λ·(1+cos_c)/2, cos_c = cosine of catalog-centred profile and item"
+            if centroid is not None
+            else "final = (1-λ)·minmax(CF) + λ·cosine(profile, item embedding)  (uncentred)"
+        )
+        + "  (services.gateway.style.rerank)",
         "chosen": {
             "lambda": best["lambda"],
             "confidence_threshold": tau,
@@ -399,5 +416,6 @@ def run_experiment(
         "wall_seconds": round(time.perf_counter() - t0, 1),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "style_lambda.json").write_text(json.dumps(result, indent=2))
+    name = "style_lambda.json" if centroid is not None else "style_lambda_uncentred.json"
+    (out_dir / name).write_text(json.dumps(result, indent=2))
     return result

@@ -72,3 +72,8 @@ def stylize_rate(user: str) -> str:
 def train_lock() -> str:
     """Cluster-wide training lock (SET NX EX) so one scoring replica trains at a time; owner: scoring."""
     return f"{NS}:{SCHEMA}:scoring-train-lock"
+
+
+def style_centroid() -> str:
+    """Catalog style centroid hash {vector, items, updated_at} (libs/common/style_math.py); owner: scoring."""
+    return f"{NS}:{SCHEMA}:style-centroid"

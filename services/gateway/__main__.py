@@ -29,7 +29,7 @@ from services.gateway.candidates import CandidateSource
 from services.gateway.catalog import ItemCatalog
 from services.gateway.config import GatewaySettings
 from services.gateway.downstream import Downstream
-from services.gateway.embeddings import ItemEmbeddings
+from services.gateway.embeddings import ItemEmbeddings, StyleCentroid
 from services.gateway.invalidation import ItemCacheInvalidator
 from services.gateway.recommend import Recommender
 from services.gateway.server import GatewayServicer
@@ -85,7 +85,9 @@ def build_app(settings: GatewaySettings) -> GatewayApp:
     publisher = StyleJobPublisher(
         settings, make_redis(settings.redis_url, settings.store_timeout_s, settings.store_retries)
     )
-    index = EmbeddingIndex(ds, settings.embedding_index_refresh_s)
+    # One centroid cache for both users of style similarity (re-rank and similar items).
+    centroid = StyleCentroid(ds, settings.style_centroid_near_cache_s)
+    index = EmbeddingIndex(ds, settings.embedding_index_refresh_s, centroid)
     recommender = Recommender(
         settings,
         ds,
@@ -95,6 +97,7 @@ def build_app(settings: GatewaySettings) -> GatewayApp:
         StylizedImages(settings, ds, publisher),
         ItemEmbeddings(ds, settings.embedding_cache_s),
         index,
+        centroid,
     )
     similar = SimilarItems(ds, index, settings.style_lambda)
     servicer = GatewayServicer(settings, ds, pseudonymize, recommender, similar)

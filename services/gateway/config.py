@@ -35,14 +35,18 @@ class GatewaySettings(ServiceSettings):
     )
 
     # --- the paper's decision ------------------------------------------------------------------
-    # Defaults come from `stylerec experiment style-lambda` (docs/gateway.md, out/experiment/): λ=0.7 and
-    # threshold 0.1 over 5 synthetic populations. The threshold barely matters there because scoring's
-    # confidence does not tell style-driven users apart (AUC 0.51); it mainly keeps one-glance profiles out.
+    # Defaults come from `stylerec experiment style-lambda` (docs/gateway.md, out/experiment/): λ=0.3 and
+    # threshold 0.3 over 5 synthetic populations, with style similarity centred on the catalog's style
+    # centroid (libs/common/style_math.py). Centred, scoring's confidence separates style-driven users
+    # (AUC 0.63, was 0.51 uncentred), so the threshold now gates: about half the users take the style path.
     style_lambda: float = Field(
-        0.7, ge=0, le=1, description="λ: final = (1-λ)·normalized CF + λ·cosine(profile, item style)."
+        0.3,
+        ge=0,
+        le=1,
+        description="λ: final = (1-λ)·normalized CF + λ·style affinity (catalog-centred cosine mapped to 0..1).",
     )
     style_confidence_threshold: float = Field(
-        0.1, ge=0, le=1, description="Profiles at or above this confidence get STYLE_PERSONALIZED."
+        0.3, ge=0, le=1, description="Profiles at or above this confidence get STYLE_PERSONALIZED."
     )
     style_neighbour_pool: int = Field(
         30, ge=0, le=2000, description="Items closest in style to the profile added to the pool on the style path."
@@ -84,6 +88,9 @@ class GatewaySettings(ServiceSettings):
 
     embedding_cache_s: float = Field(
         30.0, ge=0, le=3600, description="In-process item style-embedding cache lifetime (0 = off)."
+    )
+    style_centroid_near_cache_s: float = Field(
+        30.0, ge=0, le=3600, description="How long this replica reuses the catalog style centroid before re-reading it."
     )
 
     # --- similar items ---------------------------------------------------------------------------

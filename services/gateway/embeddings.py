@@ -9,13 +9,14 @@ cause a fetch per request); a newly embedded item is picked up within that time.
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
 
-from libs.common import keys
-from services.gateway.deadlines import Deadline
-from services.gateway.downstream import Downstream
+from libs.common import keys, style_math
+from services.gateway.deadlines import Deadline, DependencyUnavailable
+from services.gateway.downstream import Degradation, Downstream
 from services.gateway.style import decode_embedding
 
 
@@ -50,12 +51,50 @@ class ItemEmbeddings:
         return out
 
 
-def affinities(profile: np.ndarray, vectors: list[np.ndarray | None]) -> list[float | None]:
-    """Cosine of the (unit) profile with each (unit) vector, in one matrix product."""
+class StyleCentroid:
+    """The catalog style centroid published by scoring (``keys.style_centroid()``), near-cached.
+
+    It moves only as the catalog grows, so each replica re-reads it every ``ttl_s`` seconds;
+    a failed read keeps the last value (and reports the degradation), since an old centroid
+    is nearly as good as a fresh one. None = none published (tiny catalog): uncentred cosines.
+    """
+
+    def __init__(self, downstream: Downstream, ttl_s: float) -> None:
+        self.ds = downstream
+        self.ttl_s = ttl_s
+        self._value: np.ndarray | None = None
+        self._items = 0
+        self._read_at = -float("inf")
+        self._lock = threading.Lock()
+
+    def get(self, deadline: Deadline, deg: Degradation) -> np.ndarray | None:
+        with self._lock:
+            fresh = time.monotonic() - self._read_at <= self.ttl_s
+            if fresh:
+                return self._value
+        try:
+            h = self.ds.redis_call("style_centroid_get", lambda r: r.hgetall(keys.style_centroid()), deadline)
+            value, items = style_math.decode_centroid(h or {})
+            with self._lock:
+                self._value, self._items, self._read_at = value, items, time.monotonic()
+        except DependencyUnavailable as exc:
+            deg.add(exc)
+        with self._lock:
+            return self._value
+
+
+def affinities(
+    profile: np.ndarray, vectors: list[np.ndarray | None], centroid: np.ndarray | None = None
+) -> list[float | None]:
+    """Style affinity of the profile with each vector (None = no embedding), in one matrix product.
+
+    The math is ``libs.common.style_math.affinities``: centred cosine mapped to 0..1 when a
+    centroid is known, the plain cosine otherwise.
+    """
     present = [n for n, v in enumerate(vectors) if v is not None]
     out: list[float | None] = [None] * len(vectors)
     if present:
-        cos = np.stack([vectors[n] for n in present]) @ profile  # type: ignore[misc]
-        for n, c in zip(present, cos.tolist(), strict=True):
-            out[n] = float(c)
+        aff = style_math.affinities(profile, np.stack([vectors[n] for n in present]), centroid)  # type: ignore[misc]
+        for n, a in zip(present, aff.tolist(), strict=True):
+            out[n] = float(a)
     return out

@@ -2,7 +2,8 @@
 
 * a user whose style profile is confident (``confidence >= threshold`` and an
   anchor item) → STYLE_PERSONALIZED: CF candidates (plus popular items, which
-  style may lift) re-ranked by ``(1-λ)·norm CF + λ·cosine(profile, item style)``,
+  style may lift) re-ranked by ``(1-λ)·norm CF + λ·style affinity`` (catalog-centred cosine of profile and
+  item style mapped to 0..1, see services/gateway/style.py),
   and the top items' photos drawn in the anchor item's style;
 * a user with history → CF (the model's own order);
 * anyone else → POPULAR.
@@ -26,7 +27,7 @@ from services.gateway.catalog import ItemCatalog, ItemMeta
 from services.gateway.config import GatewaySettings
 from services.gateway.deadlines import Deadline, DependencyUnavailable
 from services.gateway.downstream import Degradation, Downstream
-from services.gateway.embeddings import ItemEmbeddings, affinities
+from services.gateway.embeddings import ItemEmbeddings, StyleCentroid, affinities
 from services.gateway.metrics import RECOMMENDATIONS
 from services.gateway.similar import EmbeddingIndex
 from services.gateway.style import StyleProfile, normalize_cf, rerank_scored
@@ -52,6 +53,7 @@ class Recommender:
         stylized: StylizedImages,
         embeddings: ItemEmbeddings,
         index: EmbeddingIndex | None = None,
+        centroid: StyleCentroid | None = None,
     ) -> None:
         self.settings = settings
         self.ds = downstream
@@ -61,6 +63,7 @@ class Recommender:
         self.stylized = stylized
         self.embeddings = embeddings
         self.index = index
+        self.centroid = centroid
 
     def user_state(
         self, user: str, deadline: Deadline, deg: Degradation, with_recs: bool = False
@@ -170,7 +173,12 @@ class Recommender:
         if cands.source == CF and s.style_popular_pool:
             extra += [i for i, _ in self.candidates.popular(s.style_popular_pool, category, deadline, deg).items]
         if s.style_neighbour_pool and self.index is not None:
-            extra += [i for i, _ in self.index.nearest(profile.vector, s.style_neighbour_pool, deadline, deg)]
+            extra += [
+                i
+                for i, _ in self.index.nearest(
+                    profile.vector, s.style_neighbour_pool, deadline, deg, raw_query=not profile.centred
+                )
+            ]
         floor = min((sc for _, sc in items), default=0.0)
         present = {i for i, _ in items} | seen
         for i in extra:
@@ -181,7 +189,10 @@ class Recommender:
         ids = [i for i, _ in items]
         known: list[float | None] = []
         try:
-            known = affinities(profile.vector, self.embeddings.get_many(ids, deadline))
+            # Scoring wrote the profile in the space of the centroid it published; score the
+            # items in the same space (the uncentred one for a profile written without it).
+            centroid = self.centroid.get(deadline, deg) if self.centroid is not None and profile.centred else None
+            known = affinities(profile.vector, self.embeddings.get_many(ids, deadline), centroid)
         except DependencyUnavailable as exc:
             deg.add(exc)
         if not any(a is not None for a in known):

@@ -1,6 +1,9 @@
 """Style re-ranking: the concept paper's blend of collaborative filtering and visual style.
 
-``final = (1 - λ) · normalized CF score + λ · cosine(user style profile, item style embedding)``
+``final = (1 - λ) · normalized CF score + λ · style affinity``, where the style affinity is
+the cosine of the user's profile with the item's embedding, both centred on the catalog's
+style centroid, mapped to 0..1 (``libs.common.style_math.affinities``; without a published
+centroid it is the plain cosine, as before).
 
 The functions here are pure so that the offline λ experiment
 (``stylerec experiment style-lambda``) scores exactly the way the live gateway
@@ -14,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from libs.common.style_math import affinities as centred_affinities
+
 EMBEDDING_DIM = 100
 
 
@@ -22,6 +27,9 @@ class StyleProfile:
     vector: np.ndarray  # 100 float32, L2-normalized
     confidence: float
     anchor: str
+    # Scoring computed the vector on catalog-centred embeddings (hash field ``centred``="1");
+    # an older or uncentred profile must be scored against uncentred items.
+    centred: bool = False
 
     @classmethod
     def from_redis(cls, h: Mapping[bytes, bytes]) -> StyleProfile | None:
@@ -37,7 +45,7 @@ class StyleProfile:
         except ValueError:
             confidence = 0.0
         anchor = h.get(b"anchor", b"").decode()
-        return cls(vec, min(1.0, max(0.0, confidence)), anchor)
+        return cls(vec, min(1.0, max(0.0, confidence)), anchor, h.get(b"centred", b"0") == b"1")
 
     def is_confident(self, threshold: float) -> bool:
         return self.confidence >= threshold and bool(self.anchor)
@@ -119,10 +127,19 @@ def rerank(
     profile: np.ndarray,
     embeddings: Mapping[str, np.ndarray | None],
     lam: float,
+    centroid: np.ndarray | None = None,
 ) -> list[tuple[str, float, float, float]]:
-    """(item, cf_norm, style_affinity, final) sorted by final score, ties by item id."""
+    """(item, cf_norm, style_affinity, final) sorted by final score, ties by item id.
+
+    ``centroid``: the catalog style centroid the profile was computed with (None = uncentred).
+    """
     ids = [i for i, _ in candidates]
-    known = [float(np.dot(profile, e)) if (e := embeddings.get(i)) is not None else None for i in ids]
+    present = [n for n, i in enumerate(ids) if embeddings.get(i) is not None]
+    known: list[float | None] = [None] * len(ids)
+    if present:
+        aff = centred_affinities(profile, np.stack([embeddings[ids[n]] for n in present]), centroid)  # type: ignore[misc]
+        for n, a in zip(present, aff.tolist(), strict=True):
+            known[n] = float(a)
     return rerank_scored(candidates, known, lam)
 
 

@@ -39,7 +39,7 @@ from services.scoring.foldin import ModelHolder, Recommender
 from services.scoring.interactions import InteractionState
 from services.scoring.registry import ModelRegistry
 from services.scoring.server import ScoringServicer
-from services.scoring.style_profile import EmbeddingSource, ProfileWriter
+from services.scoring.style_profile import CatalogCentroid, EmbeddingSource, ProfileWriter
 from services.scoring.trainer import Trainer, TrainingError, TrainScheduler, archive_events
 
 log = logging.getLogger("services.scoring")
@@ -122,6 +122,7 @@ def run_serving(settings: ScoringSettings) -> None:
         EmbeddingSource(r, db, settings.items_collection, settings.embedding_dim),
         settings.profile_half_confidence_weight,
         settings.recs_ttl_s,
+        CatalogCentroid(r, settings.embedding_dim, settings.style_centroid_refresh_s),
     )
     publisher = Publisher(settings, r, state, engine, profiles, categories)
     applier = EventApplier(state, publisher)

@@ -53,6 +53,11 @@ class ScoringSettings(ServiceSettings):
         50, ge=1, le=5000, description="Consumer fetch long-poll; bounds the event-to-recs latency on tansu."
     )
     embedding_dim: int = Field(100, ge=1, description="Length of item style embeddings.")
+    style_centroid_refresh_s: float = Field(
+        300.0,
+        gt=0,
+        description="How often the catalog style centroid (profiles' centring) is recomputed and published.",
+    )
 
     @field_validator("algorithm")
     @classmethod

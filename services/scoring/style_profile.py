@@ -1,11 +1,18 @@
 """User style profile: what the user's favourite items *look like*, for the gateway's re-ranking.
 
-vector     = L2-normalised, time-decayed, type-weighted mean of the style embeddings of
-             the items the user interacted with (embeddings come from the style worker).
-confidence = evidence x coherence: ``(1 - 2**(-W / w_half)) * |weighted mean of unit vectors|``
+vector     = L2-normalised, time-decayed, type-weighted mean of the *catalog-centred* style
+             embeddings (libs/common/style_math.centre) of the items the user interacted
+             with (embeddings come from the style worker).
+confidence = evidence x coherence: ``(1 - 2**(-W / w_half)) * |weighted mean of centred unit vectors|``
              where W is the decayed weight of embedded items. Few interactions, or items of
              clashing styles (vectors cancel), both give a low value; the gateway takes the
-             style path only above its threshold.
+             style path only above its threshold. Centring matters: raw embeddings share a
+             large common component, so their mean is long for *any* user (coherence ~0.8
+             for everyone); centred, only consistently distinctive looks add up.
+centroid   = the catalog's style centroid (mean unit embedding of all embedded items), computed
+             here from the Redis embeddings every ``style_centroid_refresh_s`` and published
+             under ``keys.style_centroid()`` for the gateway. Without one (fewer than
+             ``MIN_CENTROID_ITEMS`` embedded items, tests) profiles use the uncentred vectors.
 anchor     = the highest-weighted item that has a photo (= has an embedding): the style image
              the gateway asks the style worker to transfer.
 """
@@ -23,6 +30,7 @@ from pymongo.database import Database
 
 from libs.common import keys
 from libs.common.metrics import STORE_ERRORS
+from libs.common.style_math import catalog_centroid, centre, encode_centroid
 
 log = logging.getLogger(__name__)
 
@@ -33,19 +41,28 @@ class StyleProfile:
     confidence: float
     anchor: str
     items_used: int
+    centred: bool = False  # vector lives in the catalog-centred space (the gateway must centre items too)
 
 
 def compute_profile(
-    history: dict[str, float], embeddings: dict[str, np.ndarray], half_confidence_weight: float
+    history: dict[str, float],
+    embeddings: dict[str, np.ndarray],
+    half_confidence_weight: float,
+    centroid: np.ndarray | None = None,
 ) -> StyleProfile | None:
+    """The user's profile in the centred space of ``centroid``.
+
+    ``centroid`` None (no catalog centroid known yet: tiny catalogs, tests) falls back to
+    the uncentred unit embeddings; the gateway then also scores uncentred (it reads the
+    same published centroid), so profile and items stay in one space.
+    """
     used = [(item, w) for item, w in history.items() if item in embeddings and w > 0]
     if not used:
         return None
     W = float(sum(w for _, w in used))
-    acc = np.zeros_like(next(iter(embeddings.values())), dtype=np.float64)
-    for item, w in used:
-        e = embeddings[item].astype(np.float64)
-        acc += (w / W) * e / (np.linalg.norm(e) + 1e-12)
+    vecs = centre(np.stack([embeddings[item] for item, _ in used]), centroid).astype(np.float64)
+    weights = np.array([w / W for _, w in used], dtype=np.float64)
+    acc = weights @ vecs
     coherence = float(np.linalg.norm(acc))
     if coherence < 1e-9:
         return None
@@ -56,6 +73,7 @@ def compute_profile(
         confidence=float(min(1.0, max(0.0, evidence * coherence))),
         anchor=anchor,
         items_used=len(used),
+        centred=centroid is not None,
     )
 
 
@@ -116,12 +134,76 @@ class EmbeddingSource:
         return out
 
 
+class CatalogCentroid:
+    """The catalog style centroid, computed by scoring and published for the gateway.
+
+    Mean of the unit embeddings of every embedded item (SCAN + MGET of the style worker's
+    ``item_embedding`` keys, which carry no TTL, so Redis holds the whole embedded catalog).
+    Recomputed lazily when older than ``refresh_s``: it moves only as the catalog grows,
+    and a slightly old centroid centres just as well. While none can be computed (fewer
+    than MIN_CENTROID_ITEMS embedded items, Redis down) it retries every ``retry_s`` and
+    profiles stay uncentred; the published key is then deleted so the gateway agrees.
+    """
+
+    def __init__(self, r: redis.Redis, dim: int, refresh_s: float, retry_s: float = 10.0) -> None:
+        self.redis = r
+        self.dim = dim
+        self.refresh_s = refresh_s
+        self.retry_s = retry_s
+        self.value: np.ndarray | None = None
+        self.items = 0
+        self._next_at = 0.0
+
+    def get(self) -> np.ndarray | None:
+        if time.monotonic() >= self._next_at:
+            try:
+                self.refresh()
+            except redis.RedisError:
+                STORE_ERRORS.labels("redis", "style_centroid").inc()
+                log.warning("style centroid refresh failed; keeping the last one", exc_info=True)
+                self._next_at = time.monotonic() + self.retry_s
+        return self.value
+
+    def refresh(self) -> np.ndarray | None:
+        prefix = keys.item_embedding("")
+        names = list(self.redis.scan_iter(match=prefix + "*", count=1000))
+        rows: list[np.ndarray] = []
+        for start in range(0, len(names), 500):
+            chunk = names[start : start + 500]
+            for raw in self.redis.mget(chunk):
+                if isinstance(raw, bytes) and len(raw) == 4 * self.dim:
+                    v = np.frombuffer(raw, dtype="<f4")
+                    if np.all(np.isfinite(v)) and np.linalg.norm(v) > 0:
+                        rows.append(v)
+        centroid, n = catalog_centroid(np.stack(rows) if rows else np.zeros((0, self.dim), np.float32))
+        key = keys.style_centroid()
+        if centroid is None:
+            self.redis.delete(key)
+        else:
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hset(key, mapping=encode_centroid(centroid, n, time.time()))  # type: ignore[arg-type]
+            pipe.expire(key, int(max(3600.0, 10 * self.refresh_s)))
+            pipe.execute()
+        self.value, self.items = centroid, n
+        self._next_at = time.monotonic() + (self.refresh_s if centroid is not None else self.retry_s)
+        log.info("style centroid refreshed", extra={"items": n, "published": centroid is not None})
+        return centroid
+
+
 class ProfileWriter:
-    def __init__(self, r: redis.Redis, source: EmbeddingSource, half_confidence_weight: float, ttl_s: int) -> None:
+    def __init__(
+        self,
+        r: redis.Redis,
+        source: EmbeddingSource,
+        half_confidence_weight: float,
+        ttl_s: int,
+        centroid: CatalogCentroid | None = None,
+    ) -> None:
         self.redis = r
         self.source = source
         self.half = half_confidence_weight
         self.ttl_s = ttl_s
+        self.centroid = centroid
 
     def update(self, user: str, history: dict[str, float]) -> StyleProfile | None:
         return self.update_many({user: history})[user]
@@ -130,11 +212,14 @@ class ProfileWriter:
         """One embedding lookup for all users of a batch, one MULTI/EXEC per user."""
         items = {i for h in histories.values() for i in h}
         embeddings = self.source.get(items)
+        centroid = self.centroid.get() if self.centroid is not None else None
         out: dict[str, StyleProfile | None] = {}
         # One MULTI/EXEC for the batch: the gateway never sees a half-written profile.
         pipe = self.redis.pipeline(transaction=True)
         for user, history in histories.items():
-            profile = compute_profile(history, {i: embeddings[i] for i in history if i in embeddings}, self.half)
+            profile = compute_profile(
+                history, {i: embeddings[i] for i in history if i in embeddings}, self.half, centroid
+            )
             out[user] = profile
             self._queue(pipe, user, profile)
         pipe.execute()
@@ -152,6 +237,7 @@ class ProfileWriter:
                 "vector": profile.vector.astype("<f4").tobytes(),
                 "confidence": f"{profile.confidence:.4f}",
                 "anchor": profile.anchor,
+                "centred": "1" if profile.centred else "0",
                 "updated_at": f"{time.time():.3f}",
             },
         )

@@ -105,9 +105,10 @@ def test_style_path_reranks_enqueues_once_and_streams_ready_images(
     u = pseudo(user)
     anchor = f"print-{unique}"
     seed.item(anchor, title="Starry print", category="art", photo=png_bytes((20, 30, 200)), embedding=basis(0))
-    # CF prefers plain-a, but styled-b looks like the anchor.
+    # CF prefers plain-a, but styled-b looks like the anchor (and plain-a clearly does not: the
+    # default λ, 0.3, lifts a look only when the style gap outweighs the CF gap).
     plain, styled, nophoto = f"plain-{unique}", f"styled-{unique}", f"nophoto-{unique}"
-    seed.item(plain, photo=png_bytes((200, 10, 10)), embedding=basis(0, mix=1.0, j=5))
+    seed.item(plain, photo=png_bytes((200, 10, 10)), embedding=basis(0, mix=3.0, j=5))
     seed.item(styled, photo=png_bytes((10, 200, 10)), embedding=basis(0, mix=0.2))
     seed.item(nophoto, embedding=basis(0, mix=0.5))
     seed.recs(u, {plain: 1.0, styled: 0.8, nophoto: 0.1})
