@@ -62,22 +62,6 @@ def decode_embedding(raw: bytes | str | None) -> np.ndarray | None:
     return vec / norm
 
 
-def affinities_from_raw(profile: np.ndarray, raws: Sequence[bytes | str | None]) -> list[float | None]:
-    """Cosine of the profile with each stored embedding, decoded in one vectorized pass (None = missing)."""
-    size = EMBEDDING_DIM * 4
-    valid = [n for n, raw in enumerate(raws) if isinstance(raw, bytes) and len(raw) == size]
-    out: list[float | None] = [None] * len(raws)
-    if not valid:
-        return out
-    matrix = np.frombuffer(b"".join(raws[n] for n in valid), dtype="<f4").reshape(len(valid), EMBEDDING_DIM)  # type: ignore[misc]
-    norms = np.linalg.norm(matrix, axis=1)
-    cos = (matrix @ profile) / np.where(norms > 0, norms, 1.0)
-    for n, c, norm in zip(valid, cos.tolist(), norms.tolist(), strict=True):
-        if norm > 0 and np.isfinite(c):
-            out[n] = float(c)
-    return out
-
-
 def encode_embedding(vec: Sequence[float] | np.ndarray) -> bytes:
     arr = np.asarray(vec, dtype="<f4").reshape(-1)
     if arr.shape[0] != EMBEDDING_DIM:
@@ -100,19 +84,13 @@ def normalize_cf(scores: Sequence[float]) -> list[float]:
     return [(s - lo) / (hi - lo) for s in scores]
 
 
-def style_affinities(profile: np.ndarray, embeddings: Sequence[np.ndarray | None]) -> tuple[list[float], int]:
-    """Cosine of the profile with each item's embedding.
+def impute(known: Sequence[float | None]) -> tuple[list[float], int]:
+    """Missing affinities → the mean of the known ones.
 
-    Items without an embedding yet (photo not embedded, or no photo) get the mean
-    affinity of those that have one: an unknown look is neither a match nor a
-    mismatch, and 0 would bury every item the style worker has not reached.
+    Items without an embedding yet (photo not embedded, or no photo) are neither a
+    match nor a mismatch; 0 would bury every item the style worker has not reached.
     Returns the affinities and how many were imputed.
     """
-    return impute([float(np.dot(profile, e)) if e is not None else None for e in embeddings])
-
-
-def impute(known: Sequence[float | None]) -> tuple[list[float], int]:
-    """Missing affinities → the mean of the known ones (see :func:`style_affinities`)."""
     present = [a for a in known if a is not None]
     neutral = float(np.mean(present)) if present else 0.0
     return [a if a is not None else neutral for a in known], len(known) - len(present)

@@ -12,9 +12,9 @@ from services.gateway.style import (
     StyleProfile,
     decode_embedding,
     encode_embedding,
+    impute,
     normalize_cf,
     rerank,
-    style_affinities,
 )
 
 
@@ -35,8 +35,7 @@ def test_embedding_roundtrip_and_rejects_bad_sizes() -> None:
 
 
 def test_missing_embeddings_get_neutral_affinity() -> None:
-    p = np.eye(100, dtype=np.float32)[0]
-    aff, imputed = style_affinities(p, [np.eye(100, dtype=np.float32)[0], None, np.eye(100, dtype=np.float32)[1]])
+    aff, imputed = impute([1.0, None, 0.0])
     assert imputed == 1
     assert aff == [1.0, 0.5, 0.0]
 
