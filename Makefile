@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
 SETUP_INPUTS := requirements.txt requirements-nodeps.txt pyproject.toml scripts/setup.sh $(wildcard protos/stylerec/v1/*.proto)
 
-.PHONY: setup up down status demo demo-check test test-all lint bench clean
+.PHONY: setup up down status demo demo-check test lint bench eval clean
 
 $(STAMP): $(SETUP_INPUTS)
 	bash scripts/setup.sh
@@ -31,6 +31,20 @@ demo-check: setup
 
 test: setup
 	$(PY) -m pytest -q -ra
+
+# Heavier than `make test`: every benchmark (JSON under out/bench/), ~10 minutes on 2 cores.
+bench: setup
+	$(VENV)/bin/stylerec bench ingest --json
+	$(VENV)/bin/stylerec bench scoring --json
+	$(VENV)/bin/stylerec bench style --json
+	$(VENV)/bin/stylerec bench gateway --json
+
+# Offline quality: CF accuracy (out/eval/), style-transfer quality (out/style-eval/), the λ experiment.
+eval: setup
+	$(VENV)/bin/stylerec eval ml-100k
+	$(VENV)/bin/stylerec eval online-retail
+	$(VENV)/bin/stylerec style-eval --json
+	$(VENV)/bin/stylerec experiment style-lambda
 
 lint: setup
 	$(VENV)/bin/ruff check cli libs services tests
