@@ -319,6 +319,21 @@ def build() -> dict[str, Any]:
         w=12,
     )
 
+    d.add(
+        "Training duration by algorithm",
+        [(p(0.5, "stylerec_scoring_train_seconds", "algorithm"), "p50 {{algorithm}}")],
+        unit="s",
+        w=12,
+        description="Archive read + fit + publish, for runs inside serving replicas.",
+    )
+    d.add(
+        "Style profiles written / s",
+        [(f"sum by (outcome) (rate(stylerec_scoring_style_profiles_written_total[{RATE}]))", "{{outcome}}")],
+        unit="ops",
+        w=12,
+        description="outcome=none: the user's items have no style embeddings yet.",
+    )
+
     d.row("Ingestion")
     d.add(
         "Events / s by outcome",
@@ -359,6 +374,19 @@ def build() -> dict[str, Any]:
         ],
         unit="ops",
         description="Admission = load shedding (in-flight budget, broker circuit); request = bad calls.",
+    )
+
+    d.add(
+        "Events in flight to the broker",
+        [("sum by (instance) (stylerec_ingestion_inflight_events)", "{{instance}}")],
+        w=12,
+        description="Handed to the producer, not yet acknowledged; at the budget, ingestion sheds load.",
+    )
+    d.add(
+        "Archiver bulk write p99",
+        [(p(0.99, "stylerec_ingestion_archive_write_seconds", "job"), "p99")],
+        unit="s",
+        w=12,
     )
 
     d.row("Style worker")
@@ -449,6 +477,13 @@ def build() -> dict[str, Any]:
         [(f"sum by (outcome) (rate(stylerec_gateway_stylize_jobs_total[{RATE}]))", "{{outcome}}")],
         unit="ops",
         w=12,
+    )
+
+    d.add(
+        "Degraded parts / s by dependency",
+        [(f"sum by (dependency) (rate(stylerec_gateway_degraded_parts_total[{RATE}]))", "{{dependency}}")],
+        unit="ops",
+        description="Which dependency made answers degraded (alert StyleRecGatewayDegraded).",
     )
 
     d.row("Stores and processes")

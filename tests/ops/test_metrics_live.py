@@ -205,12 +205,18 @@ def drive_traffic(stack: Stack, broken: dict[str, Component], tag: str) -> None:
 
     scoring = scoring_pb2_grpc.ScoringServiceStub(grpc.insecure_channel(stack.addr_of("scoring")))
     scoring.TopN(scoring_pb2.TopNRequest(user_id=f"ops-{tag}-u0", k=5), timeout=10)
-    # One real training run (popularity: cheap). Refused (too few archived events, lock held) is
-    # fine too: the run is still counted with its outcome.
-    try:
-        scoring.Train(scoring_pb2.TrainRequest(algorithm="popularity", wait=True), timeout=120)
-    except grpc.RpcError as exc:
-        assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION, exc
+
+    # One real training run (popularity: cheap), retried while the archiver has not yet
+    # written enough events or another training holds the cluster-wide lock.
+    def trained() -> bool:
+        try:
+            scoring.Train(scoring_pb2.TrainRequest(algorithm="popularity", wait=True), timeout=120)
+            return True
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION, exc
+            return False
+
+    wait_for("a successful popularity training run", trained, 60, every_s=1.0)
 
     # Failure paths on the instances without Redis.
     broken_gw = gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel(broken["gateway"].address))
