@@ -219,14 +219,17 @@ class ProtoConsumerLoop(Generic[M]):
         self._lag_every_s = 5.0
         self._lag_at = 0.0
         self._lag_series: set[tuple[str, str]] = set()
+        # Snapshot of the assignment taken by the consumer thread after each poll, so readers
+        # (health, ModelInfo, ownership) never wait on the lock while poll() sits in a rebalance.
+        self._assigned: frozenset[TopicPartition] = frozenset()
 
     def start(self) -> ProtoConsumerLoop[M]:
         self._thread.start()
         return self
 
     def assignment(self) -> set[TopicPartition]:
-        with self._lock:
-            return set(self._consumer.assignment())
+        """Partitions owned as of the last poll; never blocks (a rebalance can hold poll() for seconds)."""
+        return set(self._assigned)
 
     def _decode(self, record: ConsumerRecord) -> M | str:
         if record.value is None:
@@ -247,6 +250,7 @@ class ProtoConsumerLoop(Generic[M]):
             try:
                 with self._lock:
                     polled = self._consumer.poll(timeout_ms=self._poll_timeout_ms)
+                    self._assigned = frozenset(self._consumer.assignment())
                 if not polled:
                     self._export_lag()
                     continue
