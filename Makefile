@@ -47,8 +47,9 @@ eval: setup
 	$(VENV)/bin/stylerec experiment style-lambda
 
 lint: setup
-	$(VENV)/bin/ruff check cli libs services tests
+	$(VENV)/bin/ruff check cli libs services tests scripts deploy
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy scripts deploy/grafana
 
 clean: down
 	rm -rf gen out .pytest_cache .mypy_cache .ruff_cache
