@@ -94,14 +94,7 @@ CONSTRAINT_SYMBOLS = (
 def constraints(info: FieldInfo) -> str:
     parts = []
     for meta in info.metadata:
-        for attr, sym in (
-            ("ge", "≥"),
-            ("gt", ">"),
-            ("le", "≤"),
-            ("lt", "<"),
-            ("min_length", "len ≥"),
-            ("max_length", "len ≤"),
-        ):
+        for attr, sym in CONSTRAINT_SYMBOLS:
             value = getattr(meta, attr, None)
             if value is not None:
                 parts.append(f"{sym} {value}")

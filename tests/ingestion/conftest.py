@@ -112,6 +112,20 @@ def make_event(
     return e
 
 
+def with_overrides(e: common_pb2.Event, **kw: Any) -> common_pb2.Event:
+    """Set fields of a good event for bad-input cases: ``ts`` (unix s), ``no_ts``, context fields, or any field."""
+    for k, v in kw.items():
+        if k == "ts":
+            e.timestamp.FromNanoseconds(int(v * 1e9))
+        elif k == "no_ts":
+            e.ClearField("timestamp")
+        elif k in ("session_id", "device", "page"):
+            setattr(e.context, k, v)
+        else:
+            setattr(e, k, v)
+    return e
+
+
 def read_records(bootstrap: str, topic: str, idle_s: float = 1.5) -> list[ConsumerRecord]:
     """Every record of ``topic`` from the beginning, until nothing new arrives for ``idle_s``.
 

@@ -21,24 +21,14 @@ from stylerec.v1 import common_pb2, ingestion_pb2
 from cli.main import main as cli_main
 from libs.common.errors import violations_of
 from services.ingestion.validation import PSEUDONYM_RE, validate_event
-from tests.ingestion.conftest import Ingestion, make_event, read_records, wait_until
+from tests.ingestion.conftest import Ingestion, make_event, read_records, wait_until, with_overrides
 
 pytestmark = pytest.mark.integration
 NOW = time.time()
 
 
 def _ev(unique: str, i: int, **kw: Any) -> common_pb2.Event:
-    e = make_event(f"shopper-{unique}", f"item-{i}", event_id=f"{unique}-{i}")
-    for k, v in kw.items():
-        if k == "ts":
-            e.timestamp.FromNanoseconds(int(v * 1e9))
-        elif k == "no_ts":
-            e.ClearField("timestamp")
-        elif k in ("session_id", "device", "page"):
-            setattr(e.context, k, v)
-        else:
-            setattr(e, k, v)
-    return e
+    return with_overrides(make_event(f"shopper-{unique}", f"item-{i}", event_id=f"{unique}-{i}"), **kw)
 
 
 # (overrides of a good event, expected reason) — each sent next to a good event, so the batch survives.

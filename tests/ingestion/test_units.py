@@ -28,24 +28,14 @@ from services.ingestion.events import EventIntake, RequestRejected, deterministi
 from services.ingestion.images import ImageError, _check_url, check_image
 from services.ingestion.publisher import BatchResult, PendingBatch
 from services.ingestion.validation import PSEUDONYM_RE, EventLimits, ItemLimits, validate_event, validate_item
-from tests.ingestion.conftest import make_event
+from tests.ingestion.conftest import make_event, with_overrides
 
 NOW = time.time()
 
 
 # ---------- event validation ----------
 def _ev(**kw: Any) -> common_pb2.Event:
-    e = make_event("u1", "i1", ts=NOW)
-    for k, v in kw.items():
-        if k == "ts":
-            e.timestamp.FromNanoseconds(int(v * 1e9))
-        elif k == "no_ts":
-            e.ClearField("timestamp")
-        elif k in ("session_id", "device", "page"):
-            setattr(e.context, k, v)
-        else:
-            setattr(e, k, v)
-    return e
+    return with_overrides(make_event("u1", "i1", ts=NOW), **kw)
 
 
 @pytest.mark.parametrize(
