@@ -32,6 +32,21 @@ def _wait(predicate, timeout_s: float = 30) -> bool:  # type: ignore[no-untyped-
     return False
 
 
+def _event_loop(infra: Stack, group: str, topic: str, handle, producer: ProtoProducer, service: str):  # type: ignore[no-untyped-def]
+    """A started consumer loop of Events with short group timeouts (fast rebalances on tansu)."""
+    return ProtoConsumerLoop(
+        bootstrap=[infra.kafka_bootstrap],
+        group_id=group,
+        topics=[topic],
+        message_type=common_pb2.Event,
+        handle=handle,
+        producer=producer,
+        service=service,
+        session_timeout_ms=6000,
+        max_poll_interval_ms=10000,
+    ).start()
+
+
 def test_producer_consumer_roundtrip_with_dead_letter(infra: Stack, unique: str) -> None:
     topic = f"t-{unique}"
     ensure_topics([infra.kafka_bootstrap], {topic: 3, dead_letter_topic(f"svc{unique}"): 1})
@@ -43,17 +58,7 @@ def test_producer_consumer_roundtrip_with_dead_letter(infra: Stack, unique: str)
         with lock:
             got.extend(batch)
 
-    loop = ProtoConsumerLoop(
-        bootstrap=[infra.kafka_bootstrap],
-        group_id=f"g-{unique}",
-        topics=[topic],
-        message_type=common_pb2.Event,
-        handle=handle,
-        producer=producer,
-        service=f"svc{unique}",
-        session_timeout_ms=6000,
-        max_poll_interval_ms=10000,
-    ).start()
+    loop = _event_loop(infra, f"g-{unique}", topic, handle, producer, f"svc{unique}")
     try:
         for i in range(10):
             producer.send_and_wait(topic, f"user{i}", _event(f"user{i}", "i1"))
@@ -78,17 +83,7 @@ def test_producer_consumer_roundtrip_with_dead_letter(infra: Stack, unique: str)
 
     # Offsets were committed after handling: a new consumer in the same group sees nothing new.
     again: list[Decoded[common_pb2.Event]] = []
-    loop2 = ProtoConsumerLoop(
-        bootstrap=[infra.kafka_bootstrap],
-        group_id=f"g-{unique}",
-        topics=[topic],
-        message_type=common_pb2.Event,
-        handle=again.extend,
-        producer=producer,
-        service=f"svc{unique}",
-        session_timeout_ms=6000,
-        max_poll_interval_ms=10000,
-    ).start()
+    loop2 = _event_loop(infra, f"g-{unique}", topic, again.extend, producer, f"svc{unique}")
     try:
         assert _wait(lambda: bool(loop2.assignment()))
         producer.send_and_wait(topic, "late", _event("late", "i2"))
@@ -113,17 +108,7 @@ def test_failed_handler_is_retried_not_committed(infra: Stack, unique: str) -> N
             raise RuntimeError("transient failure")
         delivered.extend(d.message.user_id for d in batch)
 
-    loop = ProtoConsumerLoop(
-        bootstrap=[infra.kafka_bootstrap],
-        group_id=f"g-{unique}",
-        topics=[topic],
-        message_type=common_pb2.Event,
-        handle=flaky,
-        producer=producer,
-        service="test",
-        session_timeout_ms=6000,
-        max_poll_interval_ms=10000,
-    ).start()
+    loop = _event_loop(infra, f"g-{unique}", topic, flaky, producer, "test")
     try:
         producer.send_and_wait(topic, "u", _event("u", "i"))
         assert _wait(lambda: delivered == ["u"])
