@@ -91,6 +91,9 @@ class Stack:
     dir: Path = DEFAULT_DIR
     components: dict[str, Component] = field(default_factory=dict)
     env_overrides: dict[str, str] = field(default_factory=dict)
+    # How each component was started (argv, env), so fault-injection tests can
+    # restart it on the same port; in memory only (env holds secrets).
+    _launch: dict[str, tuple[list[str], dict[str, str]]] = field(default_factory=dict, repr=False)
 
     # ---------- persistence ----------
     @property
@@ -155,6 +158,7 @@ class Stack:
     ) -> Component:
         self.dir.mkdir(parents=True, exist_ok=True)
         log_path = self.dir / f"{name}.log"
+        self._launch[name] = (argv, env or dict(os.environ))
         with open(log_path, "ab") as log_file:
             proc = subprocess.Popen(
                 argv,
@@ -272,6 +276,38 @@ class Stack:
         if comp is None:
             return
         terminate_group(comp.pid, timeout_s)
+
+    def kill_component(self, name: str, sig: signal.Signals = signal.SIGKILL) -> None:
+        """Send ``sig`` to the component's process group (SIGKILL: a crash, no clean-up)."""
+        comp = self.components[name]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(comp.pid, sig)
+        if sig in (signal.SIGKILL, signal.SIGTERM):
+            deadline = time.monotonic() + 15
+            while pid_alive(comp.pid) and time.monotonic() < deadline:
+                _reap(comp.pid)
+                time.sleep(0.05)
+
+    def restart_component(self, name: str, timeout_s: float = 90) -> Component:
+        """Start a stopped or killed component again, same argv, env and port, and wait until healthy."""
+        if name not in self._launch:
+            raise StackError(f"{name} was not started by this Stack object; cannot restart it")
+        comp = self.components[name]
+        if pid_alive(comp.pid):
+            raise StackError(f"{name} (pid {comp.pid}) is still running; kill or stop it first")
+        argv, env = self._launch[name]
+        if name == "mongo":
+            (self.dir / "mongo.pid").unlink(missing_ok=True)  # a killed nx-27017 leaves its pid file
+        new = self._spawn(name, argv, comp.port, comp.metrics_port, env)
+        deadline = time.monotonic() + timeout_s
+        while not self.component_healthy(name):
+            self._check_alive(name)
+            if time.monotonic() > deadline:
+                raise StackError(f"{name} did not become healthy after restart; see {new.log}")
+            time.sleep(0.2)
+        if name == "kafka":
+            ensure_topics([self.kafka_bootstrap])  # a memory-backed broker comes back empty
+        return new
 
     def down(self, timeout_s: float = 15) -> list[str]:
         """Stop services first (they flush and commit), then the infrastructure."""
