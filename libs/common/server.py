@@ -82,8 +82,8 @@ class ServiceRuntime:
             futures.ThreadPoolExecutor(max_workers=settings.grpc_workers, thread_name_prefix="grpc"),
             interceptors=[MetricsInterceptor(), *interceptors],
             options=[
-                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-                ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                ("grpc.max_receive_message_length", settings.grpc_max_receive_bytes),
+                ("grpc.max_send_message_length", settings.grpc_max_send_bytes),
                 ("grpc.so_reuseport", 0),
             ],
         )

@@ -27,6 +27,15 @@ class ServiceSettings(BaseSettings):
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = pick a free one).")
     metrics_port: int = Field(9100, ge=0, le=65535, description="Prometheus /metrics HTTP port.")
     grpc_workers: int = Field(16, ge=1, le=512, description="Thread-pool size of the gRPC server.")
+    # Transport-level caps: a larger message is refused with RESOURCE_EXHAUSTED before it is
+    # buffered, so a client cannot make a replica allocate more. Each service sets tight defaults
+    # for its own payloads (services/*/config.py); these base values are gRPC's own 4 MiB.
+    grpc_max_receive_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024, description="Largest gRPC message this service accepts."
+    )
+    grpc_max_send_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024, description="Largest gRPC message this service sends."
+    )
     kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, comma separated.")
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL.")
     mongo_uri: str = Field("mongodb://127.0.0.1:27017", description="MongoDB URI.")

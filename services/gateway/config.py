@@ -20,6 +20,17 @@ class GatewaySettings(ServiceSettings):
     style_worker_addr: str = Field("127.0.0.1:50053", description="host:port of the style worker.")
     default_k: int = Field(10, ge=1, le=200, description="k when the caller sends 0.")
     max_k: int = Field(200, ge=1, le=1000, description="Largest k a caller may ask for.")
+    # Requests are an id, k and filters (at most 1000 excluded ids of 256 characters), so 512 KiB
+    # is ample; answers are up to max_k items or one image chunk.
+    grpc_max_receive_bytes: int = Field(
+        512 * 1024, ge=1024, le=256 * 1024 * 1024, description="Largest gRPC request the gateway accepts."
+    )
+    grpc_max_send_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=1024,
+        le=256 * 1024 * 1024,
+        description="Largest gRPC message the gateway sends (must hold one image_chunk_bytes chunk).",
+    )
 
     # --- time budgets -----------------------------------------------------------------------
     default_deadline_s: float = Field(1.0, gt=0, le=30, description="Budget of a request whose caller set no deadline.")
@@ -97,6 +108,15 @@ class GatewaySettings(ServiceSettings):
     embedding_index_refresh_s: float = Field(
         30.0, gt=0, description="How often the in-process item style-embedding index is reloaded from Redis."
     )
+
+    @model_validator(mode="after")
+    def _chunk_fits_send_cap(self) -> GatewaySettings:
+        if self.image_chunk_bytes + 1024 > self.grpc_max_send_bytes:
+            raise ValueError(
+                f"image_chunk_bytes ({self.image_chunk_bytes}) plus 1 KiB framing must fit grpc_max_send_bytes "
+                f"({self.grpc_max_send_bytes})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _default_k_within_max(self) -> GatewaySettings:

@@ -28,6 +28,20 @@ class IngestionSettings(ServiceSettings):
     max_request_bytes: int = Field(
         16 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024, description="Larger requests get RESOURCE_EXHAUSTED."
     )
+    # Transport caps: one MiB above max_request_bytes so a request between the two gets the
+    # descriptive in-app answer (BadRequest details) and anything larger is refused unread.
+    grpc_max_receive_bytes: int = Field(
+        17 * 1024 * 1024,
+        ge=1024,
+        le=256 * 1024 * 1024,
+        description="Largest gRPC message ingestion accepts (IngestEvents batches, UpsertItems with photos).",
+    )
+    grpc_max_send_bytes: int = Field(
+        9 * 1024 * 1024,
+        ge=1024,
+        le=256 * 1024 * 1024,
+        description="Largest gRPC message ingestion sends (GetItem with its photo: max_image_bytes plus metadata).",
+    )
     # ---- events: per-event limits ----
     max_id_length: int = Field(128, ge=8, le=1024, description="Max length of user/item/event ids.")
     max_context_length: int = Field(256, ge=1, le=4096, description="Max length of each context field.")
@@ -81,6 +95,21 @@ class IngestionSettings(ServiceSettings):
         False, description="Allow image URLs that resolve to loopback/private addresses (dev and tests only)."
     )
     image_fetch_workers: int = Field(4, ge=1, le=64, description="Concurrent image downloads per call.")
+
+    @model_validator(mode="after")
+    def _transport_fits_limits(self) -> IngestionSettings:
+        # Below these the in-app limits could never be reached: callers would get a bare transport error.
+        if self.grpc_max_receive_bytes < self.max_request_bytes:
+            raise ValueError(
+                f"grpc_max_receive_bytes ({self.grpc_max_receive_bytes}) must not be below max_request_bytes "
+                f"({self.max_request_bytes})"
+            )
+        if self.grpc_max_send_bytes < self.max_image_bytes + 64 * 1024:
+            raise ValueError(
+                f"grpc_max_send_bytes ({self.grpc_max_send_bytes}) must leave room for a photo of max_image_bytes "
+                f"({self.max_image_bytes}) plus 64 KiB of metadata"
+            )
+        return self
 
     @model_validator(mode="after")
     def _batch_fits_inflight(self) -> IngestionSettings:

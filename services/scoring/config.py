@@ -23,6 +23,14 @@ class ScoringSettings(ServiceSettings):
     items_collection: str = Field("items", description="MongoDB collection of catalog items.")
     models_collection: str = Field("models", description="MongoDB collection of the model registry.")
     top_n: int = Field(50, ge=1, le=1000, description="Recommendations written per user to Redis.")
+    # The largest request is Score with 1000 ids of at most 512 characters; answers hold at most
+    # 1000 scored items.
+    grpc_max_receive_bytes: int = Field(
+        1024 * 1024, ge=1024, le=256 * 1024 * 1024, description="Largest gRPC request scoring accepts."
+    )
+    grpc_max_send_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024, description="Largest gRPC message scoring sends."
+    )
     half_life_days: float = Field(30.0, gt=0, description="Half-life of the time decay of interactions.")
     weight_view: float = Field(1.0, ge=0, description="Weight of a VIEW event.")
     weight_click: float = Field(2.0, ge=0, description="Weight of a CLICK event.")

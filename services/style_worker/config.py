@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from libs.common.kafka import ITEM_UPDATES, STYLE_JOBS, STYLE_RESULTS
 from libs.common.settings import ServiceSettings
@@ -59,6 +59,17 @@ class StyleWorkerSettings(ServiceSettings):
         40_000_000, ge=10_000, description="Largest width*height accepted (decompression-bomb guard)."
     )
     min_image_side: int = Field(32, ge=1, le=4096, description="Smallest accepted width and height.")
+    # Stylize carries two images (content and style) of at most max_image_bytes each; the answer
+    # is one encoded image of at most max_output_side per side.
+    grpc_max_receive_bytes: int = Field(
+        21 * 1024 * 1024,
+        ge=1024,
+        le=256 * 1024 * 1024,
+        description="Largest gRPC request the style worker accepts (two images of max_image_bytes plus 1 MiB).",
+    )
+    grpc_max_send_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024, description="Largest gRPC message the style worker sends."
+    )
     max_output_side: int = Field(1024, ge=64, le=8192, description="Longest side of a stored stylized image.")
     output_format: Literal["JPEG", "PNG"] = Field("JPEG", description="Encoding of stylized images.")
     jpeg_quality: int = Field(90, ge=10, le=100, description="JPEG quality of stylized images.")
@@ -85,6 +96,17 @@ class StyleWorkerSettings(ServiceSettings):
         if unknown or not names:
             raise ValueError(f"unknown execution provider(s) {unknown}; choose from {', '.join(KNOWN_PROVIDERS)}")
         return v
+
+    @model_validator(mode="after")
+    def _two_images_fit(self) -> StyleWorkerSettings:
+        # Below this a Stylize call with two allowed images would fail at the transport, not with
+        # the image guard's field violation.
+        if self.grpc_max_receive_bytes < 2 * self.max_image_bytes:
+            raise ValueError(
+                f"grpc_max_receive_bytes ({self.grpc_max_receive_bytes}) must hold two images of "
+                f"max_image_bytes ({self.max_image_bytes})"
+            )
+        return self
 
     @property
     def provider_preference(self) -> list[str]:
