@@ -3,12 +3,13 @@
 settings → logging → runtime → downstream clients → servicer → background
 publisher and dependency gauges → shutdown hooks → serve_forever.
 
-Only Redis gates SERVING (readiness: without it every answer is degraded, so
-a load balancer should prefer replicas that have it), but the RPCs keep
-answering while it is down — degraded, never an error — so a caller that still
-reaches this replica gets popularity from memory rather than a failure. The
-optional parts (MongoDB, scoring, Kafka) are exported as
-``stylerec_dependency_up`` without affecting health.
+No dependency gates SERVING (readiness). Every RPC answers while Redis, MongoDB,
+scoring or Kafka is down — degraded, with the missing part named, never an error —
+so taking gateways out of rotation during an outage would turn degraded answers
+into no answers: Redis is shared by every replica, so a Redis outage would empty
+the whole Service at once. Each dependency is still exported as
+``stylerec_dependency_up`` (alerts and dashboards see the outage) and every
+degraded answer counts in ``stylerec_gateway_degraded_parts_total``.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class GatewayApp:
 
     def _gauge_loop(self) -> None:
         probes = {
+            "redis": redis_probe(self.downstream.redis),
             "mongo": mongo_probe(self.mongo),
             "kafka": tcp_probe(self.settings.kafka_servers),
         }
@@ -110,7 +112,6 @@ def main() -> None:
     configure_logging(settings.service_name, settings.log_level)
     runtime = ServiceRuntime(settings)
     app = build_app(settings)
-    runtime.require("redis", redis_probe(app.downstream.redis))
     runtime.add_service(
         "stylerec.v1.GatewayService", gateway_pb2_grpc.add_GatewayServiceServicer_to_server, app.servicer
     )

@@ -135,27 +135,77 @@ def test_end_to_end_history_vs_unknown_user(stack: Stack, unique: str) -> None:
     assert not {items[0], items[1]} & set(known_items)
 
 
+def _health_once_reachable(address: str, service: str = "") -> int:
+    """The health status of a just-started process, once its gRPC port answers."""
+    deadline = time.monotonic() + 30
+    while True:
+        with grpc.insecure_channel(address) as ch:
+            try:
+                resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+                return int(resp.status)
+            except grpc.RpcError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.3)
+
+
+def _metrics_text(stack: Stack, name: str) -> str:
+    """A component's /metrics ("" while its metrics server is not up yet)."""
+    port = stack.components[name].metrics_port
+    try:
+        return str(urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode())
+    except OSError:
+        return ""
+
+
 def test_health_not_serving_while_dependency_down(infra: Stack, unique: str) -> None:
-    """A gateway pointed at a dead Redis runs but must not claim SERVING."""
+    """Ingestion pointed at a dead Redis (its dedup store) runs but must not claim SERVING."""
+    name = f"ing-dead-redis-{unique}"
     comp = infra.start_service(
-        "gateway",
-        instance=f"gw-dead-redis-{unique}",
+        "ingestion",
+        instance=name,
         extra_env={"STYLEREC_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0", "STYLEREC_HEALTH_INTERVAL_S": "0.5"},
     )
     try:
-        deadline = time.monotonic() + 30
-        reachable = False
-        while time.monotonic() < deadline and not reachable:
-            with grpc.insecure_channel(comp.address) as ch:
-                try:
-                    resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)
-                    reachable = True
-                except grpc.RpcError:
-                    time.sleep(0.3)
-        assert reachable
-        assert resp.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        # Give the health loop a few rounds: NOT_SERVING must be the steady state, not a start-up blip.
+        deadline = time.monotonic() + 20
+        while 'stylerec_dependency_up{dependency="redis"} 0.0' not in _metrics_text(infra, name):
+            assert time.monotonic() < deadline, "ingestion never probed Redis"
+            time.sleep(0.3)
+        assert _health_once_reachable(comp.address) == health_pb2.HealthCheckResponse.NOT_SERVING
+        # Liveness stays SERVING: an outage makes the pod unready, it does not restart it.
+        assert _health_once_reachable(comp.address, "stylerec.liveness") == health_pb2.HealthCheckResponse.SERVING
     finally:
-        infra.stop_component(f"gw-dead-redis-{unique}")
+        infra.stop_component(name)
+
+
+def test_gateway_stays_ready_and_answers_degraded_while_redis_down(infra: Stack, unique: str) -> None:
+    """The gateway answers every call without Redis (degraded, reason named), so its readiness
+    does not depend on Redis; the outage shows in stylerec_dependency_up instead."""
+    name = f"gw-dead-redis-{unique}"
+    comp = infra.start_service(
+        "gateway",
+        instance=name,
+        extra_env={
+            "STYLEREC_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+            "STYLEREC_HEALTH_INTERVAL_S": "0.5",
+            "STYLEREC_SCORING_ADDR": "",
+        },
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while 'stylerec_dependency_up{dependency="redis"} 0.0' not in _metrics_text(infra, name):
+            assert time.monotonic() < deadline, "the gateway does not export Redis as a dependency"
+            time.sleep(0.3)
+        assert _health_once_reachable(comp.address) == health_pb2.HealthCheckResponse.SERVING
+        with grpc.insecure_channel(comp.address) as ch:
+            resp = gateway_pb2_grpc.GatewayServiceStub(ch).GetRecommendations(
+                gateway_pb2.GetRecommendationsRequest(user_id=f"shopper-{unique}", k=5), timeout=5
+            )
+        assert resp.degraded and "redis" in resp.degraded_reason, resp
+        assert 'stylerec_gateway_degraded_parts_total{dependency="redis"}' in _metrics_text(infra, name)
+    finally:
+        infra.stop_component(name)
 
 
 def test_sigterm_stops_gracefully(infra: Stack, unique: str) -> None:
