@@ -16,6 +16,7 @@ BENCH_MODULES = [
     "cli.bench_style",
     "cli.bench_gateway",
     "cli.bench_scoring",
+    "cli.bench_load",
 ]
 
 

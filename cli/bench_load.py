@@ -1,0 +1,443 @@
+"""`stylerec bench load --minutes N [--json]`: find the stack's maximum sustainable throughput, then soak it.
+
+1. A stack: a running ``stylerec up`` stack when one is healthy (``--stack auto``, the default),
+   else its own in ``<out-dir>/stack`` (``cli/stack.py`` ``Stack``, exactly as ``stylerec up``).
+2. Seed: the most recent ``--seed-purchases`` REAL Online Retail purchases (the demo's loader;
+   a generated, labelled-synthetic sample without ../shared/data) go through ingestion, their
+   stock codes into the catalog, and the model is trained once, so reads hit real recommendations.
+3. Phase a, max search: closed loop at increasing concurrency with the configured mix (default
+   80% GetRecommendations reads, 10% of them for never-seen users, 20% IngestEvents batches).
+   "Max" = the highest requests/s of a step with zero errors and every kind's p99 within
+   ``--p99-limit-ms``; the ramp stops at the first failing step or after two steps that add
+   less than 5% over the best.
+4. Phase b, soak: open-loop Poisson arrivals at ``--rate-fraction`` (0.7) x max for ``--minutes``;
+   latency counts from each request's scheduled time, so queueing shows.
+5. RSS of every component's process group sampled from /proc throughout; a memory verdict over
+   the soak (cli/load_report.py); ``load.json``, ``rss.png`` and ``latency.png`` in ``--out-dir``.
+
+Exit 1 when the soak had any error, the memory of a service was not flat, or no step qualified as
+a maximum; the reason is printed. Nothing is asserted about speed: the numbers go to JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from cli.bench_common import OtherLoad, machine_info, rss_by_group, snapshot
+from cli.errors import UsageError
+from cli.load_driver import KINDS, Client, Mix, OpenLoopState, Workload, closed_loop, open_loop
+from cli.load_report import (
+    MAX_GROWTH_PCT,
+    MAX_SLOPE_MIB_PER_MIN,
+    MIN_SOAK_MINUTES_FOR_VERDICT,
+    memory_verdict,
+    plot_latency,
+    plot_rss,
+)
+from cli.stack import REPO, Stack, StackError, pid_alive
+
+OUT = REPO / "out" / "load"
+PLATEAU_GAIN = 1.05  # a step must add 5% over the best so far to count as progress
+PLATEAU_STEPS = 2
+
+
+def register_bench(bsub: Any) -> None:
+    p = bsub.add_parser(
+        "load",
+        help="max sustainable requests/s (closed-loop ramp), then an open-loop soak at a fraction of it",
+    )
+    p.add_argument("--minutes", type=float, default=10.0, help="soak length in minutes (default 10)")
+    p.add_argument("--rate-fraction", type=float, default=0.7, help="soak rate as a fraction of the max found")
+    p.add_argument("--rate", type=float, default=0.0, help="soak at this many requests/s and skip the max search")
+    p.add_argument("--read-fraction", type=float, default=0.8, help="share of GetRecommendations in the mix")
+    p.add_argument("--unknown-fraction", type=float, default=0.1, help="share of reads for never-seen users")
+    p.add_argument("--batch-events", type=int, default=20, help="events per IngestEvents call")
+    p.add_argument("--concurrency", default="1,2,4,8,16,32,64", help="closed-loop steps of the max search")
+    p.add_argument("--step-seconds", type=float, default=10.0, help="measured seconds per max-search step")
+    p.add_argument("--p99-limit-ms", type=float, default=300.0, help="a max-search step qualifies under this p99")
+    p.add_argument("--seed-purchases", type=int, default=20_000, help="Online Retail purchases seeded first")
+    p.add_argument("--max-inflight", type=int, default=2000, help="open-loop cap on outstanding requests")
+    p.add_argument("--max-slope", type=float, default=MAX_SLOPE_MIB_PER_MIN, help="flat: RSS slope, MiB/min")
+    p.add_argument("--max-growth-pct", type=float, default=MAX_GROWTH_PCT, help="flat: quarter-to-quarter growth, %%")
+    p.add_argument(
+        "--stack",
+        choices=("auto", "own", "running"),
+        default="auto",
+        help="auto: use a healthy `stylerec up` stack if there is one, else start one; own: always start one",
+    )
+    p.add_argument("--json", action="store_true", help="print load.json on stdout (progress goes to stderr)")
+    p.add_argument("--out-dir", type=Path, default=OUT, help="where load.json, rss.png, latency.png go")
+    p.set_defaults(func=cmd_bench_load)
+
+
+def progress(msg: str) -> None:
+    print(f"[load {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def parse_concurrency(text: str) -> list[int]:
+    try:
+        steps = [int(c) for c in text.split(",") if c.strip()]
+    except ValueError as exc:
+        raise UsageError(f"--concurrency must be comma-separated integers: {exc}") from exc
+    if not steps or any(c < 1 or c > 1024 for c in steps):
+        raise UsageError("--concurrency values must be between 1 and 1024")
+    return sorted(set(steps))
+
+
+def validate(args: argparse.Namespace) -> None:
+    checks = [
+        (args.minutes > 0, "--minutes must be > 0"),
+        (0 < args.rate_fraction <= 1.5, "--rate-fraction must be in (0, 1.5]"),
+        (args.rate >= 0, "--rate must not be negative"),
+        (0 <= args.read_fraction <= 1, "--read-fraction must be in [0, 1]"),
+        (0 <= args.unknown_fraction <= 1, "--unknown-fraction must be in [0, 1]"),
+        (1 <= args.batch_events <= 10_000, "--batch-events must be in [1, 10000]"),
+        (args.step_seconds > 0, "--step-seconds must be > 0"),
+        (args.p99_limit_ms > 0, "--p99-limit-ms must be > 0"),
+        (args.seed_purchases >= 100, "--seed-purchases must be at least 100"),
+        (args.max_inflight >= 1, "--max-inflight must be at least 1"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise UsageError(msg)
+
+
+def running_stack() -> Stack | None:
+    """The `stylerec up` stack, when every component of it is alive and healthy."""
+    from cli.stack_commands import stack_dir
+
+    stack = Stack.load(stack_dir())
+    if not stack.components or not all(pid_alive(c.pid) for c in stack.components.values()):
+        return None
+    if not all(stack.component_healthy(n) for n in ("ingestion", "gateway", "scoring", "redis", "mongo", "kafka")):
+        return None
+    return stack
+
+
+def seed(stack: Stack, n_purchases: int, mix: Mix) -> tuple[Workload, dict[str, Any]]:
+    """Catalog + purchases through ingestion, one training run; returns the workload over those users/items."""
+    from cli.demo import ingest, load_purchases, train_model, upsert
+    from cli.demo_catalog import gift_items
+    from cli.demo_data import SHARED_DATA, to_events
+
+    t0 = time.monotonic()
+    purchases, label = load_purchases(n_purchases, SHARED_DATA)
+    progress(label)
+    upserted, rejected_items = upsert(stack, gift_items(purchases), "load catalog", 500)
+    accepted, dups, rejected = ingest(stack, to_events(purchases), "load seed purchases")
+    progress(f"seeded {upserted} items, {accepted} purchases ({dups} duplicates, {rejected} rejected); training ...")
+    version = train_model(stack, accepted)
+    users = Counter(p.customer for p in purchases)
+    items = Counter(p.stock_code for p in purchases)
+    info = {
+        "data": label,
+        "items": upserted,
+        "items_rejected": rejected_items,
+        "purchases_accepted": accepted,
+        "purchases_duplicate": dups,
+        "purchases_rejected": rejected,
+        "users": len(users),
+        "model_version": version,
+        "seconds": round(time.monotonic() - t0, 1),
+    }
+    progress(f"model {version} serving; {len(users)} known users, {len(items)} items ({info['seconds']} s)")
+    workload = Workload(list(users), list(users.values()), list(items), list(items.values()), mix, uuid.uuid4().hex[:8])
+    return workload, info
+
+
+class RssSampler:
+    """RSS of each component's process group, plus CPU used by everything else, every ``interval_s``."""
+
+    def __init__(self, stack: Stack, interval_s: float) -> None:
+        self.groups = {name: comp.pid for name, comp in stack.components.items()}
+        self.interval_s = interval_s
+        self.series: dict[str, list[tuple[float, float]]] = {name: [] for name in self.groups}
+        self.other = OtherLoad()
+        self.other.own([os.getpgrp(), *self.groups.values()])
+
+    def sample_once(self, t: float) -> None:
+        snap = snapshot()
+        rss = rss_by_group(self.groups.values(), snap)
+        for name, pgid in self.groups.items():
+            if rss[pgid] > 0:
+                self.series[name].append((t, rss[pgid]))
+        self.other.sample(snap)
+
+    async def run(self, clock: Any) -> None:
+        while True:
+            await asyncio.to_thread(self.sample_once, clock())
+            await asyncio.sleep(self.interval_s)
+
+    def latest(self) -> dict[str, float]:
+        return {n: pts[-1][1] for n, pts in self.series.items() if pts}
+
+
+def step_passes(stats: dict[str, Any], p99_limit_ms: float) -> tuple[bool, str]:
+    if stats["errors"]:
+        return False, f"{stats['errors']} errors {stats['errors_by_status']}"
+    over = [f"{k} p99 {v['p99_ms']} ms" for k, v in stats["by_kind"].items() if v["ok"] and v["p99_ms"] > p99_limit_ms]
+    if over:
+        return False, "over the p99 limit: " + ", ".join(over)
+    return True, ""
+
+
+async def max_search(client: Client, args: argparse.Namespace) -> dict[str, Any]:
+    steps: list[dict[str, Any]] = []
+    best: dict[str, Any] | None = None
+    stale = 0
+    stopped = "all steps run"
+    for c in parse_concurrency(args.concurrency):
+        rec = await closed_loop(client, c, args.step_seconds, warmup_s=min(2.0, args.step_seconds / 2))
+        st = rec.stats(args.step_seconds)
+        ok, why = step_passes(st, args.p99_limit_ms)
+        st.update({"concurrency": c, "qualifies": ok, "why_not": why})
+        steps.append(st)
+        kinds = " ".join(f"{k} p99 {st['by_kind'][k]['p99_ms']:.0f}ms" for k in KINDS)
+        progress(f"max search c={c}: {st['requests_per_s']:.1f} req/s, {kinds}, errors {st['errors']} {why}")
+        if not ok:
+            stopped = f"concurrency {c} did not qualify ({why})"
+            break
+        if best is None or st["requests_per_s"] >= best["requests_per_s"] * PLATEAU_GAIN:
+            stale = 0
+        else:
+            stale += 1
+        if best is None or st["requests_per_s"] > best["requests_per_s"]:
+            best = st
+        if stale >= PLATEAU_STEPS:
+            stopped = f"plateau: {PLATEAU_STEPS} steps without {round((PLATEAU_GAIN - 1) * 100)}% more than the best"
+            break
+    return {
+        "definition": (
+            "closed loop, one step per concurrency, each step measured for step_seconds after a warm-up; "
+            "max = the highest requests/s (all kinds, OK answers) of a step with zero errors and every kind's "
+            f"p99 <= {args.p99_limit_ms} ms; the ramp stops at the first step that fails that, or after "
+            f"{PLATEAU_STEPS} steps that add less than {round((PLATEAU_GAIN - 1) * 100)}% over the best"
+        ),
+        "steps": steps,
+        "max_requests_per_s": best["requests_per_s"] if best else None,
+        "max_at_concurrency": best["concurrency"] if best else None,
+        "stopped_because": stopped,
+    }
+
+
+async def soak(client: Client, rate: float, seconds: float, args: argparse.Namespace, sampler: RssSampler) -> Any:
+    state = OpenLoopState()
+    every = max(5.0, min(30.0, seconds / 10))
+
+    async def report() -> None:
+        last_ok, last_t = 0, 0.0
+        t0 = time.monotonic()
+        while True:
+            await asyncio.sleep(every)
+            t = time.monotonic() - t0
+            ok = state.rec.count()
+            rss = " ".join(f"{n} {m:.0f}" for n, m in sampler.latest().items())
+            progress(
+                f"soak {t / 60:5.2f}/{seconds / 60:.2f} min: offered {rate:.1f}/s, "
+                f"ok {(ok - last_ok) / (t - last_t):.1f}/s, in flight {state.inflight}, "
+                f"errors {state.rec.error_count()}; RSS MiB: {rss}"
+            )
+            last_ok, last_t = ok, t
+
+    reporter = asyncio.create_task(report())
+    try:
+        await open_loop(client, rate, seconds, args.max_inflight, seed=7, state=state)
+    finally:
+        reporter.cancel()
+    return state
+
+
+async def drive(stack: Stack, workload: Workload, args: argparse.Namespace) -> dict[str, Any]:
+    loop = asyncio.get_running_loop()
+    soak_s = args.minutes * 60
+    sampler = RssSampler(stack, interval_s=min(5.0, max(0.5, soak_s / 120)))
+    origin = {"t": loop.time()}  # sampler times are relative to this; re-based to the soak start later
+    sampling = asyncio.create_task(sampler.run(lambda: loop.time() - origin["t"]))
+    client = Client(stack.addr_of("gateway"), stack.addr_of("ingestion"), workload, time.time)
+    try:
+        if args.rate:
+            search: dict[str, Any] = {"skipped": f"--rate {args.rate} given", "steps": []}
+            rate = args.rate
+        else:
+            progress(f"phase a: max search, concurrency {args.concurrency}, {args.step_seconds} s per step")
+            search = await max_search(client, args)
+            if search["max_requests_per_s"] is None:
+                return {"max_search": search, "soak": None, "rss": sampler.series, "sampler": sampler}
+            rate = search["max_requests_per_s"] * args.rate_fraction
+            progress(f"max {search['max_requests_per_s']} req/s at c={search['max_at_concurrency']}")
+        progress(f"phase b: open-loop soak at {rate:.1f} req/s for {args.minutes} min")
+        soak_start = loop.time() - origin["t"]
+        state = await soak(client, rate, soak_s, args, sampler)
+        await asyncio.to_thread(sampler.sample_once, loop.time() - origin["t"])
+    finally:
+        sampling.cancel()
+        await client.close()
+    window = max(1.0, soak_s / 120)
+    series = {n: [(round(t - soak_start, 2), m) for t, m in pts] for n, pts in sampler.series.items()}
+    return {
+        "max_search": search,
+        "soak": {
+            "target_rate_per_s": round(rate, 2),
+            "rate_fraction": None if args.rate else args.rate_fraction,
+            "minutes": args.minutes,
+            "arrivals": "open loop, Poisson; latency measured from each request's scheduled send time",
+            "offered": state.offered,
+            "max_inflight_seen": state.max_inflight_seen,
+            "max_schedule_lag_ms": round(state.max_schedule_lag_s * 1000, 1),
+            "stats": state.rec.stats(soak_s),
+            "timeline_window_s": window,
+            "timeline": state.rec.timeline(soak_s, window),
+        },
+        "rss": series,
+        "sampler": sampler,
+    }
+
+
+def build_report(
+    args: argparse.Namespace, stack_source: str, stack: Stack, seed_info: dict[str, Any], result: dict[str, Any]
+) -> dict[str, Any]:
+    sampler: RssSampler = result["sampler"]
+    soak_part = result["soak"]
+    soak_s = args.minutes * 60
+    memory = memory_verdict(
+        result["rss"] if soak_part else {}, soak_s, args.max_slope, args.max_growth_pct, MIN_SOAK_MINUTES_FOR_VERDICT
+    )
+    failures = []
+    if result["max_search"].get("max_requests_per_s") is None and not args.rate:
+        failures.append(f"no max-search step qualified: {result['max_search']['stopped_because']}")
+    if soak_part and soak_part["stats"]["errors"]:
+        failures.append(f"soak had {soak_part['stats']['errors']} errors: {soak_part['stats']['errors_by_status']}")
+    if memory["verdict"] == "NOT flat":
+        failures.append(f"memory not flat: {memory['reason']}")
+    other = sampler.other.summary()
+    note = (
+        "client (this process), the four services, broker, Redis and the Mongo-protocol server all share these "
+        f"CPUs; other processes on the machine used on average {other.get('mean_cores_used_by_other_processes')} "
+        f"cores during the run (up to {other.get('max_busy_other_processes')} busy processes at once)"
+    )
+    return {
+        "benchmark": "load: max sustainable throughput (closed-loop ramp) then an open-loop soak",
+        "machine": machine_info(note),
+        "shared_machine": other,
+        "stack": {
+            "source": stack_source,
+            "components": {n: {"address": c.address, "pid": c.pid} for n, c in stack.components.items()},
+        },
+        "config": {
+            "minutes": args.minutes,
+            "rate_fraction": args.rate_fraction,
+            "rate": args.rate or None,
+            "mix": {
+                "read_fraction": args.read_fraction,
+                "unknown_user_share_of_reads": args.unknown_fraction,
+                "write_batch_events": args.batch_events,
+                "reads": "GetRecommendations k=10 want_stylized=true, users drawn by purchase count",
+                "writes": "IngestEvents of VIEW/CLICK/ADD_TO_CART/PURCHASE (70/20/7/3) on seeded users and items, "
+                "timestamped now (SYNTHETIC events over REAL users and items when the Online Retail data is present)",
+            },
+            "concurrency_steps": args.concurrency,
+            "step_seconds": args.step_seconds,
+            "p99_limit_ms": args.p99_limit_ms,
+            "max_inflight": args.max_inflight,
+            "rss_sample_interval_s": sampler.interval_s,
+        },
+        "seed": seed_info,
+        "max_search": result["max_search"],
+        "soak": soak_part,
+        "rss_mib": {n: [[t, m] for t, m in pts] for n, pts in result["rss"].items()},
+        "memory": memory,
+        "passed": not failures,
+        "failures": failures,
+    }
+
+
+def acquire_stack(mode: str, out: Path) -> tuple[Stack, bool, str]:
+    """(stack, started here?, how to describe it in the output)."""
+    found = running_stack() if mode in ("auto", "running") else None
+    if found is not None:
+        return found, False, f"the running `stylerec up` stack in {found.dir} (left running; seeded data stays)"
+    if mode == "running":
+        raise UsageError("--stack running: no healthy `stylerec up` stack found (run `stylerec up`)")
+    stack = Stack.load(out / "stack")
+    stack.down()  # leftovers of an interrupted run
+    progress(f"starting an own stack in {stack.dir} ...")
+    try:
+        stack.up()
+    except StackError as exc:
+        stack.down()
+        raise UsageError(f"could not start the stack: {exc}") from exc
+    return stack, True, f"own stack started in {stack.dir} (cli/stack.py Stack, as `stylerec up`)"
+
+
+def cmd_bench_load(args: argparse.Namespace) -> int:
+    validate(args)
+    parse_concurrency(args.concurrency)
+    out: Path = args.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    stack, own, source = acquire_stack(args.stack, out)
+    progress(f"using {source}")
+    try:
+        mix = Mix(
+            read_fraction=args.read_fraction, unknown_fraction=args.unknown_fraction, batch_events=args.batch_events
+        )
+        workload, seed_info = seed(stack, args.seed_purchases, mix)
+        result = asyncio.run(drive(stack, workload, args))
+        report = build_report(args, source, stack, seed_info, result)
+    finally:
+        if own:
+            progress("stopping the stack ...")
+            stack.down()
+    (out / "load.json").write_text(json.dumps(report, indent=2))
+    title = f"RSS per process group; memory verdict: {report['memory']['verdict']}"
+    plot_rss(result["rss"], args.minutes * 60, out / "rss.png", title)
+    plot_latency(report, out / "latency.png")
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(human(report, out))
+    if report["failures"]:
+        print("load: FAILED: " + "; ".join(report["failures"]), file=sys.stderr)
+        return 1
+    return 0
+
+
+def human(report: dict[str, Any], out: Path) -> str:
+    lines = [f"stack: {report['stack']['source']}", f"data: {report['seed']['data']}"]
+    ms = report["max_search"]
+    if ms.get("steps"):
+        lines.append(
+            f"max sustainable: {ms['max_requests_per_s']} req/s at c={ms['max_at_concurrency']} "
+            f"({ms['stopped_because']})"
+        )
+    soak_part = report["soak"]
+    if soak_part:
+        st = soak_part["stats"]
+        lines.append(
+            f"soak: {soak_part['minutes']} min at {soak_part['target_rate_per_s']} req/s offered, "
+            f"{st['requests_per_s']} ok/s, errors {st['errors']} {st['errors_by_status']}"
+        )
+        for kind, k in st["by_kind"].items():
+            lines.append(
+                f"  {kind:<13} {k['requests_per_s']:>8} /s  p50 {k['p50_ms']} ms  p95 {k['p95_ms']} ms  "
+                f"p99 {k['p99_ms']} ms  errors {k['errors']}  degraded {k['degraded_answers']}"
+            )
+    mem = report["memory"]
+    lines.append(f"memory: {mem['verdict']} ({mem['reason']})")
+    for name, p in mem["processes"].items():
+        lines.append(
+            f"  {name:<13} {p['rss_mib_start']:>7} -> {p['rss_mib_end']:>7} MiB, "
+            f"slope {p['slope_second_half_mib_per_min']} MiB/min, growth "
+            f"{p['growth_first_to_last_quarter_pct']}%{'' if p['judged'] else ' (not judged)'}"
+        )
+    lines.append(f"machine: {report['machine']['note']}")
+    lines.append(f"written: {out / 'load.json'}, {out / 'rss.png'}, {out / 'latency.png'}")
+    return "\n".join(lines)
