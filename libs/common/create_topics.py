@@ -16,17 +16,18 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import Any
 
 from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 from pydantic import ValidationError
 
-from libs.common.kafka import TOPICS
+from libs.common.kafka import TOPICS, kafka_security
 from libs.common.settings import ServiceSettings
 
 
-def connect(bootstrap: list[str], timeout_s: float) -> KafkaAdminClient:
+def connect(bootstrap: list[str], timeout_s: float, security: dict[str, Any] | None = None) -> KafkaAdminClient:
     """Retry until the brokers answer: in compose/k8s the job may start before Kafka is ready."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -37,6 +38,7 @@ def connect(bootstrap: list[str], timeout_s: float) -> KafkaAdminClient:
                 request_timeout_ms=10000,
                 bootstrap_timeout_ms=min(10000, left_ms),
                 client_id="create-topics",
+                **(security or {}),
             )
         except KafkaError as exc:
             if time.monotonic() > deadline:
@@ -46,9 +48,11 @@ def connect(bootstrap: list[str], timeout_s: float) -> KafkaAdminClient:
             time.sleep(1.0)
 
 
-def create(bootstrap: list[str], replication_factor: int, timeout_s: float) -> list[str]:
+def create(
+    bootstrap: list[str], replication_factor: int, timeout_s: float, security: dict[str, Any] | None = None
+) -> list[str]:
     """Create the missing topics; returns the lines to print."""
-    admin = connect(bootstrap, timeout_s)
+    admin = connect(bootstrap, timeout_s, security)
     lines: list[str] = []
     try:
         existing = set(admin.list_topics())
@@ -89,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"create_topics: bad configuration: {exc}", file=sys.stderr)
         return 2
-    for line in create(settings.kafka_servers, args.replication_factor, args.timeout):
+    for line in create(settings.kafka_servers, args.replication_factor, args.timeout, kafka_security(settings)):
         print(line, flush=True)
     return 0
 

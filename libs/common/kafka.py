@@ -10,9 +10,9 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from google.protobuf import timestamp_pb2
 from google.protobuf.message import DecodeError, Message
@@ -24,6 +24,9 @@ from stylerec.v1 import common_pb2
 
 from libs.common.metrics import CONSUMED, CONSUMER_LAG, DEAD_LETTERS, PRODUCED
 
+if TYPE_CHECKING:
+    from libs.common.settings import ServiceSettings
+
 log = logging.getLogger(__name__)
 
 USER_EVENTS = "user-events"
@@ -31,6 +34,9 @@ ITEM_UPDATES = "item-updates"
 STYLE_JOBS = "style-jobs"
 STYLE_RESULTS = "style-results"
 MODEL_UPDATES = "model-updates"
+# ForgetUser commands (admin.proto ForgetCommand, key = user reference); every scoring replica
+# reads the whole topic without a consumer group.
+USER_FORGET = "user-forget"
 
 
 def dead_letter_topic(service: str) -> str:
@@ -46,19 +52,49 @@ TOPICS: dict[str, int] = {
     STYLE_JOBS: 3,
     STYLE_RESULTS: 3,
     MODEL_UPDATES: 1,
+    USER_FORGET: 1,
     **{dead_letter_topic(s): 1 for s in SERVICES_WITH_CONSUMERS},
 }
 
 M = TypeVar("M", bound=Message)
+# (record, reason) -> (key, value, reason) actually written to the dead-letter topic.
+Redactor = Callable[[ConsumerRecord, str], tuple[bytes, bytes, str]]
 
 
-def ensure_topics(bootstrap: Sequence[str], topics: dict[str, int] | None = None, timeout_s: float = 20) -> None:
+def kafka_security(settings: ServiceSettings) -> dict[str, Any]:
+    """The kafka-python security keyword arguments for every producer, consumer and admin client.
+
+    One function so no client can be built without the cluster's credentials: PLAINTEXT adds
+    nothing; SSL/SASL_SSL verify the brokers against ``kafka_ssl_cafile`` (or the system CAs)
+    with host-name checks; SASL_* add the mechanism and the user/password from the Secret.
+    """
+    protocol = settings.kafka_security_protocol
+    if protocol == "PLAINTEXT":
+        return {}
+    config: dict[str, Any] = {"security_protocol": protocol}
+    if "SSL" in protocol:
+        config["ssl_check_hostname"] = True
+        if settings.kafka_ssl_cafile:
+            config["ssl_cafile"] = settings.kafka_ssl_cafile
+    if protocol.startswith("SASL_"):
+        config["sasl_mechanism"] = settings.kafka_sasl_mechanism
+        config["sasl_plain_username"] = settings.kafka_sasl_username
+        config["sasl_plain_password"] = settings.kafka_sasl_password.get_secret_value()
+    return config
+
+
+def ensure_topics(
+    bootstrap: Sequence[str],
+    topics: dict[str, int] | None = None,
+    timeout_s: float = 20,
+    security: Mapping[str, Any] | None = None,
+) -> None:
     """Create missing topics (idempotent); raises if the broker stays unreachable."""
     wanted = topics or TOPICS
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            admin = KafkaAdminClient(bootstrap_servers=list(bootstrap), request_timeout_ms=5000)
+            admin = KafkaAdminClient(bootstrap_servers=list(bootstrap), request_timeout_ms=5000, **(security or {}))
             break
         except KafkaError:
             if time.monotonic() > deadline:
@@ -100,7 +136,9 @@ class ProtoProducer:
         max_block_ms: int = 5000,
         request_timeout_ms: int = 10000,
         max_request_size: int = 8 * 1024 * 1024,
+        security: Mapping[str, Any] | None = None,
     ) -> None:
+        """``security`` is :func:`kafka_security` of the service's settings (empty = PLAINTEXT)."""
         self._producer = KafkaProducer(
             bootstrap_servers=list(bootstrap),
             client_id=client_id,
@@ -112,6 +150,7 @@ class ProtoProducer:
             max_in_flight_requests_per_connection=1,
             max_request_size=max_request_size,
             enable_idempotence=False,
+            **(security or {}),
         )
 
     def send(self, topic: str, key: str, message: Message):  # type: ignore[no-untyped-def]
@@ -127,21 +166,29 @@ class ProtoProducer:
     def send_and_wait(self, topic: str, key: str, message: Message, timeout_s: float = 10) -> None:
         self.send(topic, key, message).get(timeout=timeout_s)
 
-    def dead_letter(self, service: str, record: ConsumerRecord, reason: str) -> None:
-        """Park an unusable record with the reason; waits for the broker's ack."""
+    def dead_letter(self, service: str, record: ConsumerRecord, reason: str, redact: Redactor | None = None) -> None:
+        """Park an unusable record with the reason; waits for the broker's ack.
+
+        ``redact`` rewrites what is copied (key, value, reason), for topics whose records
+        may hold personal data that must not be repeated on the dead-letter topic.
+        """
+        key, value = record.key or b"", record.value or b""
+        label = reason.split(":", 1)[0]
+        if redact is not None:
+            key, value, reason = redact(record, reason)
         dl = common_pb2.DeadLetter(
             source_topic=record.topic,
             partition=record.partition,
             offset=record.offset,
-            key=record.key or b"",
-            value=record.value or b"",
+            key=key,
+            value=value,
             reason=reason,
             service=service,
             failed_at=now_timestamp(),
         )
         topic = dead_letter_topic(service)
-        self.send_raw(topic, record.key or b"", dl.SerializeToString()).get(timeout=10)
-        DEAD_LETTERS.labels(topic, reason.split(":", 1)[0]).inc()
+        self.send_raw(topic, key, dl.SerializeToString()).get(timeout=10)
+        DEAD_LETTERS.labels(topic, label).inc()
 
     def bootstrap_connected(self) -> bool:
         return bool(self._producer.bootstrap_connected())
@@ -186,8 +233,11 @@ class ProtoConsumerLoop(Generic[M]):
         validate: Callable[[M], str | None] | None = None,
         auto_offset_reset: str = "earliest",
         fetch_max_wait_ms: int | None = None,
+        security: Mapping[str, Any] | None = None,
+        redact: Redactor | None = None,
     ) -> None:
         self.group_id = group_id
+        self._redact = redact
         self.topics = list(topics)
         self._type = message_type
         self._handle = handle
@@ -209,6 +259,7 @@ class ProtoConsumerLoop(Generic[M]):
             heartbeat_interval_ms=max(500, session_timeout_ms // 4),
             client_id=f"{service}-{group_id}",
             **extra,
+            **(security or {}),
         )
         self._consumer.subscribe(self.topics)
         self._stop = threading.Event()
@@ -258,6 +309,11 @@ class ProtoConsumerLoop(Generic[M]):
             except Exception as exc:
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.exception("consumer loop error", extra={"group": self.group_id})
+                # A handler that keeps failing (store down, poison batch) is when the lag
+                # matters most; without this the gauge froze at its last value and the lag
+                # alert (which needs it to grow) stayed quiet while the backlog piled up.
+                with contextlib.suppress(Exception):
+                    self._export_lag()
                 time.sleep(0.5)
 
     def _process(self, polled: dict[TopicPartition, list[ConsumerRecord]]) -> None:
@@ -266,7 +322,7 @@ class ProtoConsumerLoop(Generic[M]):
             for record in records:
                 decoded = self._decode(record)
                 if isinstance(decoded, str):
-                    self._producer.dead_letter(self._service, record, decoded)
+                    self._producer.dead_letter(self._service, record, decoded, self._redact)
                     CONSUMED.labels(self.group_id, tp.topic, "dead_letter").inc()
                 else:
                     good.append(Decoded(record, decoded))

@@ -27,7 +27,7 @@ from kafka import KafkaConsumer
 from stylerec.v1 import common_pb2
 
 from libs.common import keys
-from libs.common.kafka import ITEM_UPDATES
+from libs.common.kafka import ITEM_UPDATES, kafka_security
 from libs.common.metrics import CONSUMED
 from services.gateway.config import GatewaySettings
 
@@ -57,6 +57,7 @@ class ItemCacheInvalidator:
             session_timeout_ms=self.settings.kafka_session_timeout_ms,
             heartbeat_interval_ms=max(500, self.settings.kafka_session_timeout_ms // 4),
             client_id="gateway-item-cache",
+            **kafka_security(self.settings),
         )
 
     def _run(self) -> None:

@@ -26,7 +26,7 @@ import redis
 from stylerec.v1 import gateway_pb2, style_pb2
 
 from libs.common import keys
-from libs.common.kafka import STYLE_JOBS, ProtoProducer, now_timestamp
+from libs.common.kafka import STYLE_JOBS, ProtoProducer, kafka_security, now_timestamp
 from services.gateway.catalog import ItemMeta
 from services.gateway.config import GatewaySettings
 from services.gateway.deadlines import Deadline, DependencyUnavailable
@@ -71,7 +71,11 @@ class StyleJobPublisher:
     def _ensure_producer(self) -> ProtoProducer:
         if self._producer is None:
             self._producer = ProtoProducer(
-                self.settings.kafka_servers, client_id=self._client_id, max_block_ms=3000, request_timeout_ms=5000
+                self.settings.kafka_servers,
+                client_id=self._client_id,
+                max_block_ms=3000,
+                request_timeout_ms=5000,
+                security=kafka_security(self.settings),
             )
         return self._producer
 

@@ -25,6 +25,7 @@ from typing import Any
 from kafka import KafkaProducer
 from kafka.errors import KafkaError, KafkaTimeoutError
 
+from libs.common.kafka import kafka_security
 from libs.common.metrics import PRODUCED
 from services.ingestion import metrics
 from services.ingestion.config import IngestionSettings
@@ -53,6 +54,7 @@ def producer_config(settings: IngestionSettings, client_id: str = "ingestion") -
     request_timeout_ms = settings.kafka_request_timeout_ms
     return {
         "bootstrap_servers": settings.kafka_servers,
+        **kafka_security(settings),
         "client_id": client_id,
         "acks": "all",
         "retries": 3,

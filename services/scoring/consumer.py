@@ -27,7 +27,7 @@ from pymongo.database import Database
 from stylerec.v1 import common_pb2, scoring_pb2
 
 from libs.common import keys
-from libs.common.kafka import MODEL_UPDATES, TOPICS, USER_EVENTS, Decoded
+from libs.common.kafka import MODEL_UPDATES, TOPICS, USER_EVENTS, Decoded, kafka_security
 from libs.common.metrics import STORE_ERRORS
 from services.scoring import metrics
 from services.scoring.config import ScoringSettings
@@ -305,6 +305,7 @@ class ModelUpdates:
             group_id=None,
             enable_auto_commit=False,
             client_id=f"scoring-model-updates-{self.settings.replica_name}",
+            **kafka_security(self.settings),
         )
         tp = TopicPartition(MODEL_UPDATES, 0)
         c.assign([tp])

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from stylerec.v1 import common_pb2, style_pb2, style_pb2_grpc
 
-from libs.common.kafka import ProtoConsumerLoop, ProtoProducer
+from libs.common.kafka import ProtoConsumerLoop, ProtoProducer, kafka_security
 from libs.common.logging import configure_logging
 from libs.common.server import ServiceRuntime, mongo_probe, redis_probe, tcp_probe
-from libs.common.stores import make_mongo, make_redis, mongo_db
+from libs.common.stores import make_mongo, make_redis, mongo_credentials, mongo_db, redis_credentials
 from services.style_worker.config import StyleWorkerSettings
 from services.style_worker.engine import StyleEngine
 from services.style_worker.jobs import SERVICE, StyleJobProcessor, validate_job
@@ -24,8 +24,8 @@ def main() -> None:
     settings = StyleWorkerSettings()
     configure_logging(settings.service_name, settings.log_level)
     runtime = ServiceRuntime(settings)
-    r = make_redis(settings.redis_url, settings.store_timeout_s, settings.store_retries)
-    mongo = make_mongo(settings.mongo_uri, settings.store_timeout_s)
+    r = make_redis(settings.redis_url, settings.store_timeout_s, settings.store_retries, **redis_credentials(settings))
+    mongo = make_mongo(settings.mongo_uri, settings.store_timeout_s, **mongo_credentials(settings))
     runtime.require("kafka", tcp_probe(settings.kafka_servers))
     runtime.require("redis", redis_probe(r))
     runtime.require("mongo", mongo_probe(mongo))
@@ -35,7 +35,7 @@ def main() -> None:
         style_pb2_grpc.add_StyleWorkerServiceServicer_to_server,
         StyleWorkerServicer(settings, engine),
     )
-    producer = ProtoProducer(settings.kafka_servers, client_id=SERVICE)
+    producer = ProtoProducer(settings.kafka_servers, client_id=SERVICE, security=kafka_security(settings))
     runtime.on_shutdown(mongo.close)
     runtime.on_shutdown(producer.close)
     runtime.on_shutdown(producer.flush)
@@ -49,6 +49,7 @@ def main() -> None:
             "max_poll_records": settings.max_poll_records,
             "max_poll_interval_ms": settings.kafka_max_poll_interval_ms,
             "session_timeout_ms": settings.kafka_session_timeout_ms,
+            "security": kafka_security(settings),
         }
         jobs: ProtoConsumerLoop[style_pb2.StyleJob] = ProtoConsumerLoop(
             group_id=settings.jobs_group,
