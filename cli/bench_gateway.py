@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from cli.stack import REPO, Stack, free_port, grpc_serving, terminate_group
 from libs.common import keys
+from libs.common.channels import make_channel
 from libs.common.pseudonym import Pseudonymizer
 from libs.common.settings import DEV_PSEUDONYM_SECRET
 from services.gateway.style import encode_embedding
@@ -221,7 +222,7 @@ def run_bench(quick: bool, concurrencies: list[int]) -> dict[str, Any]:
             wait_serving(gw.address)
             wait_serving(noop_addr)
             targets = {"noop": noop_addr, "gateway": gw.address}
-            channels = {name: grpc.insecure_channel(addr) for name, addr in targets.items()}
+            channels = {name: make_channel(addr) for name, addr in targets.items()}  # own plaintext stack
             stubs = {name: gateway_pb2_grpc.GatewayServiceStub(ch) for name, ch in channels.items()}
             # Warm both (caches, connections, first-call imports) before anything is measured.
             for stub in stubs.values():

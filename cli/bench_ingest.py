@@ -33,7 +33,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 from stylerec.v1 import common_pb2, ingestion_pb2, ingestion_pb2_grpc
 from tqdm import tqdm
 
@@ -218,9 +217,7 @@ def cmd_bench_ingest(args: argparse.Namespace) -> int:
         stack.wait_serving(["ingestion-bench"], 60)
         settings = IngestionSettings(kafka_bootstrap=stack.kafka_bootstrap)
         producer = KafkaProducer(**producer_config(settings, client_id="bench-baseline"))
-        channel = grpc.insecure_channel(
-            stack.addr_of("ingestion-bench"), options=[("grpc.max_send_message_length", 64 * 1024 * 1024)]
-        )
+        channel = stack.channel("ingestion-bench", options=[("grpc.max_send_message_length", 64 * 1024 * 1024)])
         stub = ingestion_pb2_grpc.IngestionServiceStub(channel)
         # Warm-up: metadata, connections, code paths.
         bench_unary(stub, synthetic_events(2000, f"{run_id}-warm"), 1000)

@@ -31,7 +31,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 import redis
 import torch
@@ -201,14 +200,14 @@ def bench_stack(sizes: dict[str, int], progress: tqdm) -> dict[str, Any]:
             stack.wait_serving(["ingestion", "scoring"], timeout_s=120)
             progress.update(1)
             history = synthetic_history(sizes["history_events"], sizes["users"], sizes["items"], rng)
-            ing = ingestion_pb2_grpc.IngestionServiceStub(grpc.insecure_channel(stack.addr_of("ingestion")))
+            ing = ingestion_pb2_grpc.IngestionServiceStub(stack.channel("ingestion"))
             for start in range(0, len(history), 1000):
                 ing.IngestEvents(ingestion_pb2.IngestEventsRequest(events=history[start : start + 1000]), timeout=60)
             mongo: MongoClient = MongoClient(stack.mongo_uri)
             events = mongo["stylerec"]["events"]
             wait_until(lambda: events.count_documents({}) >= len(history), 180, "the archiver")
             mongo.close()
-            scoring = scoring_pb2_grpc.ScoringServiceStub(grpc.insecure_channel(stack.addr_of("scoring")))
+            scoring = scoring_pb2_grpc.ScoringServiceStub(stack.channel("scoring"))
             t0 = time.perf_counter()
             trained = scoring.Train(scoring_pb2.TrainRequest(algorithm="ease", wait=True), timeout=300)
             train_rpc_s = time.perf_counter() - t0
@@ -218,7 +217,7 @@ def bench_stack(sizes: dict[str, int], progress: tqdm) -> dict[str, Any]:
             wait_until(lambda: r.exists(keys.recs(pseudo(users[0]))), 60, "recs of a known user")
 
             # TopN latency vs health Check on the same server.
-            health = health_pb2_grpc.HealthStub(grpc.insecure_channel(stack.addr_of("scoring")))
+            health = health_pb2_grpc.HealthStub(stack.channel("scoring"))
             topn_s, base_s = [], []
             sources: dict[str, int] = {}
             for n in range(sizes["topn_calls"]):

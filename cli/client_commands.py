@@ -15,6 +15,7 @@ from cli.eventfile import EventFileError, read_events
 from cli.ingest_items import register_items
 from cli.stack import Stack
 from cli.stack_commands import stack_dir
+from libs.common.channels import describe_rpc_error, env_channel
 
 CHUNK = 1000
 
@@ -54,7 +55,7 @@ def cmd_ingest_events(args: argparse.Namespace) -> int:
     addr = service_addr("ingestion", args.addr)
     totals = {"accepted": 0, "duplicates": 0, "rejected": 0}
     rejected: list[dict[str, Any]] = []
-    with grpc.insecure_channel(addr) as channel:
+    with env_channel(addr) as channel:
         stub = ingestion_pb2_grpc.IngestionServiceStub(channel)
         for start in range(0, len(events), CHUNK):
             chunk = events[start : start + CHUNK]
@@ -65,7 +66,7 @@ def cmd_ingest_events(args: argparse.Namespace) -> int:
                     totals["rejected"] += len(chunk)
                     rejected.append({"chunk_start": start, "reason": exc.details()})
                     continue
-                raise UsageError(f"ingestion at {addr} failed: {exc.code().name}: {exc.details()}") from exc
+                raise UsageError(f"ingestion at {addr} failed: {describe_rpc_error(exc)}") from exc
             totals["accepted"] += resp.accepted
             totals["duplicates"] += resp.duplicates
             totals["rejected"] += len(resp.rejected)
@@ -81,14 +82,14 @@ def cmd_ingest_events(args: argparse.Namespace) -> int:
 
 def cmd_recommend(args: argparse.Namespace) -> int:
     addr = service_addr("gateway", args.addr)
-    with grpc.insecure_channel(addr) as channel:
+    with env_channel(addr) as channel:
         stub = gateway_pb2_grpc.GatewayServiceStub(channel)
         try:
             resp = stub.GetRecommendations(
                 gateway_pb2.GetRecommendationsRequest(user_id=args.user, k=args.k), timeout=10
             )
         except grpc.RpcError as exc:
-            raise UsageError(f"gateway at {addr}: {exc.code().name}: {exc.details()}") from exc
+            raise UsageError(f"gateway at {addr}: {describe_rpc_error(exc)}") from exc
     strategy = gateway_pb2.Strategy.Name(resp.strategy)
     if args.json:
         from google.protobuf.json_format import MessageToDict

@@ -50,7 +50,7 @@ STATUS = {v: k for k, v in gateway_pb2.StylizedStatus.items()}
 
 def ingest(stack: Stack, events: list[common_pb2.Event], label: str) -> tuple[int, int, int]:
     accepted = duplicates = rejected = 0
-    with grpc.insecure_channel(stack.addr_of("ingestion")) as channel:
+    with stack.channel("ingestion") as channel:
         stub = ingestion_pb2_grpc.IngestionServiceStub(channel)
         for start in tqdm(range(0, len(events), CHUNK), desc=f"ingest {label}", unit="batch"):
             resp = stub.IngestEvents(
@@ -64,7 +64,7 @@ def ingest(stack: Stack, events: list[common_pb2.Event], label: str) -> tuple[in
 
 def upsert(stack: Stack, items: list[common_pb2.Item], label: str, chunk: int) -> tuple[int, int]:
     upserted = rejected = 0
-    with grpc.insecure_channel(stack.addr_of("ingestion")) as channel:
+    with stack.channel("ingestion") as channel:
         stub = ingestion_pb2_grpc.IngestionServiceStub(channel)
         for start in tqdm(range(0, len(items), chunk), desc=f"catalog {label}", unit="batch"):
             resp = stub.UpsertItems(ingestion_pb2.UpsertItemsRequest(items=items[start : start + chunk]), timeout=60)
@@ -144,7 +144,7 @@ def train_model(stack: Stack, n_events: int, timeout_s: float = 240) -> str:
         )
     if proc.returncode != 0:
         raise RuntimeError(f"training failed (exit {proc.returncode}); see {stack.dir / 'scoring-trainer.log'}")
-    with grpc.insecure_channel(stack.addr_of("scoring")) as channel:
+    with stack.channel("scoring") as channel:
         stub = scoring_pb2_grpc.ScoringServiceStub(channel)
 
         def loaded() -> bool:
@@ -162,9 +162,9 @@ class Demo:
         self.img = out_dir / "img"
         self.pictures = pictures
         self.titles = titles
-        self.gw_channel = grpc.insecure_channel(stack.addr_of("gateway"))
+        self.gw_channel = stack.channel("gateway")
         self.gw = gateway_pb2_grpc.GatewayServiceStub(self.gw_channel)
-        self.ing_channel = grpc.insecure_channel(stack.addr_of("ingestion"))
+        self.ing_channel = stack.channel("ingestion")
         self.ing = ingestion_pb2_grpc.IngestionServiceStub(self.ing_channel)
         self._originals: dict[str, str] = {}
 
@@ -244,7 +244,7 @@ def style_providers(stack: Stack) -> str:
     from stylerec.v1 import style_pb2, style_pb2_grpc
 
     try:
-        with grpc.insecure_channel(stack.addr_of("style-worker")) as channel:
+        with stack.channel("style-worker") as channel:
             info = style_pb2_grpc.StyleWorkerServiceStub(channel).ModelInfo(
                 style_pb2.StyleModelInfoRequest(), timeout=5
             )

@@ -24,6 +24,7 @@ import grpc
 from stylerec.v1 import common_pb2, ingestion_pb2, ingestion_pb2_grpc
 
 from cli.errors import UsageError
+from libs.common.channels import describe_rpc_error, env_channel
 from libs.common.errors import violations_of
 
 MAX_CHUNK_ITEMS = 100
@@ -148,7 +149,7 @@ def cmd_ingest_items(args: argparse.Namespace) -> int:
     addr = service_addr("ingestion", args.addr)
     upserted = 0
     rejected: list[dict[str, Any]] = []
-    with grpc.insecure_channel(addr) as channel:
+    with env_channel(addr) as channel:
         stub = ingestion_pb2_grpc.IngestionServiceStub(channel)
         for start, chunk in chunks(items):
             try:
@@ -162,7 +163,7 @@ def cmd_ingest_items(args: argparse.Namespace) -> int:
                     if not found:
                         rejected.append({"index": start, "reason": exc.details()})
                     continue
-                raise UsageError(f"ingestion at {addr} failed: {exc.code().name}: {exc.details()}") from exc
+                raise UsageError(f"ingestion at {addr} failed: {describe_rpc_error(exc)}") from exc
             upserted += resp.upserted
             rejected.extend({"index": start + r.index, "item_id": r.item_id, "reason": r.reason} for r in resp.rejected)
     if args.json:

@@ -24,7 +24,9 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from libs.common.channels import ChannelOption, ClientSecurity, make_channel, settings_from_env
 from libs.common.kafka import ensure_topics
+from libs.common.settings import ServiceSettings
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DIR = REPO / "out" / "stack"
@@ -151,6 +153,22 @@ class Stack:
     def addr_of(self, name: str) -> str:
         c = self.components.get(name)
         return c.address if c else ""
+
+    def client_security(self, name: str) -> ClientSecurity:
+        """How to reach service ``name`` as it was started: TLS/mTLS iff its env gave it a certificate
+        (trusting its CA, presenting its own cert under mTLS), and the STYLEREC_AUTH_TOKEN of that env.
+
+        A stack loaded from state.json (another process) knows only env_overrides, which is where
+        `stylerec up` callers put TLS settings.
+        """
+        launched = self._launch.get(name)
+        env = launched[1] if launched else {**os.environ, **self.env_overrides}
+        wanted = {k: v for k, v in env.items() if k.startswith(("STYLEREC_TLS_", "STYLEREC_AUTH_TOKEN"))}
+        return ClientSecurity.for_own_server(settings_from_env(ServiceSettings, wanted))
+
+    def channel(self, name: str, options: list[ChannelOption] | None = None) -> grpc.Channel:
+        """A channel to service ``name`` with the transport security and token it was started with."""
+        return make_channel(self.addr_of(name), self.client_security(name), options or ())
 
     # ---------- process control ----------
     def _spawn(
@@ -352,7 +370,7 @@ class Stack:
                 finally:
                     client.close()
                 return True
-            return grpc_serving(comp.address)
+            return grpc_serving(comp.address, self.client_security(name))
         except Exception:
             return False
 
@@ -374,8 +392,8 @@ class Stack:
         return out
 
 
-def grpc_serving(address: str, timeout_s: float = 2.0) -> bool:
-    with grpc.insecure_channel(address) as channel:
+def grpc_serving(address: str, security: ClientSecurity | None = None, timeout_s: float = 2.0) -> bool:
+    with make_channel(address, security) as channel:
         try:
             resp = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=timeout_s

@@ -8,7 +8,10 @@ Kubernetes clusters older than 1.24; newer clusters use native gRPC probes.
 Why a module and not ``grpc_health_probe``: that is a separate Go binary that
 would have to be downloaded into the image at build time; this reuses the
 grpcio already in the venv and reads the port from the same settings class
-the service itself uses, so the probe can never look at the wrong port.
+the service itself uses, so the probe can never look at the wrong port — nor
+the wrong TLS setup: with a certificate configured it dials TLS, trusts the
+service's CA and checks the name in the service's own certificate (it dials
+127.0.0.1), presenting that certificate when the server demands client certs.
 """
 
 from __future__ import annotations
@@ -19,12 +22,16 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from libs.common.channels import ClientSecurity, make_channel
 from libs.common.settings import ServiceSettings
+from libs.common.tls import TLSConfigError
 
 
-def check(address: str, service: str = "", timeout_s: float = 3.0) -> tuple[bool, str]:
+def check(
+    address: str, service: str = "", timeout_s: float = 3.0, security: ClientSecurity | None = None
+) -> tuple[bool, str]:
     """Ask ``address`` for the health of ``service``; returns (serving, human-readable status)."""
-    with grpc.insecure_channel(address) as channel:
+    with make_channel(address, security) as channel:
         try:
             resp = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
@@ -53,8 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.timeout <= 0:
         print("healthcheck: --timeout must be > 0", file=sys.stderr)
         return 2
-    address = args.address or f"127.0.0.1:{ServiceSettings().grpc_port}"
-    ok, text = check(address, args.service, args.timeout)
+    settings = ServiceSettings()
+    address = args.address or f"127.0.0.1:{settings.grpc_port}"
+    try:
+        security = ClientSecurity.for_own_server(settings)
+    except TLSConfigError as exc:
+        print(f"healthcheck: {exc}", file=sys.stderr)
+        return 1
+    ok, text = check(address, args.service, args.timeout, security)
     print(text, file=sys.stdout if ok else sys.stderr)
     return 0 if ok else 1
 

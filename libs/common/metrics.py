@@ -56,6 +56,11 @@ DEAD_LETTERS = Counter(
     "Messages sent to a dead-letter topic, by reason class.",
     ["topic", "reason"],
 )
+AUTH_FAILURES = Counter(
+    "stylerec_auth_failures_total",
+    "RPCs refused by caller authentication/authorization (missing_token, invalid_token, permission_denied).",
+    ["service", "method", "reason"],
+)
 STORE_ERRORS = Counter(
     "stylerec_store_errors_total",
     "Errors talking to Redis or MongoDB after retries.",

@@ -6,6 +6,12 @@ graceful shutdown on SIGTERM/SIGINT: health flips to NOT_SERVING, the server
 stops accepting and gives in-flight calls ``shutdown_grace_s`` to finish, then
 the registered shutdown hooks run in reverse order (stop consumers so they
 commit, flush producers, close clients).
+
+Transport security and callers are set up here too, so all four services get
+the same rules (docs/security.md): TLS or mTLS on the gRPC port when a
+certificate is configured, and the bearer-token interceptor (libs/common/authz.py)
+when callers are. A configuration that cannot be served (half a key pair, prod
+without TLS or callers) stops the process before it binds anything.
 """
 
 from __future__ import annotations
@@ -22,8 +28,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from libs.common.authz import AuthInterceptor, Authorizer
 from libs.common.metrics import DEPENDENCY_UP, SERVING, MetricsInterceptor, start_metrics_server
 from libs.common.settings import ServiceSettings
+from libs.common.tls import TLSConfigError, read_ca, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +86,14 @@ class ServiceRuntime:
 
     def __init__(self, settings: ServiceSettings, interceptors: Sequence[grpc.ServerInterceptor] = ()) -> None:
         self.settings = settings
+        self._credentials = self._security(settings)
+        security: list[grpc.ServerInterceptor] = []
+        if settings.auth_callers:
+            security.append(AuthInterceptor(Authorizer(settings.auth_callers, settings.auth_enforced)))
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.grpc_workers, thread_name_prefix="grpc"),
-            interceptors=[MetricsInterceptor(), *interceptors],
+            # Metrics outermost, so refused calls are counted (UNAUTHENTICATED, PERMISSION_DENIED) too.
+            interceptors=[MetricsInterceptor(), *security, *interceptors],
             options=[
                 ("grpc.max_receive_message_length", settings.grpc_max_receive_bytes),
                 ("grpc.max_send_message_length", settings.grpc_max_send_bytes),
@@ -96,6 +109,47 @@ class ServiceRuntime:
         self._serving = False
         self.port = 0
         self.metrics_port = 0
+
+    @staticmethod
+    def _security(settings: ServiceSettings) -> grpc.ServerCredentials | None:
+        """Server credentials (None = plaintext), or exit 2 with the reason: refuse, never half-secure."""
+        problems = settings.security_problems()
+        credentials = None
+        if not problems and settings.tls_enabled:
+            try:
+                credentials = server_credentials(
+                    settings.tls_cert_file, settings.tls_key_file, settings.tls_ca_file, settings.tls_client_auth
+                )
+            except TLSConfigError as exc:
+                problems.append(str(exc))
+        elif not problems and settings.tls_ca_file:
+            try:  # a client-only CA (the gateway calling scoring over TLS): check it now, not on the first call
+                read_ca(settings.tls_ca_file)
+            except TLSConfigError as exc:
+                problems.append(str(exc))
+        if problems:
+            for problem in problems:
+                log.error("refusing to start", extra={"error": problem})
+            raise SystemExit(2)
+        if credentials is None:
+            log.warning(
+                "gRPC server is PLAINTEXT (no STYLEREC_TLS_CERT_FILE/KEY_FILE): dev only, "
+                "STYLEREC_MODE=prod refuses to start like this"
+            )
+        else:
+            log.info("gRPC server uses TLS", extra={"mtls": settings.tls_client_auth})
+        if not settings.auth_callers:
+            log.warning(
+                "caller authentication is OFF (no STYLEREC_AUTH_CALLERS): every caller may call every RPC; "
+                "dev only, STYLEREC_MODE=prod refuses to start like this"
+            )
+        elif not settings.auth_enforced:
+            log.warning(
+                "STYLEREC_AUTH_REQUIRED=false: calls without a token run as 'anonymous'; presented tokens are checked"
+            )
+        else:
+            log.info("caller authentication on", extra={"callers": [c.name for c in settings.auth_callers]})
+        return credentials
 
     def add_service(self, full_name: str, register: Callable[[Any, grpc.Server], None], servicer: Any) -> None:
         """Register a servicer; ``full_name`` is e.g. ``stylerec.v1.GatewayService``."""
@@ -136,7 +190,11 @@ class ServiceRuntime:
 
     def start(self) -> int:
         reflection.enable_server_reflection([*self._service_names, reflection.SERVICE_NAME], self.server)
-        self.port = self.server.add_insecure_port(f"{self.settings.grpc_host}:{self.settings.grpc_port}")
+        address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
+        if self._credentials is not None:
+            self.port = self.server.add_secure_port(address, self._credentials)
+        else:
+            self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             raise RuntimeError(f"could not bind gRPC port {self.settings.grpc_port}")
         self.metrics_port = start_metrics_server(self.settings.metrics_port)
@@ -146,7 +204,12 @@ class ServiceRuntime:
         threading.Thread(target=self._health_loop, name="health", daemon=True).start()
         log.info(
             "service started",
-            extra={"grpc_port": self.port, "metrics_port": self.metrics_port, "services": self._service_names},
+            extra={
+                "grpc_port": self.port,
+                "metrics_port": self.metrics_port,
+                "services": self._service_names,
+                "tls": self._credentials is not None,
+            },
         )
         return self.port
 

@@ -21,6 +21,7 @@ import grpc
 from pymongo import MongoClient
 from stylerec.v1 import gateway_pb2_grpc
 
+from libs.common.channels import ClientSecurity, make_channel
 from libs.common.logging import configure_logging
 from libs.common.metrics import DEPENDENCY_UP
 from libs.common.pseudonym import Pseudonymizer
@@ -80,7 +81,10 @@ class GatewayApp:
 def build_app(settings: GatewaySettings) -> GatewayApp:
     r = make_redis(settings.redis_url, settings.redis_timeout_s, settings.redis_retries)
     mongo: MongoClient = make_mongo(settings.mongo_uri, settings.mongo_timeout_s)
-    scoring_channel = grpc.insecure_channel(settings.scoring_addr) if settings.scoring_addr else None
+    # TLS/mTLS and the gateway's bearer token as configured (libs/common/channels.py).
+    scoring_channel = (
+        make_channel(settings.scoring_addr, ClientSecurity.from_settings(settings)) if settings.scoring_addr else None
+    )
     ds = Downstream(settings, r, mongo[settings.mongo_db], scoring_channel)
     pseudonymize = Pseudonymizer(settings.effective_pseudonym_secret())
     # The publisher's cleanup runs off the request path: ordinary store timeouts.
