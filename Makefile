@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
 SETUP_INPUTS := requirements.txt requirements-nodeps.txt pyproject.toml scripts/setup.sh $(wildcard protos/stylerec/v1/*.proto)
 
-.PHONY: setup up down status demo demo-check test lint bench eval clean
+.PHONY: setup up down status demo demo-check test lint bench load eval clean
 
 $(STAMP): $(SETUP_INPUTS)
 	bash scripts/setup.sh
@@ -32,12 +32,21 @@ demo-check: setup
 test: setup
 	$(PY) -m pytest -q -ra
 
-# Heavier than `make test`: every benchmark (JSON under out/bench/), ~10 minutes on 2 cores.
+# Heavier than `make test`: every benchmark (JSON under out/bench/), a 2-minute load run
+# (out/bench/load/), then the table of all of them (out/bench/summary.md), ~15 minutes on 2 cores.
+# A failing benchmark does not stop the others ('-'); the table shows its errors or unmet goals, and
+# `bench summary` exits 1 when a benchmark's JSON is missing (each input's write time is listed).
 bench: setup
-	$(VENV)/bin/stylerec bench ingest --json
-	$(VENV)/bin/stylerec bench scoring --json
-	$(VENV)/bin/stylerec bench style --json
-	$(VENV)/bin/stylerec bench gateway --json
+	-$(VENV)/bin/stylerec bench ingest
+	-$(VENV)/bin/stylerec bench scoring
+	-$(VENV)/bin/stylerec bench style
+	-$(VENV)/bin/stylerec bench gateway
+	-$(VENV)/bin/stylerec bench load --minutes 2 --step-seconds 5 --out-dir out/bench/load
+	$(VENV)/bin/stylerec bench summary
+
+# Max sustainable throughput, then a 10-minute open-loop soak at 70% of it (out/load/), ~13 minutes.
+load: setup
+	$(VENV)/bin/stylerec bench load --minutes 10
 
 # Offline quality: CF accuracy (out/eval/), style-transfer quality (out/style-eval/), the λ experiment.
 eval: setup

@@ -17,6 +17,7 @@ BENCH_MODULES = [
     "cli.bench_gateway",
     "cli.bench_scoring",
     "cli.bench_load",
+    "cli.bench_summary",
 ]
 
 
