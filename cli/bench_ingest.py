@@ -212,6 +212,8 @@ def cmd_bench_ingest(args: argparse.Namespace) -> int:
             "STYLEREC_EVENTS_TOPIC": TOPIC,
             "STYLEREC_LOG_LEVEL": "WARNING",
             "STYLEREC_PSEUDONYM_SECRET": DEV_PSEUDONYM_SECRET,
+            # The per-caller rate limit would cap what is measured here: the bench is one caller.
+            "STYLEREC_INGEST_RATE_LIMIT_EPS": "0",
         }
         stack.start_service("ingestion", instance="ingestion-bench", extra_env=env)
         stack.wait_serving(["ingestion-bench"], 60)

@@ -17,13 +17,14 @@ from stylerec.v1 import ingestion_pb2_grpc
 from libs.common.logging import configure_logging
 from libs.common.pseudonym import Pseudonymizer
 from libs.common.server import ServiceRuntime, mongo_probe, redis_probe, tcp_probe
-from libs.common.stores import make_mongo, make_redis
+from libs.common.stores import make_mongo, make_redis, mongo_credentials, redis_credentials
 from services.ingestion.archiver import ArchiverRunner
 from services.ingestion.catalog import ItemCatalog
 from services.ingestion.config import IngestionSettings
 from services.ingestion.dedup import DedupStore
 from services.ingestion.events import EventIntake
 from services.ingestion.publisher import EventPublisher
+from services.ingestion.rate_limit import CallerRateLimiter
 from services.ingestion.server import IngestionServicer
 
 log = logging.getLogger("services.ingestion")
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging(settings.service_name, settings.log_level)
     runtime = ServiceRuntime(settings)
-    mongo = make_mongo(settings.mongo_uri, settings.store_timeout_s)
+    mongo = make_mongo(settings.mongo_uri, settings.store_timeout_s, **mongo_credentials(settings))
     db = mongo[settings.mongo_db]
     runtime.require("kafka", tcp_probe(settings.kafka_servers))
     runtime.require("mongo", mongo_probe(mongo))
@@ -56,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
                 "STYLEREC_PSEUDONYM_SECRET is not set: using the PUBLIC dev key; user ids are NOT protected. "
                 "Never run like this with real data (STYLEREC_MODE=prod refuses to start)."
             )
-        r = make_redis(settings.redis_url, settings.store_timeout_s, settings.store_retries)
+        r = make_redis(
+            settings.redis_url, settings.store_timeout_s, settings.store_retries, **redis_credentials(settings)
+        )
         runtime.require("redis", redis_probe(r))
         runtime.on_shutdown(r.close)
         publisher = EventPublisher(settings).start()
@@ -73,7 +76,12 @@ def main(argv: list[str] | None = None) -> int:
         runtime.add_service(
             "stylerec.v1.IngestionService",
             ingestion_pb2_grpc.add_IngestionServiceServicer_to_server,
-            IngestionServicer(intake, catalog, settings.stream_pipeline_chunks),
+            IngestionServicer(
+                intake,
+                catalog,
+                settings.stream_pipeline_chunks,
+                CallerRateLimiter(settings.ingest_rate_limit_eps, settings.ingest_rate_limit_burst),
+            ),
         )
     if settings.runs_archiver:
         archiver = ArchiverRunner(settings, db).start()

@@ -71,6 +71,17 @@ class IngestionSettings(ServiceSettings):
     broker_cooldown_s: float = Field(
         1.0, ge=0, le=60, description="After a broker failure, calls fail fast with UNAVAILABLE for this long."
     )
+    # ---- per-caller rate limit (services/ingestion/rate_limit.py; per replica) ----
+    ingest_rate_limit_eps: float = Field(
+        20_000,
+        ge=0,
+        description="Events per second each caller may ingest on this replica (token bucket refill; 0 = off).",
+    )
+    ingest_rate_limit_burst: int = Field(
+        40_000,
+        ge=1,
+        description="Bucket size: events a caller may send at once after idling; larger calls are refused.",
+    )
     stream_pipeline_chunks: int = Field(
         4, ge=1, le=64, description="StreamEvents chunks being published while earlier ones await acks."
     )

@@ -48,6 +48,11 @@ REQUEST_REJECTS = Counter(
     "Whole requests refused (too_many, too_large, all_invalid), by rpc.",
     ["rpc", "reason"],
 )
+RATE_LIMITED = Counter(
+    "stylerec_ingestion_rate_limited_total",
+    "Calls (or stream chunks) refused by the per-caller event rate limit, by caller (configured names only).",
+    ["caller"],
+)
 ITEMS = Counter(
     "stylerec_ingestion_items_total",
     "Catalog items received, by outcome (upserted, rejected, failed).",

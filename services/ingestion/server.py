@@ -2,8 +2,9 @@
 
 The domain modules raise plain exceptions; this file alone decides status codes:
 whole-request violations → INVALID_ARGUMENT / RESOURCE_EXHAUSTED with BadRequest
-details, full in-flight budget → RESOURCE_EXHAUSTED with RetryInfo, broker or
-store trouble → UNAVAILABLE with RetryInfo.
+details, full in-flight budget or the caller's event rate limit →
+RESOURCE_EXHAUSTED with RetryInfo, broker or store trouble → UNAVAILABLE with
+RetryInfo.
 """
 
 from __future__ import annotations
@@ -17,15 +18,31 @@ from typing import NoReturn
 import grpc
 from stylerec.v1 import common_pb2, ingestion_pb2, ingestion_pb2_grpc
 
+from libs.common.auth import current_caller
 from libs.common.errors import abort_invalid, abort_retryable
+from services.ingestion import metrics
 from services.ingestion.catalog import ItemCatalog, ItemNotFound
 from services.ingestion.events import EventIntake, Prepared, RequestRejected
 from services.ingestion.publisher import Overloaded, PublishRefused
+from services.ingestion.rate_limit import CallerRateLimiter
 
 log = logging.getLogger(__name__)
 
 
+class RateLimited(Exception):
+    """The caller's event bucket cannot cover this call now; nothing of the call was taken."""
+
+    def __init__(self, caller: str, events: int, retry_after_s: float) -> None:
+        super().__init__(
+            f"caller {caller!r} is over its ingest rate limit: {events} events need {retry_after_s:.3f}s "
+            "more of its budget; nothing of this call was accepted, retry it after the RetryInfo delay"
+        )
+        self.retry_after_s = retry_after_s
+
+
 def _abort(context: grpc.ServicerContext, exc: Exception) -> NoReturn:
+    if isinstance(exc, RateLimited):
+        abort_retryable(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), exc.retry_after_s)
     if isinstance(exc, RequestRejected):
         abort_invalid(context, str(exc), exc.violations, code=exc.code)
     if isinstance(exc, Overloaded):
@@ -36,17 +53,42 @@ def _abort(context: grpc.ServicerContext, exc: Exception) -> NoReturn:
 
 
 class IngestionServicer(ingestion_pb2_grpc.IngestionServiceServicer):
-    def __init__(self, intake: EventIntake, catalog: ItemCatalog | None, pipeline_chunks: int = 4) -> None:
+    def __init__(
+        self,
+        intake: EventIntake,
+        catalog: ItemCatalog | None,
+        pipeline_chunks: int = 4,
+        limiter: CallerRateLimiter | None = None,
+    ) -> None:
         self.intake = intake
         self.catalog = catalog
         self.pipeline_chunks = pipeline_chunks
+        self.limiter = limiter or CallerRateLimiter(0, 1)
+
+    def _admit(self, caller: str, events: int) -> None:
+        """Charge ``events`` to ``caller``'s bucket before any work, all or nothing."""
+        if not self.limiter.enabled:
+            return
+        if not self.limiter.fits(events):
+            metrics.RATE_LIMITED.labels(caller).inc()
+            raise RequestRejected(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"batch of {events} events exceeds the per-caller burst of {self.limiter.burst}",
+                [("events", f"at most {self.limiter.burst} events per call (rate-limit burst); split the batch")],
+                "over_burst",
+            )
+        decision = self.limiter.acquire(caller, events)
+        if not decision.allowed:
+            metrics.RATE_LIMITED.labels(caller).inc()
+            raise RateLimited(caller, events, decision.retry_after_s)
 
     def IngestEvents(
         self, request: ingestion_pb2.IngestEventsRequest, context: grpc.ServicerContext
     ) -> ingestion_pb2.IngestEventsResponse:
         try:
+            self._admit(current_caller(), len(request.events))
             return self.intake.finish(self.intake.prepare(request, "IngestEvents"))
-        except (RequestRejected, PublishRefused) as exc:
+        except (RequestRejected, PublishRefused, RateLimited) as exc:
             _abort(context, exc)
 
     def StreamEvents(
@@ -57,6 +99,8 @@ class IngestionServicer(ingestion_pb2_grpc.IngestionServiceServicer):
         unacknowledged, so a client that outruns the broker is slowed by TCP flow control."""
         ready: queue.Queue[tuple[int, Prepared | Exception] | None] = queue.Queue(self.pipeline_chunks)
         stop = threading.Event()
+        # The reader thread does not inherit this thread's context: take the caller here.
+        caller = current_caller()
 
         def put(item: tuple[int, Prepared | Exception] | None) -> bool:
             while not stop.is_set():
@@ -81,8 +125,11 @@ class IngestionServicer(ingestion_pb2_grpc.IngestionServiceServicer):
                 counter += 1
                 seq = req.sequence or counter
                 try:
+                    # Chunks before a refused one are acknowledged first (the queue keeps order);
+                    # the refused chunk and everything after it are not taken.
+                    self._admit(caller, len(req.events))
                     item: Prepared | Exception = self.intake.prepare(req, "StreamEvents")
-                except (RequestRejected, PublishRefused) as exc:
+                except (RequestRejected, PublishRefused, RateLimited) as exc:
                     item = exc
                 except Exception as exc:
                     # Never end the stream "successfully" after a failure: the handler re-raises it.
