@@ -262,7 +262,12 @@ async def drive(stack: Stack, workload: Workload, args: argparse.Namespace) -> d
     sampler = RssSampler(stack, interval_s=min(5.0, max(0.5, soak_s / 120)))
     origin = {"t": loop.time()}  # sampler times are relative to this; re-based to the soak start later
     sampling = asyncio.create_task(sampler.run(lambda: loop.time() - origin["t"]))
-    client = Client(stack.addr_of("gateway"), stack.addr_of("ingestion"), workload, time.time)
+    client = Client(
+        (stack.addr_of("gateway"), stack.client_security("gateway")),
+        (stack.addr_of("ingestion"), stack.client_security("ingestion")),
+        workload,
+        time.time,
+    )
     try:
         if args.rate:
             search: dict[str, Any] = {"skipped": f"--rate {args.rate} given", "steps": []}

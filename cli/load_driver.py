@@ -19,6 +19,7 @@ import grpc
 from stylerec.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, ingestion_pb2, ingestion_pb2_grpc
 
 from cli.bench_common import pct_ms
+from libs.common.channels import ClientSecurity
 
 KINDS = ("read_known", "read_unknown", "write")
 RPC_OF = {
@@ -100,12 +101,33 @@ class Outcome:
     degraded: bool = False
 
 
+def aio_channel(address: str, security: ClientSecurity) -> tuple[grpc.aio.Channel, tuple[tuple[str, str], ...]]:
+    """An asyncio channel with the stack's transport security, and the metadata every call carries.
+
+    ``make_channel`` is synchronous-only (its token interceptor is a sync one), so the async client
+    applies the same ClientSecurity itself: TLS/mTLS when it has roots, the bearer token as metadata.
+    """
+    if security.tls:
+        opts = [("grpc.ssl_target_name_override", security.server_name)] if security.server_name else []
+        channel = grpc.aio.secure_channel(address, security.channel_credentials(), options=opts)
+    else:
+        channel = grpc.aio.insecure_channel(address)
+    token = security.token.get_secret_value()
+    return channel, ((("authorization", f"Bearer {token}"),) if token else ())
+
+
 class Client:
     """One grpc.aio channel per service, shared by every in-flight request (as a web tier would)."""
 
-    def __init__(self, gateway_addr: str, ingestion_addr: str, workload: Workload, wall_clock: Callable[[], float]):
-        self.gw_channel = grpc.aio.insecure_channel(gateway_addr)
-        self.ing_channel = grpc.aio.insecure_channel(ingestion_addr)
+    def __init__(
+        self,
+        gateway: tuple[str, ClientSecurity],
+        ingestion: tuple[str, ClientSecurity],
+        workload: Workload,
+        wall_clock: Callable[[], float],
+    ) -> None:
+        self.gw_channel, self.gw_md = aio_channel(*gateway)
+        self.ing_channel, self.ing_md = aio_channel(*ingestion)
         self.gw = gateway_pb2_grpc.GatewayServiceStub(self.gw_channel)
         self.ing = ingestion_pb2_grpc.IngestionServiceStub(self.ing_channel)
         self.workload = workload
@@ -115,11 +137,15 @@ class Client:
         mix = self.workload.mix
         try:
             if kind == "write":
-                resp = await self.ing.IngestEvents(self.workload.write(self.wall_clock()), timeout=mix.write_timeout_s)
+                resp = await self.ing.IngestEvents(
+                    self.workload.write(self.wall_clock()), timeout=mix.write_timeout_s, metadata=self.ing_md
+                )
                 if len(resp.rejected):
                     return Outcome(False, "EVENTS_REJECTED")
                 return Outcome(True)
-            r = await self.gw.GetRecommendations(self.workload.read(kind), timeout=mix.read_timeout_s)
+            r = await self.gw.GetRecommendations(
+                self.workload.read(kind), timeout=mix.read_timeout_s, metadata=self.gw_md
+            )
             return Outcome(True, degraded=bool(r.degraded))
         except grpc.aio.AioRpcError as exc:
             return Outcome(False, exc.code().name)

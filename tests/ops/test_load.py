@@ -1,0 +1,85 @@
+"""`stylerec bench load` end to end against a real stack, and the memory-flatness verdict on fixed series."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from cli.load_driver import KINDS
+from cli.load_report import memory_verdict
+from cli.stack import REPO, SERVICES
+
+
+def series(start: float, mib_per_min: float, minutes: float, every_s: float = 5.0) -> list[tuple[float, float]]:
+    n = int(minutes * 60 / every_s) + 1
+    return [(i * every_s, start + mib_per_min * i * every_s / 60) for i in range(n)]
+
+
+def test_memory_verdict_flat_growing_and_too_short() -> None:
+    flat = {"gateway": series(100, 0.1, 10), "kafka": series(50, 30, 10)}  # the broker grows by design: not judged
+    v = memory_verdict(flat, 600)
+    assert v["verdict"] == "flat"
+    assert v["processes"]["kafka"]["judged"] is False and v["processes"]["kafka"]["flat"] is False
+
+    leaking = {"gateway": series(100, 0.1, 10), "scoring": series(300, 3.0, 10)}
+    v = memory_verdict(leaking, 600)
+    assert v["verdict"] == "NOT flat" and "scoring" in v["reason"]
+    assert abs(v["processes"]["scoring"]["slope_second_half_mib_per_min"] - 3.0) < 1e-6
+
+    # Warm-up growth in the first half only does not count against the slope, but the growth criterion sees it.
+    warmup = {"gateway": [(t, 100 + min(t, 150) * 0.2) for t, _ in series(0, 0, 10)]}
+    v = memory_verdict(warmup, 600)
+    assert v["processes"]["gateway"]["slope_second_half_mib_per_min"] == 0.0
+    assert v["processes"]["gateway"]["growth_first_to_last_quarter_pct"] > 10
+    assert v["verdict"] == "NOT flat"
+
+    assert memory_verdict(leaking, 60)["verdict"] == "not judged"
+
+
+def test_bench_load_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "load"
+    # A generous p99 limit: which step qualifies must not depend on this shared machine's speed.
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "cli.main", "bench", "load",
+            "--minutes", "0.2", "--stack", "own", "--seed-purchases", "2000",
+            "--concurrency", "1,4", "--step-seconds", "2", "--p99-limit-ms", "10000",
+            "--rate-fraction", "0.3", "--out-dir", str(out), "--json",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report == json.loads((out / "load.json").read_text())
+    assert "own stack" in report["stack"]["source"]
+    assert report["machine"]["cores"] and report["machine"]["cpu_model"]
+    assert report["seed"]["purchases_accepted"] > 0 and report["seed"]["model_version"]
+
+    steps = report["max_search"]["steps"]
+    assert [s["concurrency"] for s in steps] == [1, 4]
+    assert report["max_search"]["max_requests_per_s"] > 0
+
+    soak = report["soak"]
+    stats = soak["stats"]
+    assert soak["target_rate_per_s"] > 0 and soak["offered"] > 0
+    assert stats["requests_ok"] > 0
+    assert stats["errors"] == 0, stats["errors_by_kind_and_status"]
+    assert set(stats["by_kind"]) == set(KINDS)
+    for kind in KINDS:
+        k = stats["by_kind"][kind]
+        assert k["ok"] > 0, kind
+        assert 0 < k["p50_ms"] <= k["p95_ms"] <= k["p99_ms"] <= k["max_ms"]
+    assert soak["timeline"] and all("requests_per_s" in row for row in soak["timeline"])
+
+    for name in SERVICES:
+        assert report["rss_mib"][name], name
+        assert all(mib > 0 for _t, mib in report["rss_mib"][name])
+    assert report["memory"]["verdict"] == "not judged"  # 12 s is too short to judge
+    assert report["passed"] is True and report["failures"] == []
+    for png in ("rss.png", "latency.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
