@@ -23,8 +23,12 @@ from services.gateway.stylized import read_stylized_ref
 
 log = logging.getLogger(__name__)
 
+# Request bounds (docs/security.md, "Input limits"): ids and the category filter are short
+# strings, the exclusion list a page's worth; with them a request stays far below the
+# gateway's 512 KiB transport cap (grpc_max_receive_bytes).
 MAX_ID_LENGTH = 256
 MAX_EXCLUDES = 1000
+MAX_CATEGORY_LENGTH = 256
 
 
 def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
@@ -83,8 +87,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             violations.append(("filters.max_price", "must not be negative (0 = no upper bound)"))
         if f.max_price > 0 and f.min_price > f.max_price:
             violations.append(("filters.max_price", "must not be below min_price"))
+        if len(f.category) > MAX_CATEGORY_LENGTH:
+            violations.append(("filters.category", f"longer than {MAX_CATEGORY_LENGTH} characters"))
         if len(f.exclude_item_ids) > MAX_EXCLUDES:
             violations.append(("filters.exclude_item_ids", f"at most {MAX_EXCLUDES} ids"))
+        else:
+            for n, item in enumerate(f.exclude_item_ids):
+                if len(item) > MAX_ID_LENGTH:
+                    violations.append((f"filters.exclude_item_ids[{n}]", f"longer than {MAX_ID_LENGTH} characters"))
+                    break
         if violations:
             abort_invalid(context, "invalid GetRecommendations request: " + violations[0][1], violations)
         return self.recommender.recommend(request, self._deadline(context))

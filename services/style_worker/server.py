@@ -8,6 +8,7 @@ batchers) as the Kafka jobs, so concurrent previews batch with queued jobs.
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import grpc
@@ -51,6 +52,10 @@ class StyleWorkerServicer(style_pb2_grpc.StyleWorkerServiceServicer):
             problems.append(("style_embedding", f"needs {EMBEDDING_DIM} values, got {len(request.style_embedding)}"))
         if has_house and len(request.house_style_weights) != HOUSE_STYLES:
             problems.append(("house_style_weights", f"needs {HOUSE_STYLES} values"))
+        # NaN/inf would flow through the network into an all-NaN image instead of an error.
+        for name in ("style_embedding", "house_style_weights"):
+            if not all(math.isfinite(x) for x in getattr(request, name)):
+                problems.append((name, "values must be finite numbers"))
         if not 0.0 <= request.strength <= 1.0:
             problems.append(("strength", "must be within 0..1 (0 = default 1.0)"))
         for name in ("content_image", "style_image"):
