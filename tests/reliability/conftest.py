@@ -28,6 +28,7 @@ from typing import Any
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from pymongo import MongoClient
 from pymongo.database import Database
 from stylerec.v1 import common_pb2, ingestion_pb2, ingestion_pb2_grpc
@@ -90,13 +91,14 @@ def wait_for(cond: Callable[[], bool], timeout_s: float, what: Callable[[], str]
     raise AssertionError(f"timed out after {timeout_s:.0f}s: {what() if callable(what) else what}")
 
 
-def metric_value(stack: Stack, name: str, sample: str) -> float | None:
-    """One sample (``name{labels}`` exactly as exported) from a component's /metrics, None if absent."""
+def metric_value(stack: Stack, name: str, metric: str, **labels: str) -> float | None:
+    """One sample of a component's /metrics (``metric`` with exactly these label values), None if absent."""
     port = stack.components[name].metrics_port
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    for line in body.splitlines():
-        if line.startswith(sample + " "):
-            return float(line.rsplit(" ", 1)[1])
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            if sample.name == metric and sample.labels == labels:
+                return float(sample.value)
     return None
 
 
