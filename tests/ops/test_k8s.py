@@ -153,7 +153,7 @@ def test_every_deployment_has_probes_resources_and_security(rendered: dict[str, 
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_stylerec_pods_are_read_only_with_native_grpc_probes(rendered: dict[str, list[Obj]], overlay: str) -> None:
+def test_stylerec_pods_are_read_only_with_grpc_health_probes(rendered: dict[str, list[Obj]], overlay: str) -> None:
     objs = rendered[overlay]
     for name, deploy in ours(objs, "Deployment").items():
         spec = pod_spec(deploy)
@@ -163,10 +163,20 @@ def test_stylerec_pods_are_read_only_with_native_grpc_probes(rendered: dict[str,
         assert sc.get("runAsUser", spec["securityContext"].get("runAsUser")) == 10001, "image user is 10001"
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
         assert set(ports) == {"grpc", "metrics"}, name
-        assert c["readinessProbe"]["grpc"]["port"] == ports["grpc"], name
-        assert c["readinessProbe"]["grpc"].get("service", "") == "", "readiness = whole server (dependencies too)"
-        assert c["livenessProbe"]["grpc"] == {"port": ports["grpc"], "service": "stylerec.liveness"}, name
-        assert c["startupProbe"]["grpc"]["service"] == "stylerec.liveness", name
+        env_values = {e["name"]: e.get("value") for e in c["env"]}
+        if "STYLEREC_TLS_CERT_FILE" in env_values:
+            # Native gRPC probes cannot speak TLS: the exec probe dials with the pod's own settings.
+            check = ["python", "-m", "libs.common.healthcheck"]
+            ready = c["readinessProbe"]["exec"]["command"]
+            assert ready[:3] == check and "--service" not in ready, "readiness = whole server (dependencies too)"
+            for probe in ("livenessProbe", "startupProbe"):
+                cmd = c[probe]["exec"]["command"]
+                assert cmd[:3] == check and cmd[cmd.index("--service") + 1] == "stylerec.liveness", (name, probe)
+        else:
+            assert c["readinessProbe"]["grpc"]["port"] == ports["grpc"], name
+            assert c["readinessProbe"]["grpc"].get("service", "") == "", "readiness = whole server (dependencies too)"
+            assert c["livenessProbe"]["grpc"] == {"port": ports["grpc"], "service": "stylerec.liveness"}, name
+            assert c["startupProbe"]["grpc"]["service"] == "stylerec.liveness", name
         assert any(m["mountPath"] == "/tmp" for m in c["volumeMounts"]), f"{name}: /tmp must be writable"
         env = {e["name"]: e for e in c["env"]}
         assert int(env["STYLEREC_GRPC_PORT"]["value"]) == ports["grpc"]
@@ -353,3 +363,80 @@ def test_every_pod_meets_pod_security_restricted(rendered: dict[str, list[Obj]],
             for vol in spec.get("volumes", []):
                 assert "hostPath" not in vol, f"{overlay} {name}: hostPath volume"
             assert not spec.get("hostNetwork") and not spec.get("hostPID"), name
+
+
+STORE_CREDENTIALS = {
+    "STYLEREC_REDIS_PASSWORD": "redis-password",
+    "STYLEREC_MONGO_USERNAME": "mongo-username",
+    "STYLEREC_MONGO_PASSWORD": "mongo-password",
+    "STYLEREC_KAFKA_SASL_USERNAME": "kafka-sasl-username",
+    "STYLEREC_KAFKA_SASL_PASSWORD": "kafka-sasl-password",
+}
+
+
+def _secret_refs(container: Obj) -> dict[str, tuple[str, str]]:
+    out = {}
+    for e in container.get("env", []):
+        ref = e.get("valueFrom", {}).get("secretKeyRef")
+        if ref:
+            out[e["name"]] = (ref["name"], ref["key"])
+    return out
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_store_credentials_come_from_the_secret(rendered: dict[str, list[Obj]], overlay: str) -> None:
+    """Every pod that talks to the stores reads their credentials from stylerec-store-credentials, never a literal."""
+    objs = rendered[overlay]
+    pods = [*ours(objs, "Deployment").values(), *of_kind(objs, "CronJob").values()]
+    for obj in pods:
+        (c,) = pod_spec(obj)["containers"]
+        refs = _secret_refs(c)
+        for env, key in STORE_CREDENTIALS.items():
+            assert refs.get(env) == ("stylerec-store-credentials", key), (overlay, obj["metadata"]["name"], env)
+    (job,) = of_kind(objs, "Job").values()
+    refs = _secret_refs(pod_spec(job)["containers"][0])
+    assert refs["STYLEREC_KAFKA_SASL_PASSWORD"] == ("stylerec-store-credentials", "kafka-sasl-password")
+    for kind in ("Deployment", "CronJob", "Job"):
+        for obj in of_kind(objs, kind).values():
+            for c in pod_spec(obj)["containers"]:
+                for e in c.get("env", []):
+                    if any(w in e["name"] for w in ("PASSWORD", "TOKEN", "SECRET", "CALLERS")):
+                        assert "value" not in e, f"{overlay} {obj['metadata']['name']}: {e['name']} is a literal"
+
+
+@pytest.mark.parametrize("overlay", ["prod", "gpu", "prod+components"])
+def test_prod_runs_tls_and_auth_from_secrets(rendered: dict[str, list[Obj]], overlay: str) -> None:
+    objs = rendered[overlay]
+    config = next(o for n, o in of_kind(objs, "ConfigMap").items() if n.startswith("stylerec-config"))
+    assert config["data"]["STYLEREC_MODE"] == "prod"
+    # The Secrets themselves are created by the operator: none is rendered (so none is committed).
+    assert not of_kind(objs, "Secret")
+    for name, deploy in ours(objs, "Deployment").items():
+        spec = pod_spec(deploy)
+        (c,) = spec["containers"]
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        mounts = {m["name"]: m for m in c["volumeMounts"]}
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["tls"]["secret"]["secretName"] == "stylerec-tls", name
+        assert mounts["tls"]["readOnly"] is True, name
+        root = mounts["tls"]["mountPath"]
+        assert env["STYLEREC_TLS_CERT_FILE"] == f"{root}/tls.crt", name
+        assert env["STYLEREC_TLS_KEY_FILE"] == f"{root}/tls.key", name
+        assert env["STYLEREC_TLS_CA_FILE"] == f"{root}/ca.crt", name
+        assert env["STYLEREC_TLS_CLIENT_AUTH"] == ("false" if name in FRONT_DOORS else "true"), name
+        assert env["STYLEREC_AUTH_REQUIRED"] == "true", name
+        refs = _secret_refs(c)
+        assert refs["STYLEREC_AUTH_CALLERS"] == ("stylerec-auth", "callers"), name
+        if name == "gateway":
+            assert refs["STYLEREC_AUTH_TOKEN"] == ("stylerec-auth", "gateway-token")
+
+
+def test_dev_stays_plaintext_without_required_secrets(rendered: dict[str, list[Obj]]) -> None:
+    objs = rendered["dev"]
+    for name, deploy in ours(objs, "Deployment").items():
+        (c,) = pod_spec(deploy)["containers"]
+        assert "STYLEREC_TLS_CERT_FILE" not in {e["name"] for e in c["env"]}, name
+        for e in c["env"]:
+            ref = e.get("valueFrom", {}).get("secretKeyRef")
+            if ref and ref["name"] == "stylerec-store-credentials":
+                assert ref["optional"] is True, (name, e["name"])
