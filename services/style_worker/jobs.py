@@ -5,8 +5,10 @@ crash replays it), so every write here is idempotent and a redelivered job
 never creates a second result:
 
 * embed: the item records which photo (``style_embedding_ref``) its embedding
-  came from; a job for the same photo is a no-op (Redis is refilled from Mongo
-  if it lost the key).
+  came from; a job for the same photo is not recomputed (Redis is refilled from
+  Mongo if it lost the key) but is answered from the stored vector, unless the
+  item records (``style_embedding_result_job``) that this job's result was
+  already acknowledged — so a kill between storing and sending loses no result.
 * stylize: the GridFS file id is *derived* from (content, style, both photo
   refs, strength, preserve-colour), so at most one file can exist per result;
   the ``stylized`` document is checked first, leftovers of a run killed half
@@ -92,6 +94,8 @@ class _Embed:
     image: Any  # PIL image
     started: float
     vector: np.ndarray | None = None
+    # Other jobs for the same item in this batch: computed once, each still gets its result.
+    followers: list[Decoded[style_pb2.StyleJob]] = field(default_factory=list)
 
 
 @dataclass
@@ -283,9 +287,21 @@ class StyleJobProcessor:
         item_id = d.message.content_item_id
         item = self._item(item_id)
         cached = self._cached_vector(item)
-        if item_id in work.embed_items or cached is not None:
-            if cached is not None and not self.redis.exists(keys.item_embedding(item_id)):
+        if item_id in work.embed_items:
+            next(e for e in work.embeds if e.item_id == item_id).followers.append(d)
+            JOBS.labels("embed", "duplicate").inc()
+            return
+        if cached is not None:
+            if not self.redis.exists(keys.item_embedding(item_id)):
                 self.redis.set(keys.item_embedding(item_id), embedding_bytes(cached))
+            # Already embedded: answer from the stored vector unless this very job's result is
+            # recorded as sent. A worker killed between storing the embedding and the broker's
+            # ack of the result left the job answered nowhere; its redelivery lands here.
+            if item.get("style_embedding_result_job") != d.message.job_id:
+                self.producer.send(
+                    self.settings.results_topic, item_id, self._embed_result(d, item_id, cached, started)
+                ).get(timeout=10)
+                self._record_embed_sent(item_id, d.message.job_id)
             JOBS.labels("embed", "duplicate").inc()
             return
         work.embed_items.add(item_id)
@@ -313,19 +329,31 @@ class StyleJobProcessor:
         futures = []
         for e, v in zip(embeds, vectors, strict=True):
             self._store_embedding(e.item_id, e.image_ref, v)
-            result = style_pb2.StyleResult(
-                job_id=e.decoded.message.job_id,
-                kind=style_pb2.EMBED,
-                content_item_id=e.item_id,
-                embedding=[float(x) for x in l2_normalize(v)],
-                finished_at=now_timestamp(),
-                latency_seconds=time.perf_counter() - e.started,
-            )
-            futures.append(self.producer.send(self.settings.results_topic, e.item_id, result))
+            for d in [e.decoded, *e.followers]:
+                result = self._embed_result(d, e.item_id, v, e.started)
+                futures.append(self.producer.send(self.settings.results_topic, e.item_id, result))
             JOBS.labels("embed", "ok").inc()
             JOB_SECONDS.labels("embed").observe(time.perf_counter() - e.started)
         for f in futures:
             f.get(timeout=10)
+        for e in embeds:  # only now are the results safely out
+            self._record_embed_sent(e.item_id, (e.followers or [e.decoded])[-1].message.job_id)
+
+    def _embed_result(
+        self, d: Decoded[style_pb2.StyleJob], item_id: str, vector: np.ndarray, started: float
+    ) -> style_pb2.StyleResult:
+        return style_pb2.StyleResult(
+            job_id=d.message.job_id,
+            kind=style_pb2.EMBED,
+            content_item_id=item_id,
+            embedding=[float(x) for x in l2_normalize(vector)],
+            finished_at=now_timestamp(),
+            latency_seconds=time.perf_counter() - started,
+        )
+
+    def _record_embed_sent(self, item_id: str, job_id: str) -> None:
+        """Which job's result the broker acknowledged last, so its redelivery is not answered twice."""
+        self.db.items.update_one({"_id": item_id}, {"$set": {"style_embedding_result_job": job_id}})
 
     # ---- stylize ----
     def _prepare_stylize(self, d: Decoded[style_pb2.StyleJob], work: _Batch) -> None:
