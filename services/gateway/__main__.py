@@ -26,7 +26,7 @@ from libs.common.logging import configure_logging
 from libs.common.metrics import DEPENDENCY_UP
 from libs.common.pseudonym import Pseudonymizer
 from libs.common.server import ServiceRuntime, mongo_probe, redis_probe, tcp_probe
-from libs.common.stores import make_mongo, make_redis
+from libs.common.stores import make_mongo, make_redis, mongo_credentials, redis_credentials
 from services.gateway.candidates import CandidateSource
 from services.gateway.catalog import ItemCatalog
 from services.gateway.config import GatewaySettings
@@ -79,8 +79,8 @@ class GatewayApp:
 
 
 def build_app(settings: GatewaySettings) -> GatewayApp:
-    r = make_redis(settings.redis_url, settings.redis_timeout_s, settings.redis_retries)
-    mongo: MongoClient = make_mongo(settings.mongo_uri, settings.mongo_timeout_s)
+    r = make_redis(settings.redis_url, settings.redis_timeout_s, settings.redis_retries, **redis_credentials(settings))
+    mongo: MongoClient = make_mongo(settings.mongo_uri, settings.mongo_timeout_s, **mongo_credentials(settings))
     # TLS/mTLS and the gateway's bearer token as configured (libs/common/channels.py).
     scoring_channel = (
         make_channel(settings.scoring_addr, ClientSecurity.from_settings(settings)) if settings.scoring_addr else None
@@ -89,7 +89,8 @@ def build_app(settings: GatewaySettings) -> GatewayApp:
     pseudonymize = Pseudonymizer(settings.effective_pseudonym_secret())
     # The publisher's cleanup runs off the request path: ordinary store timeouts.
     publisher = StyleJobPublisher(
-        settings, make_redis(settings.redis_url, settings.store_timeout_s, settings.store_retries)
+        settings,
+        make_redis(settings.redis_url, settings.store_timeout_s, settings.store_retries, **redis_credentials(settings)),
     )
     # One centroid cache for both users of style similarity (re-rank and similar items).
     centroid = StyleCentroid(ds, settings.style_centroid_near_cache_s)

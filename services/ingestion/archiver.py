@@ -22,7 +22,7 @@ from pymongo import UpdateOne
 from pymongo.database import Database
 from stylerec.v1 import common_pb2
 
-from libs.common.kafka import Decoded, ProtoConsumerLoop, ProtoProducer
+from libs.common.kafka import Decoded, ProtoConsumerLoop, ProtoProducer, kafka_security
 from libs.common.metrics import STORE_ERRORS
 from libs.common.stores import with_retries
 from services.ingestion import metrics
@@ -88,7 +88,7 @@ class DeadLetterProducer(ProtoProducer):
     never recovers once a batch expires (see publisher.producer_config), which would leave the
     archiver unable to dead-letter anything after a broker stall, i.e. stuck."""
 
-    def __init__(self, bootstrap: list[str], client_id: str) -> None:
+    def __init__(self, bootstrap: list[str], client_id: str, security: dict[str, Any] | None = None) -> None:
         self._producer = KafkaProducer(
             bootstrap_servers=bootstrap,
             client_id=client_id,
@@ -100,6 +100,7 @@ class DeadLetterProducer(ProtoProducer):
             max_block_ms=5000,
             request_timeout_ms=10000,
             bootstrap_timeout_ms=5000,
+            **(security or {}),
         )
 
 
@@ -123,7 +124,9 @@ class ArchiverRunner:
         s = self.settings
         while not self._stop.is_set():
             try:
-                self.producer = self.producer or DeadLetterProducer(s.kafka_servers, client_id="ingestion-archiver")
+                self.producer = self.producer or DeadLetterProducer(
+                    s.kafka_servers, client_id="ingestion-archiver", security=kafka_security(s)
+                )
                 self.loop = ProtoConsumerLoop(
                     bootstrap=s.kafka_servers,
                     group_id=s.archiver_group,
@@ -136,6 +139,7 @@ class ArchiverRunner:
                     max_poll_interval_ms=s.kafka_max_poll_interval_ms,
                     session_timeout_ms=s.kafka_session_timeout_ms,
                     validate=archived_problem,
+                    security=kafka_security(s),
                 ).start()
                 log.info("archiver started", extra={"group": s.archiver_group, "topic": s.events_topic})
                 return

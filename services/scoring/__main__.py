@@ -19,11 +19,11 @@ from typing import Any
 
 from stylerec.v1 import common_pb2, scoring_pb2_grpc
 
-from libs.common.kafka import USER_EVENTS, ProtoConsumerLoop, ProtoProducer
+from libs.common.kafka import USER_EVENTS, ProtoConsumerLoop, ProtoProducer, kafka_security
 from libs.common.logging import configure_logging
 from libs.common.metrics import start_metrics_server
 from libs.common.server import ServiceRuntime, mongo_probe, redis_probe, tcp_probe
-from libs.common.stores import make_mongo, make_redis
+from libs.common.stores import make_mongo, make_redis, mongo_credentials, redis_credentials
 from services.scoring import metrics
 from services.scoring.config import ScoringSettings
 from services.scoring.consumer import (
@@ -70,9 +70,9 @@ def run_trainer(settings: ScoringSettings, once: bool, algorithm: str) -> int:
     """The CronJob/loop trainer: no gRPC, just metrics, train, publish."""
     if not once:
         start_metrics_server(settings.metrics_port)
-    mongo = make_mongo(settings.mongo_uri, settings.store_timeout_s)
-    r = make_redis(settings.redis_url, settings.store_timeout_s, settings.store_retries)
-    producer = ProtoProducer(settings.kafka_servers, client_id="scoring-trainer")
+    mongo = make_mongo(settings.mongo_uri, settings.store_timeout_s, **mongo_credentials(settings))
+    r = make_redis(settings.redis_url, settings.store_timeout_s, settings.store_retries, **redis_credentials(settings))
+    producer = ProtoProducer(settings.kafka_servers, client_id="scoring-trainer", security=kafka_security(settings))
     db = mongo[settings.mongo_db]
     trainer = Trainer(settings, db, ModelRegistry(db, settings.models_collection), producer, r)
     stop = threading.Event()
@@ -103,10 +103,10 @@ def run_trainer(settings: ScoringSettings, once: bool, algorithm: str) -> int:
 
 def run_serving(settings: ScoringSettings) -> None:
     runtime = ServiceRuntime(settings)
-    r = make_redis(settings.redis_url, settings.store_timeout_s, settings.store_retries)
-    mongo = make_mongo(settings.mongo_uri, settings.store_timeout_s)
+    r = make_redis(settings.redis_url, settings.store_timeout_s, settings.store_retries, **redis_credentials(settings))
+    mongo = make_mongo(settings.mongo_uri, settings.store_timeout_s, **mongo_credentials(settings))
     db = mongo[settings.mongo_db]
-    producer = ProtoProducer(settings.kafka_servers, client_id="scoring")
+    producer = ProtoProducer(settings.kafka_servers, client_id="scoring", security=kafka_security(settings))
     runtime.require("kafka", tcp_probe(settings.kafka_servers))
     runtime.require("redis", redis_probe(r))
     runtime.require("mongo", mongo_probe(mongo))
@@ -138,6 +138,7 @@ def run_serving(settings: ScoringSettings) -> None:
         session_timeout_ms=settings.kafka_session_timeout_ms,
         validate=event_problem,
         fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
+        security=kafka_security(settings),
     )
     ownership = Ownership(consumer.assignment, state, publisher)
     registry = ModelRegistry(db, settings.models_collection)
