@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
 SETUP_INPUTS := requirements.txt requirements-nodeps.txt pyproject.toml scripts/setup.sh $(wildcard protos/stylerec/v1/*.proto)
 
-.PHONY: setup up down status demo demo-check test lint bench load eval clean
+.PHONY: setup up down status demo demo-check test test-reliability lint bench load eval clean
 
 $(STAMP): $(SETUP_INPUTS)
 	bash scripts/setup.sh
@@ -31,6 +31,10 @@ demo-check: setup
 
 test: setup
 	$(PY) -m pytest -q -ra
+
+# Fault injection only (docs/reliability.md): components SIGKILLed and restarted under load; also part of `make test`.
+test-reliability: setup
+	$(PY) -m pytest -q -ra tests/reliability
 
 # Heavier than `make test`: every benchmark (JSON under out/bench/), a 2-minute load run
 # (out/bench/load/), then the table of all of them (out/bench/summary.md), ~15 minutes on 2 cores.
