@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "cli.style_commands",
     "cli.bench_commands",
     "cli.experiment_commands",
+    "cli.forget_commands",
 ]
 
 

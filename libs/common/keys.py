@@ -77,3 +77,9 @@ def train_lock() -> str:
 def style_centroid() -> str:
     """Catalog style centroid hash {vector, items, updated_at} (libs/common/style_math.py); owner: scoring."""
     return f"{NS}:{SCHEMA}:style-centroid"
+
+
+def per_user(user: str) -> list[str]:
+    """Every key named after one (pseudonymized) user: what AdminService.ForgetUser and the
+    scoring replicas delete when the user is forgotten. A new per-user key belongs here too."""
+    return [recs(user), recs_meta(user), user_seen(user), style_profile(user), stylize_rate(user)]

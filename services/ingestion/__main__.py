@@ -12,12 +12,16 @@ import logging
 import sys
 
 from pydantic import ValidationError
-from stylerec.v1 import ingestion_pb2_grpc
+from stylerec.v1 import admin_pb2_grpc, ingestion_pb2_grpc
 
+from libs.common.audit import AuditLog
+from libs.common.kafka import ProtoProducer, kafka_security
 from libs.common.logging import configure_logging
+from libs.common.privacy import UserRefs
 from libs.common.pseudonym import Pseudonymizer
 from libs.common.server import ServiceRuntime, mongo_probe, redis_probe, tcp_probe
 from libs.common.stores import make_mongo, make_redis, mongo_credentials, redis_credentials
+from services.ingestion.admin import AdminServicer, UserForgetter
 from services.ingestion.archiver import ArchiverRunner
 from services.ingestion.catalog import ItemCatalog
 from services.ingestion.config import IngestionSettings
@@ -46,12 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     runtime.require("kafka", tcp_probe(settings.kafka_servers))
     runtime.require("mongo", mongo_probe(mongo))
     runtime.on_shutdown(mongo.close)
+    # Both roles need the key: the API pseudonymizes, the archiver checks the suppression list.
+    try:
+        secret = settings.effective_pseudonym_secret()
+    except ValueError as exc:
+        log.error("refusing to start", extra={"error": str(exc)})
+        return 2
+    refs = UserRefs(secret)
     if settings.runs_api:
-        try:
-            secret = settings.effective_pseudonym_secret()
-        except ValueError as exc:
-            log.error("refusing to start", extra={"error": str(exc)})
-            return 2
         if not settings.pseudonym_secret:
             log.warning(
                 "STYLEREC_PSEUDONYM_SECRET is not set: using the PUBLIC dev key; user ids are NOT protected. "
@@ -67,11 +73,12 @@ def main(argv: list[str] | None = None) -> int:
         runtime.on_shutdown(publisher.close)
         catalog = ItemCatalog(settings, db, publisher)
         runtime.on_shutdown(catalog.close)
+        pseudonymize = Pseudonymizer(secret)
         intake = EventIntake(
             settings,
             publisher,
             DedupStore(r, settings.dedup_window_s, settings.dedup_pending_s),
-            Pseudonymizer(secret),
+            pseudonymize,
         )
         runtime.add_service(
             "stylerec.v1.IngestionService",
@@ -83,8 +90,26 @@ def main(argv: list[str] | None = None) -> int:
                 CallerRateLimiter(settings.ingest_rate_limit_eps, settings.ingest_rate_limit_burst),
             ),
         )
+        forgetter = UserForgetter(
+            db,
+            r,
+            lambda: ProtoProducer(
+                settings.kafka_servers, client_id="ingestion-admin", security=kafka_security(settings)
+            ),
+            pseudonymize,
+            refs,
+            AuditLog(db, settings.service_name),
+            settings.events_collection,
+            settings.publish_timeout_s,
+        )
+        runtime.on_shutdown(forgetter.close)
+        runtime.add_service(
+            "stylerec.v1.AdminService",
+            admin_pb2_grpc.add_AdminServiceServicer_to_server,
+            AdminServicer(forgetter, settings.max_id_length),
+        )
     if settings.runs_archiver:
-        archiver = ArchiverRunner(settings, db).start()
+        archiver = ArchiverRunner(settings, db, refs).start()
         runtime.require("archiver", lambda: archiver.running)
         # Registered last so it runs first on shutdown: stop consuming (and commit) before closing clients.
         runtime.on_shutdown(archiver.stop)

@@ -6,7 +6,10 @@ the handler returned. A crash (even SIGKILL) between the bulk write and the
 commit replays the batch; the write is an upsert keyed by event id, so the
 replay rewrites the same documents and MongoDB ends with every event exactly
 once. Records that do not decode, or that are not a pseudonymized event, go
-to ``dlq-ingestion`` with the reason and are committed like the rest.
+to ``dlq-ingestion`` with the reason (and without any raw user id they may hold,
+libs/common/privacy.py) and are committed like the rest. Events of users on the
+suppression list (AdminService.ForgetUser) are dropped, so an event still in
+flight when its user was forgotten never reaches the archive again.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from stylerec.v1 import common_pb2
 
 from libs.common.kafka import Decoded, ProtoConsumerLoop, ProtoProducer, kafka_security
 from libs.common.metrics import STORE_ERRORS
+from libs.common.privacy import ForgottenUsers, UserRefs, redact_user_event
 from libs.common.stores import with_retries
 from services.ingestion import metrics
 from services.ingestion.config import IngestionSettings
@@ -66,10 +70,18 @@ def event_document(event: common_pb2.Event) -> dict[str, Any]:
 class EventArchiver:
     """Batch handler: one unordered bulk of upserts per polled batch."""
 
-    def __init__(self, db: Database, collection: str) -> None:
+    def __init__(self, db: Database, collection: str, forgotten: ForgottenUsers | None = None) -> None:
         self.collection = db[collection]
+        self.forgotten = forgotten
 
     def __call__(self, batch: list[Decoded[common_pb2.Event]]) -> None:
+        if self.forgotten is not None:
+            # One query per batch; if it fails the batch is retried, never archived unchecked.
+            gone = self.forgotten.forgotten_among(d.message.user_id for d in batch)
+            if gone:
+                batch = [d for d in batch if d.message.user_id not in gone]
+                if not batch:
+                    return
         # Later records of the same id win within a batch; upserts make order irrelevant across batches.
         docs = {d.message.event_id: event_document(d.message) for d in batch}
         ops = [UpdateOne({"_id": eid}, {"$set": doc}, upsert=True) for eid, doc in docs.items()]
@@ -108,9 +120,10 @@ class ArchiverRunner:
     """Starts the consumer loop once the broker answers (retrying in the background), so an
     ingestion process started before Kafka still comes up; stops it on shutdown."""
 
-    def __init__(self, settings: IngestionSettings, db: Database) -> None:
+    def __init__(self, settings: IngestionSettings, db: Database, refs: UserRefs | None = None) -> None:
         self.settings = settings
         self.db = db
+        self.forgotten = ForgottenUsers(db, refs) if refs is not None else None
         self.loop: ProtoConsumerLoop[common_pb2.Event] | None = None
         self.producer: ProtoProducer | None = None
         self._stop = threading.Event()
@@ -132,13 +145,14 @@ class ArchiverRunner:
                     group_id=s.archiver_group,
                     topics=[s.events_topic],
                     message_type=common_pb2.Event,
-                    handle=EventArchiver(self.db, s.events_collection),
+                    handle=EventArchiver(self.db, s.events_collection, self.forgotten),
                     producer=self.producer,
                     service="ingestion",
                     max_poll_records=s.archiver_max_poll_records,
                     max_poll_interval_ms=s.kafka_max_poll_interval_ms,
                     session_timeout_ms=s.kafka_session_timeout_ms,
                     validate=archived_problem,
+                    redact=redact_user_event,
                     security=kafka_security(s),
                 ).start()
                 log.info("archiver started", extra={"group": s.archiver_group, "topic": s.events_topic})

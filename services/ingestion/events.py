@@ -63,6 +63,42 @@ def deterministic_event_id(event: common_pb2.Event, pseudonym: str) -> str:
     return "e_" + hashlib.sha256(raw.encode()).hexdigest()[:32]
 
 
+def mentions(value: str, raw: str) -> bool:
+    """Whether ``raw`` occurs in ``value`` as a whole token (not inside a longer id or number)."""
+    start = value.find(raw)
+    while start != -1:
+        end = start + len(raw)
+        before = value[start - 1] if start else ""
+        after = value[end] if end < len(value) else ""
+        if not before.isalnum() and not after.isalnum():
+            return True
+        start = value.find(raw, start + 1)
+    return False
+
+
+def scrub_user_mentions(event: common_pb2.Event, raw: str, pseudonym: str) -> None:
+    """Replace an event id or context field that quotes the raw user id (``order-<email>-7``).
+
+    Those fields are stored and published as given, so they would carry the raw id past the
+    edge. The replacement is a hash over the pseudonym and the original value: deterministic
+    (a retry is still deduplicated) and not reversible without the pseudonymization key.
+    """
+
+    def scrub(value: str, prefix: str) -> str:
+        digest = hashlib.sha256(f"{pseudonym}|{value}".encode()).hexdigest()[:32]
+        return f"{prefix}{digest}"
+
+    if event.event_id and mentions(event.event_id, raw):
+        event.event_id = scrub(event.event_id, "e_")
+    ctx = event.context
+    if ctx.session_id and mentions(ctx.session_id, raw):
+        ctx.session_id = scrub(ctx.session_id, "s_")
+    if ctx.device and mentions(ctx.device, raw):
+        ctx.device = scrub(ctx.device, "d_")
+    if ctx.page and mentions(ctx.page, raw):
+        ctx.page = scrub(ctx.page, "p_")
+
+
 @dataclass
 class Prepared:
     response: ingestion_pb2.IngestEventsResponse
@@ -134,8 +170,9 @@ class EventIntake:
             pseudonym = pseudonyms.get(raw)
             if pseudonym is None:
                 pseudonym = pseudonyms[raw] = self.pseudonymize(raw)
-            # Replace the raw id in place: nothing below this line sees it.
+            # Replace the raw id in place (and any field quoting it): nothing below this line sees it.
             event.user_id = pseudonym
+            scrub_user_mentions(event, raw, pseudonym)
             if not event.event_id:
                 event.event_id = deterministic_event_id(event, pseudonym)
             if event.event_id in seen:

@@ -19,9 +19,11 @@ from typing import Any
 
 from stylerec.v1 import common_pb2, scoring_pb2_grpc
 
+from libs.common.audit import AuditLog
 from libs.common.kafka import USER_EVENTS, ProtoConsumerLoop, ProtoProducer, kafka_security
 from libs.common.logging import configure_logging
 from libs.common.metrics import start_metrics_server
+from libs.common.privacy import UserRefs, redact_user_event
 from libs.common.server import ServiceRuntime, mongo_probe, redis_probe, tcp_probe
 from libs.common.stores import make_mongo, make_redis, mongo_credentials, redis_credentials
 from services.scoring import metrics
@@ -36,6 +38,7 @@ from services.scoring.consumer import (
     event_problem,
 )
 from services.scoring.foldin import ModelHolder, Recommender
+from services.scoring.forget import ForgetListener, ForgottenFilter, skip_forgotten
 from services.scoring.interactions import InteractionState
 from services.scoring.registry import ModelRegistry
 from services.scoring.server import ScoringServicer
@@ -102,6 +105,12 @@ def run_trainer(settings: ScoringSettings, once: bool, algorithm: str) -> int:
 
 
 def run_serving(settings: ScoringSettings) -> None:
+    try:
+        # The key of the forgotten-users list (user references are keyed hashes of pseudonyms).
+        refs = UserRefs(settings.effective_pseudonym_secret())
+    except ValueError as exc:
+        log.error("refusing to start", extra={"error": str(exc)})
+        sys.exit(2)
     runtime = ServiceRuntime(settings)
     r = make_redis(settings.redis_url, settings.store_timeout_s, settings.store_retries, **redis_credentials(settings))
     mongo = make_mongo(settings.mongo_uri, settings.store_timeout_s, **mongo_credentials(settings))
@@ -114,6 +123,8 @@ def run_serving(settings: ScoringSettings) -> None:
     runtime.require("state", ready.is_set)
 
     state = InteractionState(settings.event_weights(), settings.half_life_days * 86400)
+    forgotten = ForgottenFilter(refs)
+    state.exclude = forgotten
     holder = ModelHolder()
     categories = CategoryCache(db, settings.items_collection)
     engine = Recommender(state, holder, settings.new_item_slots, categories, categories.newest)
@@ -131,7 +142,7 @@ def run_serving(settings: ScoringSettings) -> None:
         group_id=settings.consumer_group,
         topics=[USER_EVENTS],
         message_type=common_pb2.Event,
-        handle=applier,
+        handle=skip_forgotten(applier, forgotten),
         producer=producer,
         service="scoring",
         max_poll_interval_ms=settings.kafka_max_poll_interval_ms,
@@ -139,6 +150,7 @@ def run_serving(settings: ScoringSettings) -> None:
         validate=event_problem,
         fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
         security=kafka_security(settings),
+        redact=redact_user_event,
     )
     ownership = Ownership(consumer.assignment, state, publisher)
     registry = ModelRegistry(db, settings.models_collection)
@@ -146,12 +158,26 @@ def run_serving(settings: ScoringSettings) -> None:
     trainer = Trainer(settings, db, registry, producer, r, on_published=updates.install)
     scheduler = TrainScheduler(settings, trainer, lambda: applier.applied, holder.age_s)
     archive_sync = ArchiveSync(settings, db, state, publisher, categories)
-    servicer = ScoringServicer(engine, holder, trainer, settings.replica_name, ownership.partitions)
+    forget_listener = ForgetListener(
+        settings.kafka_servers,
+        settings.replica_name,
+        db,
+        r,
+        state,
+        forgotten,
+        on_forgotten=lambda: publisher.popularity(force=True),
+        security=kafka_security(settings),
+    )
+    servicer = ScoringServicer(
+        engine, holder, trainer, settings.replica_name, ownership.partitions, AuditLog(db, settings.service_name)
+    )
     runtime.add_service("stylerec.v1.ScoringService", scoring_pb2_grpc.add_ScoringServiceServicer_to_server, servicer)
 
     def bootstrap() -> None:
         """Archive → state, newest model (or a first training), then start consuming."""
         try:
+            # The suppression list first: no forgotten user's event may enter the state.
+            forget_listener.load()
             n = state.apply_all(archive_events(db, settings.events_collection))
             metrics.EVENTS_APPLIED.labels("archive", "new").inc(n)
             categories.refresh()
@@ -166,6 +192,7 @@ def run_serving(settings: ScoringSettings) -> None:
             archive_sync.full_needed = True
             log.exception("bootstrap from the archive failed; the archive sync will retry a full read")
         publisher.start()
+        forget_listener.start()
         consumer.start()
         updates.start()
         archive_sync.start()
@@ -176,6 +203,7 @@ def run_serving(settings: ScoringSettings) -> None:
     runtime.on_shutdown(mongo.close)
     runtime.on_shutdown(producer.close)
     runtime.on_shutdown(consumer.stop)
+    runtime.on_shutdown(forget_listener.stop)
     runtime.on_shutdown(updates.stop)
     runtime.on_shutdown(archive_sync.stop)
     runtime.on_shutdown(ownership.stop)

@@ -48,6 +48,10 @@ def event_problem(event: common_pb2.Event) -> str | None:
         return "event_id is required"
     if not event.user_id:
         return "user_id is required"
+    if not event.user_id.startswith("u_"):
+        # The topic carries pseudonyms only (the archiver checks their exact form); anything
+        # else may be a raw id, which must not become a Redis key.
+        return "user_id is not a pseudonym"
     if not event.item_id:
         return "item_id is required"
     if event.type not in KNOWN_TYPES:

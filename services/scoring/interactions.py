@@ -16,7 +16,7 @@ import math
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,8 +47,11 @@ class InteractionState:
         self._user_items: dict[str, dict[str, float]] = defaultdict(dict)
         self._item_score: dict[str, float] = defaultdict(float)
         self._item_last_ts: dict[str, float] = {}
+        self._user_events: dict[str, int] = defaultdict(int)
         self.watermark = 0.0  # newest event timestamp applied
         self.events = 0
+        # Users whose events are never applied (the suppression list of forgotten users).
+        self.exclude: Callable[[str], bool] | None = None
 
     # ---------- writing ----------
     def _growth(self, ts: float) -> float:
@@ -56,6 +59,8 @@ class InteractionState:
 
     def apply(self, ev: EventRecord) -> bool:
         """Add one event; False when its id was already applied (replays, archive + Kafka overlap)."""
+        if self.exclude is not None and self.exclude(ev.user_id):
+            return False
         w = self.weights.get(ev.type, 0.0) * self._growth(ev.ts)
         with self._lock:
             if ev.event_id in self._applied:
@@ -68,9 +73,33 @@ class InteractionState:
             items[ev.item_id] = items.get(ev.item_id, 0.0) + w
             self._item_score[ev.item_id] += w
             self._item_last_ts[ev.item_id] = max(ev.ts, self._item_last_ts.get(ev.item_id, 0.0))
+            self._user_events[ev.user_id] += 1
             self.watermark = max(self.watermark, ev.ts)
             self.events += 1
             return True
+
+    def forget(self, user: str) -> int:
+        """Drop a user's row and take their weight out of item popularity; returns their event count.
+
+        An item only this user touched leaves the state entirely (its score would otherwise be a
+        rounding residue). Event ids stay in the applied set: they carry no user, and keeping them
+        makes a replayed event of the user a duplicate even before the suppression list is loaded.
+        """
+        with self._lock:
+            items = self._user_items.pop(user, None)
+            n = self._user_events.pop(user, 0)
+            if items is None:
+                return 0
+            for item, w in items.items():
+                old = self._item_score.get(item, 0.0)
+                left = old - w
+                if left <= old * 1e-9:
+                    self._item_score.pop(item, None)
+                    self._item_last_ts.pop(item, None)
+                else:
+                    self._item_score[item] = left
+            self.events -= n
+            return n
 
     def apply_all(self, events: Iterable[EventRecord]) -> int:
         return sum(1 for ev in events if self.apply(ev))

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import grpc
 from stylerec.v1 import scoring_pb2, scoring_pb2_grpc
 
+from libs.common.audit import AuditLog
 from libs.common.errors import abort_invalid
 from services.scoring.foldin import ModelHolder, Recommender
 from services.scoring.models import ALGORITHMS
@@ -19,6 +20,7 @@ from services.scoring.trainer import Trainer, TrainingError
 MAX_K = 1000
 MAX_ITEMS = 1000
 MAX_ID = 512
+TRAIN_ACTION = "stylerec.v1.ScoringService/Train"
 
 
 def _check_id(name: str, value: str, violations: list[tuple[str, str]], required: bool = True) -> None:
@@ -42,12 +44,14 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
         trainer: Trainer | None,
         replica: str,
         partitions: Callable[[], list[int]],
+        audit: AuditLog | None = None,
     ) -> None:
         self.engine = engine
         self.holder = holder
         self.trainer = trainer
         self.replica = replica
         self.partitions = partitions
+        self.audit = audit or AuditLog(None, "scoring")
 
     def TopN(self, request: scoring_pb2.TopNRequest, context: grpc.ServicerContext) -> scoring_pb2.TopNResponse:
         v: list[tuple[str, str]] = []
@@ -117,20 +121,28 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
             )
         if self.trainer is None:
             abort_invalid(context, "this replica does not train", [], grpc.StatusCode.FAILED_PRECONDITION)
+        algorithm = request.algorithm or "default"
         if not request.wait:
             started = self.trainer.train_in_background(request.algorithm, "rpc")
-            return scoring_pb2.TrainResponse(
-                model_version=self.holder.version, status="started" if started else "already-running"
-            )
+            status = "started" if started else "already-running"
+            self.audit.record(TRAIN_ACTION, "ok", target=algorithm, details={"status": status, "wait": False})
+            return scoring_pb2.TrainResponse(model_version=self.holder.version, status=status)
         try:
             sm = self.trainer.train(request.algorithm, "rpc")
         except TrainingError as exc:
+            self.audit.record(TRAIN_ACTION, "error", target=algorithm, details={"error": str(exc)[:300], "wait": True})
             abort_invalid(
                 context,
                 f"training failed, serving keeps {self.holder.version}: {exc}",
                 [("training", str(exc))],
                 grpc.StatusCode.FAILED_PRECONDITION,
             )
+        self.audit.record(
+            TRAIN_ACTION,
+            "ok",
+            target=algorithm,
+            details={"status": "published", "model_version": sm.version, "users": sm.users, "wait": True},
+        )
         return scoring_pb2.TrainResponse(model_version=sm.version, status="published", metrics=sm.metrics)
 
     def ModelInfo(

@@ -21,9 +21,11 @@ from stylerec.v1 import scoring_pb2
 
 from libs.common import keys
 from libs.common.kafka import MODEL_UPDATES, ProtoProducer
+from libs.common.privacy import UserRefs
 from libs.common.stores import with_retries
 from services.scoring import metrics
 from services.scoring.config import ScoringSettings
+from services.scoring.forget import load_filter
 from services.scoring.interactions import EventRecord, InteractionState
 from services.scoring.models import make_model
 from services.scoring.registry import ModelRegistry, ServingModel, new_version
@@ -48,6 +50,13 @@ def archive_events(db: Database, collection: str, since_ts: float | None = None)
 
 def state_from_archive(settings: ScoringSettings, db: Database) -> InteractionState:
     state = InteractionState(settings.event_weights(), settings.half_life_days * 86400)
+    # Forgotten users are deleted from the archive; the filter also covers events archived
+    # by a replay racing with the deletion.
+    try:
+        refs = UserRefs(settings.effective_pseudonym_secret())
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from exc
+    state.exclude = load_filter(db, refs)
     n = state.apply_all(archive_events(db, settings.events_collection))
     metrics.EVENTS_APPLIED.labels("archive", "new").inc(n)
     return state

@@ -41,6 +41,7 @@ from stylerec.v1 import common_pb2, style_pb2
 
 from libs.common import keys
 from libs.common.kafka import Decoded, ProtoProducer, now_timestamp
+from libs.common.privacy import ForgottenUsers, UserRefs
 from services.style_worker.config import StyleWorkerSettings
 from services.style_worker.engine import StyleEngine, StylizeRequest, l2_normalize
 from services.style_worker.images import ImageRejected, check_encoded_size, encode
@@ -141,6 +142,17 @@ class StyleJobProcessor:
         self.redis = r
         self.producer = producer
         self._attempts: dict[tuple[str, int, int], int] = {}
+        try:
+            # A job queued before its user was forgotten must not write their name back.
+            self.forgotten: ForgottenUsers | None = ForgottenUsers(db, UserRefs(settings.effective_pseudonym_secret()))
+        except ValueError:
+            self.forgotten = None
+
+    def _requester(self, job: style_pb2.StyleJob) -> str:
+        """The pseudonym to record on the stylized image, or "" (none, or forgotten since)."""
+        if not job.user_id or self.forgotten is None:
+            return job.user_id
+        return "" if self.forgotten.forgotten_among([job.user_id]) else job.user_id
 
     # ------------------------------------------------------------------ item-updates
     def handle_item_updates(self, batch: list[Decoded[common_pb2.ItemUpdate]]) -> None:
@@ -395,8 +407,9 @@ class StyleJobProcessor:
         job = d.message
         ref_key = keys.stylized(job.content_item_id, job.style_item_id)
         self.redis.set(ref_key, str(file_id), ex=self.settings.stylized_ttl_s)
-        if job.user_id:
-            self.db.stylized.update_one({"_id": doc["_id"]}, {"$addToSet": {"users": job.user_id}})
+        requester = self._requester(job)
+        if requester:
+            self.db.stylized.update_one({"_id": doc["_id"]}, {"$addToSet": {"users": requester}})
         if not doc.get("result_sent"):
             result = self._result(d, str(file_id), 0.0)
             self.producer.send(self.settings.results_topic, job.content_item_id, result).get(timeout=10)
@@ -475,8 +488,9 @@ class StyleJobProcessor:
                 "result_sent": False,
             }
         }
-        if job.user_id:
-            update["$addToSet"] = {"users": job.user_id}
+        requester = self._requester(job)
+        if requester:
+            update["$addToSet"] = {"users": requester}
         self.db.stylized.update_one({"_id": pair}, update, upsert=True)
         self.redis.set(keys.stylized(s.content_id, s.style_id), str(s.file_id), ex=self.settings.stylized_ttl_s)
         latency = time.perf_counter() - s.started

@@ -1,0 +1,115 @@
+"""Privacy helpers shared by ingestion, scoring and the style worker.
+
+* :class:`UserRefs` turns a pseudonym into a *user reference*: a second keyed hash,
+  under a key derived from the pseudonymization secret. The suppression list of
+  forgotten users, the ``user-forget`` commands and the audit log name users only
+  by it, so none of them links back to the pseudonymous events that stay in Kafka
+  until retention, and none can be reversed without the secret.
+* :class:`ForgottenUsers` is that suppression list (MongoDB ``forgotten``): every
+  consumer that could bring a forgotten user back (archiver, scoring replay and
+  rebuild, training, style worker) filters on it.
+* :func:`redact_user_event` is what a ``user-events`` consumer puts on its
+  dead-letter topic: the contract says the topic carries pseudonyms only, so a record
+  that breaks it may hold a raw id, and the dead-letter copy must not repeat it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from google.protobuf.message import DecodeError
+from kafka.consumer.fetcher import ConsumerRecord
+from pymongo.database import Database
+from pymongo.errors import DuplicateKeyError
+from stylerec.v1 import common_pb2
+
+from libs.common.stores import with_retries
+
+PSEUDONYM_RE = re.compile(r"^u_[0-9a-f]{32}$")
+USER_REF_RE = re.compile(r"^r_[0-9a-f]{32}$")
+FORGOTTEN_COLLECTION = "forgotten"
+REDACTED = "<redacted>"
+
+
+def is_pseudonym(value: str) -> bool:
+    return bool(PSEUDONYM_RE.match(value))
+
+
+class UserRefs:
+    """pseudonym → ``r_<32 hex>``; the key is derived from the pseudonymization secret, so every
+    service holding that secret computes the same reference and nobody else can."""
+
+    def __init__(self, secret: str) -> None:
+        if not secret:
+            raise ValueError("pseudonymization secret must not be empty")
+        self._key = hmac.new(secret.encode(), b"stylerec/user-ref/v1", hashlib.sha256).digest()
+
+    def __call__(self, pseudonym: str) -> str:
+        return "r_" + hmac.new(self._key, pseudonym.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+class ForgottenUsers:
+    """The suppression list: ``forgotten`` documents ``{_id: user_ref, forgotten_at}``.
+
+    Lookups are by reference, one ``$in`` query per batch, so a consumer never needs
+    the whole list in memory and a user forgotten a moment ago is already filtered.
+    """
+
+    def __init__(self, db: Database, refs: UserRefs, collection: str = FORGOTTEN_COLLECTION) -> None:
+        self.collection = db[collection]
+        self.refs = refs
+
+    def add(self, ref: str) -> bool:
+        """Put ``ref`` on the list; False when it was there already."""
+        try:
+            with_retries(lambda: self.collection.insert_one({"_id": ref, "forgotten_at": time.time()}))
+        except DuplicateKeyError:
+            return False
+        return True
+
+    def all_refs(self) -> set[str]:
+        docs: list[dict[str, Any]] = with_retries(lambda: list(self.collection.find({}, {"_id": 1})))
+        return {str(d["_id"]) for d in docs}
+
+    def forgotten_among(self, pseudonyms: Iterable[str]) -> set[str]:
+        """The pseudonyms of ``pseudonyms`` that are on the list (one query)."""
+        by_ref = {self.refs(p): p for p in set(pseudonyms)}
+        if not by_ref:
+            return set()
+        refs = list(by_ref)
+        docs: list[dict[str, Any]] = with_retries(
+            lambda: list(self.collection.find({"_id": {"$in": refs}}, {"_id": 1}))
+        )
+        return {by_ref[str(d["_id"])] for d in docs if str(d["_id"]) in by_ref}
+
+
+def redact_user_event(record: ConsumerRecord, reason: str) -> tuple[bytes, bytes, str]:
+    """(key, value, reason) to dead-letter for a ``user-events`` record.
+
+    A key that is not a pseudonym is dropped; a decodable event keeps every field but a
+    non-pseudonym ``user_id``; bytes that do not decode are withheld (only their size and
+    a SHA-256 prefix remain, enough to match them against the producer's own logs).
+    """
+    key = record.key or b""
+    try:
+        safe_key = key if is_pseudonym(key.decode()) else b""
+    except UnicodeDecodeError:
+        safe_key = b""
+    value = record.value or b""
+    event = common_pb2.Event()
+    try:
+        event.ParseFromString(value)
+    except (DecodeError, ValueError, RuntimeError):
+        digest = hashlib.sha256(value).hexdigest()[:16]
+        return safe_key, b"", f"{reason} (value withheld: {len(value)} bytes, sha256 {digest})"
+    # Unknown fields are bytes nobody can vouch for: they do not travel on.
+    event.DiscardUnknownFields()
+    if event.user_id and not is_pseudonym(event.user_id):
+        event.user_id = REDACTED
+        reason = f"{reason} (user_id redacted)"
+    return safe_key, event.SerializeToString(), reason
