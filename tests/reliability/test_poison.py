@@ -12,12 +12,13 @@ ProtoConsumerLoop / KafkaConsumer in services/):
 | item-updates   | style worker (``style-worker-items``)     | ``dlq-style-worker``                  |
 | item-updates   | gateway item-cache invalidation           | skipped, counted ``outcome="skipped"``|
 | model-updates  | every scoring replica, no group           | skipped, logged                       |
+| user-forget    | every scoring replica, no group           | skipped, logged                       |
 
-The last two are by design not dead-lettered: the gateway's copy of ``item-updates`` is a
-cache hint (the style worker already parks the same record), and ``model-updates`` is read
-by every replica without a group, so N replicas would write N copies of each dead letter.
-(``style-results`` has no consumer in the services; ``user-forget`` was being added by
-another change while this was written and is not covered here.)
+The last three are by design not dead-lettered: the gateway's copy of ``item-updates`` is a
+cache hint (the style worker already parks the same record), and ``model-updates`` and
+``user-forget`` are read by every replica without a group, so N replicas would write N
+copies of each dead letter; for those the test counts the warning in the JSON log instead.
+(``style-results`` has no consumer in the services.)
 
 Each poison record is located by (topic, partition, offset) from the producer's ack; the
 dead letters are matched on ``source_topic``/``partition``/``offset`` (the key and value of a
@@ -38,11 +39,12 @@ import gridfs
 import pytest
 import redis
 from pymongo import MongoClient
-from stylerec.v1 import common_pb2, scoring_pb2, style_pb2
+from stylerec.v1 import admin_pb2, common_pb2, scoring_pb2, style_pb2
 
 from cli.stack import SERVICES, Stack
 from libs.common import keys
-from libs.common.kafka import ITEM_UPDATES, MODEL_UPDATES, STYLE_JOBS, USER_EVENTS, ProtoProducer
+from libs.common.kafka import ITEM_UPDATES, MODEL_UPDATES, STYLE_JOBS, USER_EVENTS, USER_FORGET, ProtoProducer
+from libs.common.privacy import UserRefs
 from tests.reliability.faults import UNDECODABLE, dead_letters, metric, private_stack, scrape, tail, wait_for
 from tests.style_worker.conftest import encoded, photo
 
@@ -50,12 +52,17 @@ pytestmark = pytest.mark.integration
 
 CONSUMED = "stylerec_kafka_messages_consumed_total"
 N_EVENTS = 20
+SECRET = "test-secret-poison"
 
 
 @pytest.fixture(scope="module")
 def full_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     with private_stack(tmp_path_factory.mktemp("poison")) as stack:
-        stack.env_overrides = {"STYLEREC_HEALTH_INTERVAL_S": "0.5", "STYLEREC_MAX_OUTPUT_SIDE": "256"}
+        stack.env_overrides = {
+            "STYLEREC_HEALTH_INTERVAL_S": "0.5",
+            "STYLEREC_MAX_OUTPUT_SIDE": "256",
+            "STYLEREC_PSEUDONYM_SECRET": SECRET,
+        }
         stack.start_services(SERVICES, timeout_s=180)
         yield stack
 
@@ -169,6 +176,13 @@ def test_poison_on_every_consumed_topic(full_stack: Stack) -> None:
         f"{tag}-{i}" for i in range(N_EVENTS)
     }
     wait_for(lambda: delta("scoring", "scoring", USER_EVENTS, "ok") >= N_EVENTS, 60, "scoring applied the events")
+    # user-forget: a poison command, then a valid one for a user scoring now holds.
+    send_poison("forget-undecodable", USER_FORGET, "f1", UNDECODABLE)
+    ref = UserRefs(SECRET)(f"u_{4:032x}")
+    producer.send_and_wait(USER_FORGET, ref, admin_pb2.ForgetCommand(user_ref=ref, audit_id=f"poison-{t}"))
+    wait_for(
+        lambda: log_lines(full_stack, "scoring", ref) >= 1, 60, "scoring applied the forget command after the poison"
+    )
     wait_for(lambda: all(r.exists(keys.item_embedding(i)) for i in embed_items), 90, "embeddings after the poison")
     wait_for(lambda: not r.exists(keys.item_embedding(gone)), 60, "style worker applied the delete after the poison")
     wait_for(lambda: not r.exists(keys.item_meta(gone)), 60, "gateway invalidated after the poison")
@@ -216,11 +230,14 @@ def test_poison_on_every_consumed_topic(full_stack: Stack) -> None:
     assert delta("gateway", "gateway-item-cache", ITEM_UPDATES, "ok") == 2
     assert log_lines(full_stack, "scoring", "undecodable model-updates") == 1
     assert log_lines(full_stack, "scoring", f"after-poison-{t}") == 1
+    assert log_lines(full_stack, "scoring", "undecodable user-forget") == 1
+    forgotten = [line for line in Path(full_stack.components["scoring"].log).read_text().splitlines() if ref in line]
+    assert len(forgotten) == 1 and "user forgotten" in forgotten[0], forgotten
     for service in SERVICES:
         assert full_stack.component_healthy(service), f"{service} is not SERVING after the poison"
     print(
-        f"\npoison: {len(poison)} poison records on 4 topics, 8 dead letters matched; "
-        f"{N_EVENTS} events, 2 jobs, 1 item update, 1 model update processed after them"
+        f"\npoison: {len(poison)} poison records on 5 topics, 8 dead letters matched; "
+        f"{N_EVENTS} events, 2 jobs, 1 item update, 1 model update, 1 forget command processed after them"
     )
 
     producer.close()
