@@ -44,12 +44,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ingestion: invalid configuration:\n{exc}", file=sys.stderr)
         return 2
     configure_logging(settings.service_name, settings.log_level)
-    runtime = ServiceRuntime(settings)
-    mongo = make_mongo(settings.mongo_uri, settings.store_timeout_s, **mongo_credentials(settings))
-    db = mongo[settings.mongo_db]
-    runtime.require("kafka", tcp_probe(settings.kafka_servers))
-    runtime.require("mongo", mongo_probe(mongo))
-    runtime.on_shutdown(mongo.close)
     # Both roles need the key: the API pseudonymizes, the archiver checks the suppression list.
     try:
         secret = settings.effective_pseudonym_secret()
@@ -57,6 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         log.error("refusing to start", extra={"error": str(exc)})
         return 2
     refs = UserRefs(secret)
+    runtime = ServiceRuntime(settings)
+    mongo = make_mongo(settings.mongo_uri, settings.store_timeout_s, **mongo_credentials(settings))
+    db = mongo[settings.mongo_db]
+    runtime.require("kafka", tcp_probe(settings.kafka_servers))
+    runtime.require("mongo", mongo_probe(mongo))
+    runtime.on_shutdown(mongo.close)
     if settings.runs_api:
         if not settings.pseudonym_secret:
             log.warning(
