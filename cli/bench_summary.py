@@ -336,6 +336,14 @@ SOURCES: list[tuple[str, str, Callable[[dict[str, Any]], list[Row]], str]] = [
 ]
 
 
+def display(path: Path) -> str:
+    """Repository-relative when inside the repository, so the table reads the same on every clone."""
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def build_summary(bench_dir: Path, soak_json: Path | None) -> dict[str, Any]:
     rows: list[Row] = []
     inputs: dict[str, Any] = {}
@@ -344,14 +352,14 @@ def build_summary(bench_dir: Path, soak_json: Path | None) -> dict[str, Any]:
         sources.append(("load soak", soak_json, lambda d: load_rows(d, "load soak"), "make load", False))
     for name, path, fn, cmd, required in sources:
         if not path.exists():
-            inputs[name] = {"path": str(path), "present": False, "produced_by": cmd, "required": required}
+            inputs[name] = {"path": display(path), "present": False, "produced_by": cmd, "required": required}
             rows.append(Row(name, f"all ({path.name} not found: run `{cmd}`)"))
             continue
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             inputs[name] = {
-                "path": str(path),
+                "path": display(path),
                 "present": False,
                 "error": str(exc),
                 "produced_by": cmd,
@@ -360,8 +368,9 @@ def build_summary(bench_dir: Path, soak_json: Path | None) -> dict[str, Any]:
             rows.append(Row(name, f"all ({path.name} is not valid JSON: {exc})"))
             continue
         inputs[name] = {
-            "path": str(path),
+            "path": display(path),
             "present": True,
+            "other_processes_mean_cores": dig(data, "shared_machine", "mean_cores_used_by_other_processes"),
             "written_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(path.stat().st_mtime)),
             "quick": bool(data.get("quick", False)),
             "produced_by": cmd,
@@ -400,7 +409,7 @@ def markdown(summary: dict[str, Any]) -> str:
         "# Benchmark summary",
         "",
         f"Machine: {m['cpu_model']}, {m['cores']} cores, {m['ram_gib']} GiB RAM; {m['platform']}; "
-        f"summary written {m['date_utc']} at commit {m['git_commit']}.",
+        f"summary written {m['date_utc']} at commit {m['git_commit']} (load average {m['load_avg_1m']}).",
         "",
         "| benchmark | metric | value | baseline | ratio | goal | met? |",
         "|---|---|---|---|---|---|---|",
@@ -415,7 +424,9 @@ def markdown(summary: dict[str, Any]) -> str:
     for name, info in summary["inputs"].items():
         if info["present"]:
             quick = " (--quick)" if info.get("quick") else ""
-            lines.append(f"- {name}: `{info['path']}`, written {info['written_utc']}{quick}")
+            other = info.get("other_processes_mean_cores")
+            shared = f"; other processes used {other} cores on average meanwhile" if other is not None else ""
+            lines.append(f"- {name}: `{info['path']}`, written {info['written_utc']}{quick}{shared}")
         else:
             lines.append(f"- {name}: **missing** (`{info['path']}`; run `{info['produced_by']}`)")
     if summary["missing"]:
