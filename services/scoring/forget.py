@@ -36,6 +36,7 @@ from libs.common.privacy import ForgottenUsers, UserRefs
 from services.scoring.interactions import InteractionState
 
 log = logging.getLogger(__name__)
+SECOND_PASS_S = 5.0
 
 
 class ForgottenFilter:
@@ -110,6 +111,9 @@ class ForgetListener:
         self.refresh_s = refresh_s
         self.applied = 0
         self._refreshed_at = 0.0
+        # (due, user): keys deleted once more a little later, in case a rewrite of this user
+        # that started before the command (an event already in the batch) finished after it.
+        self._second_pass: list[tuple[float, str]] = []
         self._consumer: KafkaConsumer | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="user-forget", daemon=True)
@@ -130,6 +134,7 @@ class ForgetListener:
                 events = self.state.forget(user)
                 # The admin call deletes these too; a replica may have rewritten them since.
                 self.redis.delete(*keys.per_user(user))
+                self._second_pass.append((time.monotonic() + SECOND_PASS_S, user))
                 dropped += 1
                 log.info("user forgotten", extra={"user_ref": ref, "events": events})
         self.applied += len(new)
@@ -181,6 +186,20 @@ class ForgetListener:
                 log.exception("applying a forget command failed; the stored list is re-read")
                 self._stop.wait(1.0)
             self._maybe_refresh()
+            self._run_second_pass()
+
+    def _run_second_pass(self) -> None:
+        now = time.monotonic()
+        due = [u for t, u in self._second_pass if t <= now]
+        if not due:
+            return
+        try:
+            for user in due:
+                self.redis.delete(*keys.per_user(user))
+        except redis.RedisError:
+            log.warning("second deletion of a forgotten user's keys failed; retrying", exc_info=True)
+            return
+        self._second_pass = [(t, u) for t, u in self._second_pass if t > now]
 
     def _maybe_refresh(self) -> None:
         now = time.monotonic()
