@@ -122,7 +122,9 @@ def run_serving(settings: ScoringSettings) -> None:
     ready = threading.Event()
     runtime.require("state", ready.is_set)
 
-    state = InteractionState(settings.event_weights(), settings.half_life_days * 86400)
+    # Applied ids are kept at least as long as the archive sync can read their events again.
+    id_window_s = settings.archive_slack_s + settings.archive_sync_s + 60.0
+    state = InteractionState(settings.event_weights(), settings.half_life_days * 86400, id_window_s=id_window_s)
     forgotten = ForgottenFilter(refs)
     state.exclude = forgotten
     holder = ModelHolder()

@@ -13,6 +13,7 @@ stored sums to "weight as of a reference time" (``w * 2**(-(ref - t)/h)``) when 
 from __future__ import annotations
 
 import math
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -35,15 +36,111 @@ class EventRecord:
     ts: float
 
 
+class AppliedIds:
+    """Which events were applied (deduplication), in memory that stays bounded under a stream.
+
+    Why not a set of every id: it grew by ~100 bytes per event for the life of the process
+    (hundreds of MiB after a few million events) and was then ``clear()``-ed, after which every
+    event the archive sync re-read (it re-reads a whole window each tick) counted twice.
+
+    What is kept: every id applied within the last ``protect_s`` seconds of wall time, and every
+    id whose event time is within ``protect_s`` of the newest event (``watermark``). Those are all
+    the ids the archive sync can read again (it tails by event time and by archive time, each with
+    the archive slack, so ``protect_s`` must be at least the slack). Beyond ``capacity`` ids, the
+    oldest-applied ids outside that window are dropped; a duplicate of one of those (a Kafka
+    replay or a full archive re-read of something applied more than ``capacity`` events ago)
+    would count again, the same residual risk the old set had at its cap, minus the cliff.
+
+    Representation: ids are stored by their 64-bit ``hash()`` (per process; the state is never
+    persisted), ~16 bytes per id in sorted numpy arrays, with the newest ids in a small dict that
+    is merged into the arrays every ``hot_size`` ids. Two different ids of the same hash would be
+    taken for one: with 5 million ids kept that is a chance of about 3e-13 per event.
+    """
+
+    def __init__(self, capacity: int, protect_s: float, hot_size: int = 32_768) -> None:
+        self.capacity = capacity
+        self.protect_s = protect_s
+        self.hot_size = hot_size
+        self._hot: dict[int, int] = {}  # hash -> event second (since EPOCH, clamped to int32)
+        self._keys = np.empty(0, dtype=np.int64)  # sorted hashes of merged ids
+        self._secs = np.empty(0, dtype=np.int32)  # their event seconds
+        self._gens = np.empty(0, dtype=np.int32)  # the merge (generation) that brought them in
+        self._gen = 0
+        self._gen_merged_at: dict[int, float] = {}  # generation -> wall time of its merge
+
+    def __len__(self) -> int:
+        return len(self._hot) + len(self._keys)
+
+    def __contains__(self, event_id: str) -> bool:
+        h = hash(event_id)
+        if h in self._hot:
+            return True
+        keys = self._keys
+        i = int(keys.searchsorted(h))
+        return i < len(keys) and int(keys[i]) == h
+
+    def add(self, event_id: str, ts: float, watermark: float, now: float | None = None) -> None:
+        """Record an id (the caller checked it is not in yet); ``watermark`` = newest event time."""
+        self._hot[hash(event_id)] = _event_second(ts)
+        if len(self._hot) >= self.hot_size:
+            self._merge(watermark, time.time() if now is None else now)
+
+    def _merge(self, watermark: float, now: float) -> None:
+        hk = np.fromiter(self._hot.keys(), dtype=np.int64, count=len(self._hot))
+        hs = np.fromiter(self._hot.values(), dtype=np.int32, count=len(self._hot))
+        self._hot = {}
+        order = np.argsort(hk)
+        hk, hs = hk[order], hs[order]
+        pos = self._keys.searchsorted(hk)
+        self._keys = np.insert(self._keys, pos, hk)
+        self._secs = np.insert(self._secs, pos, hs)
+        self._gens = np.insert(self._gens, pos, np.full(len(hk), self._gen, dtype=np.int32))
+        self._gen_merged_at[self._gen] = now
+        self._gen += 1
+        if len(self._keys) > self.capacity:
+            self._evict(watermark, now)
+
+    def _evict(self, watermark: float, now: float) -> None:
+        excess = len(self._keys) - self.capacity
+        old_gens = [g for g, at in self._gen_merged_at.items() if at < now - self.protect_s]
+        if not old_gens:
+            return
+        newest_old = max(old_gens)
+        droppable = (self._gens <= newest_old) & (self._secs < _event_second(watermark - self.protect_s))
+        if not droppable.any():
+            return
+        # Oldest generations first, just enough of them to get back under capacity.
+        counts = np.bincount(self._gens[droppable], minlength=newest_old + 1)
+        cut = int(np.searchsorted(np.cumsum(counts), excess))
+        drop = droppable & (self._gens <= min(cut, newest_old))
+        keep = ~drop
+        self._keys, self._secs, self._gens = self._keys[keep], self._secs[keep], self._gens[keep]
+        live = set(np.unique(self._gens).tolist())
+        self._gen_merged_at = {g: at for g, at in self._gen_merged_at.items() if g in live}
+
+
+def _event_second(ts: float) -> int:
+    """Event time as whole seconds since EPOCH in int32 range (floor, so "older than" stays safe)."""
+    return int(max(-(2**31), min(2**31 - 1, math.floor(ts - EPOCH))))
+
+
 class InteractionState:
     """Thread-safe; the consumer thread writes while gRPC threads read."""
 
-    def __init__(self, weights: dict[int, float], half_life_s: float, max_event_ids: int = 5_000_000) -> None:
+    def __init__(
+        self,
+        weights: dict[int, float],
+        half_life_s: float,
+        max_event_ids: int = 5_000_000,
+        id_window_s: float = 3600.0,
+    ) -> None:
+        """``id_window_s``: how long (wall time, and event time behind the newest event) applied
+        ids are kept whatever ``max_event_ids`` says; at least the archive sync's slack."""
         self.weights = weights
         self.half_life_s = half_life_s
         self.max_event_ids = max_event_ids
         self._lock = threading.Lock()
-        self._applied: set[str] = set()
+        self._applied = AppliedIds(max_event_ids, id_window_s)
         self._user_items: dict[str, dict[str, float]] = defaultdict(dict)
         self._item_score: dict[str, float] = defaultdict(float)
         self._item_last_ts: dict[str, float] = {}
@@ -65,15 +162,15 @@ class InteractionState:
         with self._lock:
             if ev.event_id in self._applied:
                 return False
-            if len(self._applied) >= self.max_event_ids:
-                # Bounded memory: forget old ids. Replays older than this window may double count.
-                self._applied.clear()
-            self._applied.add(ev.event_id)
-            items = self._user_items[ev.user_id]
-            items[ev.item_id] = items.get(ev.item_id, 0.0) + w
-            self._item_score[ev.item_id] += w
-            self._item_last_ts[ev.item_id] = max(ev.ts, self._item_last_ts.get(ev.item_id, 0.0))
-            self._user_events[ev.user_id] += 1
+            self._applied.add(ev.event_id, ev.ts, max(self.watermark, ev.ts))
+            # Interned: every (user, item) pair keeps its own key, and without this each pair held
+            # its own copy of the item id decoded from its first event.
+            user, item = sys.intern(ev.user_id), sys.intern(ev.item_id)
+            items = self._user_items[user]
+            items[item] = items.get(item, 0.0) + w
+            self._item_score[item] += w
+            self._item_last_ts[item] = max(ev.ts, self._item_last_ts.get(item, 0.0))
+            self._user_events[user] += 1
             self.watermark = max(self.watermark, ev.ts)
             self.events += 1
             return True

@@ -22,7 +22,7 @@ from stylerec.v1 import scoring_pb2
 from libs.common import keys
 from libs.common.kafka import MODEL_UPDATES, ProtoProducer
 from libs.common.privacy import UserRefs
-from libs.common.stores import with_retries
+from libs.common.stores import MONGO_TRANSIENT
 from services.scoring import metrics
 from services.scoring.config import ScoringSettings
 from services.scoring.forget import load_filter
@@ -32,6 +32,9 @@ from services.scoring.registry import ModelRegistry, ServingModel, new_version
 
 log = logging.getLogger(__name__)
 
+ARCHIVE_BATCH = 2000  # archive documents per MongoDB batch when reading events
+ARCHIVE_READ_ATTEMPTS = 4
+
 
 class TrainingError(RuntimeError):
     """Training could not produce a model (no data, bad parameters, fit failure)."""
@@ -40,12 +43,26 @@ class TrainingError(RuntimeError):
 def archive_events(db: Database, collection: str, since_ts: float | None = None) -> Iterator[EventRecord]:
     """Archived events (optionally with ``ts >= since_ts``); malformed documents are skipped."""
     query: dict[str, Any] = {} if since_ts is None else {"ts": {"$gte": since_ts}}
-    docs = with_retries(lambda: list(db[collection].find(query, {"user_id": 1, "item_id": 1, "type": 1, "ts": 1})))
-    for d in docs:
+    # Streamed in batches, never listed whole: the archive sync reads a window of up to hundreds of
+    # thousands of documents every few seconds, and listing it each time left scoring's heap at the
+    # size of the largest window ever read (RSS grew with the window through a whole soak). A
+    # transient error restarts the read from the beginning: every caller applies to a state that
+    # deduplicates by event id, so the documents read twice count once.
+    projection = {"user_id": 1, "item_id": 1, "type": 1, "ts": 1}
+    for attempt in range(ARCHIVE_READ_ATTEMPTS):
         try:
-            yield EventRecord(str(d["_id"]), str(d["user_id"]), str(d["item_id"]), int(d["type"]), float(d["ts"]))
-        except (KeyError, TypeError, ValueError):
-            continue
+            for d in db[collection].find(query, projection, batch_size=ARCHIVE_BATCH):
+                try:
+                    yield EventRecord(
+                        str(d["_id"]), str(d["user_id"]), str(d["item_id"]), int(d["type"]), float(d["ts"])
+                    )
+                except (KeyError, TypeError, ValueError):
+                    continue
+            return
+        except MONGO_TRANSIENT:
+            if attempt == ARCHIVE_READ_ATTEMPTS - 1:
+                raise
+            time.sleep(0.05 * 2**attempt)
 
 
 def state_from_archive(settings: ScoringSettings, db: Database) -> InteractionState:
