@@ -52,8 +52,14 @@ def archived_problem(event: common_pb2.Event) -> str | None:
 
 
 def event_document(event: common_pb2.Event) -> dict[str, Any]:
-    """The ``events`` collection row (docs/contracts.md); ``_id`` is the event id."""
+    """The ``events`` collection row (docs/contracts.md); ``_id`` is the event id.
+
+    ``archived_at`` (this process's clock at the write) is what scoring's archive sync tails:
+    an event can reach the archive long after its own ``ts`` (a lagging or crashed archiver,
+    a backfill of old events), and a tail by ``ts`` alone would never see it.
+    """
     return {
+        "archived_at": time.time(),
         "user_id": event.user_id,
         "item_id": event.item_id,
         "type": int(event.type),

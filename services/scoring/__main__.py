@@ -159,7 +159,7 @@ def run_serving(settings: ScoringSettings) -> None:
     updates = ModelUpdates(settings, registry, holder, on_swap=lambda _sm: ownership.rewrite_in_background())
     trainer = Trainer(settings, db, registry, producer, r, on_published=updates.install)
     scheduler = TrainScheduler(settings, trainer, lambda: applier.applied, holder.age_s)
-    archive_sync = ArchiveSync(settings, db, state, publisher, categories)
+    archive_sync = ArchiveSync(settings, db, state, publisher, categories, ownership.partitions)
     forget_listener = ForgetListener(
         settings.kafka_servers,
         settings.replica_name,

@@ -123,6 +123,10 @@ class Publisher:
         self._pop_at = 0.0
         self._pop_dirty = False
         self._pop_lock = threading.Lock()
+        # Compute-and-write of Redis output is serialized: the consumer, the archive sync and
+        # the ownership rewrite all write users, and without it a writer that computed from an
+        # older state could finish last and leave stale recs behind.
+        self._write_lock = threading.RLock()
         self._stop = threading.Event()
         self._flusher = threading.Thread(target=self._flush_loop, name="popularity-flush", daemon=True)
 
@@ -150,14 +154,15 @@ class Publisher:
         or a rebalance rewrites recs alone; a user's next event refreshes the profile.
         """
         users = list(users)
-        self.recs.write_users(users)
-        if not profiles:
-            return
-        try:
-            written = self.profiles.update_many({u: self.state.history(u) for u in users})
-        except redis.RedisError:
-            STORE_ERRORS.labels("redis", "style_profile").inc()
-            raise
+        with self._write_lock:
+            self.recs.write_users(users)
+            if not profiles:
+                return
+            try:
+                written = self.profiles.update_many({u: self.state.history(u) for u in users})
+            except redis.RedisError:
+                STORE_ERRORS.labels("redis", "style_profile").inc()
+                raise
         for p in written.values():
             metrics.PROFILES_WRITTEN.labels("written" if p else "none").inc()
 
@@ -169,6 +174,12 @@ class Publisher:
                 return
             self._pop_at = now
             self._pop_dirty = False
+        with self._write_lock:
+            self._write_popularity()
+        metrics.STATE_USERS.set(self.state.n_users)
+        metrics.STATE_ITEMS.set(self.state.n_items)
+
+    def _write_popularity(self) -> None:
         n = self.settings.popular_size
         pipe = self.redis.pipeline(transaction=True)
         top = self.state.popular(n)
@@ -186,8 +197,6 @@ class Publisher:
                 pipe.zadd(keys.popular(cat), dict(ctop))
         pipe.set(keys.model_version(), self.engine.holder.version)
         pipe.execute()
-        metrics.STATE_USERS.set(self.state.n_users)
-        metrics.STATE_ITEMS.set(self.state.n_items)
 
 
 class EventApplier:
@@ -220,7 +229,19 @@ class EventApplier:
 
 
 class ArchiveSync:
-    """Tails the archive every ``archive_sync_s`` (window: newest ts - slack)."""
+    """Tails the archive every ``archive_sync_s``.
+
+    Window: documents archived since the previous sync started (``archived_at``, minus
+    ``archive_slack_s`` for clock skew between archiver and replica), plus those whose event
+    time is within the slack of the newest event (documents written without ``archived_at``).
+    The event-time window alone misses events archived late with older timestamps: a replica
+    that crashed after committing events the archiver had not written yet gets them back only
+    from the archive, and only this way.
+
+    Users of this replica's partitions whose state changed are rewritten: their recs were
+    computed without these events (after a crash, from the rebuilt state), and no Kafka
+    record of theirs may ever come again to trigger it.
+    """
 
     def __init__(
         self,
@@ -229,25 +250,41 @@ class ArchiveSync:
         state: InteractionState,
         publisher: Publisher,
         categories: CategoryCache,
+        owned_partitions: Callable[[], list[int]] | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
         self.state = state
         self.publisher = publisher
         self.categories = categories
+        self.owned_partitions = owned_partitions
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="archive-sync", daemon=True)
         # Set when the start-up rebuild failed: the next sync reads the whole archive.
         self.full_needed = False
+        # Created before the start-up rebuild reads the archive: the first sync covers whatever
+        # was archived while (or after) the rebuild ran.
+        self._archived_since = time.time() - settings.archive_slack_s
 
     def sync_once(self) -> int:
+        started = time.time()
         since = self.state.watermark - self.settings.archive_slack_s if self.state.watermark else None
+        archived_since: float | None = self._archived_since
         if self.full_needed:
-            since = None
-        n = self.state.apply_all(archive_events(self.db, self.settings.events_collection, since))
+            since = archived_since = None
+        n = 0
+        changed: set[str] = set()
+        for ev in archive_events(self.db, self.settings.events_collection, since, archived_since):
+            if self.state.apply(ev):
+                n += 1
+                changed.add(ev.user_id)
         self.full_needed = False
+        self._archived_since = started - self.settings.archive_slack_s
         metrics.EVENTS_APPLIED.labels("archive", "new").inc(n)
         self.categories.refresh()
+        if changed and self.owned_partitions is not None:
+            mine = set(self.owned_partitions())
+            self.publisher.users([u for u in changed if partition_of(u) in mine])
         return n
 
     def start(self) -> ArchiveSync:

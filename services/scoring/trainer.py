@@ -40,9 +40,17 @@ class TrainingError(RuntimeError):
     """Training could not produce a model (no data, bad parameters, fit failure)."""
 
 
-def archive_events(db: Database, collection: str, since_ts: float | None = None) -> Iterator[EventRecord]:
-    """Archived events (optionally with ``ts >= since_ts``); malformed documents are skipped."""
-    query: dict[str, Any] = {} if since_ts is None else {"ts": {"$gte": since_ts}}
+def archive_events(
+    db: Database, collection: str, since_ts: float | None = None, archived_since: float | None = None
+) -> Iterator[EventRecord]:
+    """Archived events; with ``since_ts`` / ``archived_since`` only those with ``ts >= since_ts``
+    or ``archived_at >= archived_since`` (either); malformed documents are skipped."""
+    conditions: list[dict[str, Any]] = []
+    if since_ts is not None:
+        conditions.append({"ts": {"$gte": since_ts}})
+    if archived_since is not None:
+        conditions.append({"archived_at": {"$gte": archived_since}})
+    query: dict[str, Any] = {} if not conditions else conditions[0] if len(conditions) == 1 else {"$or": conditions}
     # Streamed in batches, never listed whole: the archive sync reads a window of up to hundreds of
     # thousands of documents every few seconds, and listing it each time left scoring's heap at the
     # size of the largest window ever read (RSS grew with the window through a whole soak). A
