@@ -59,6 +59,10 @@ def rstack(tmp_path: Path) -> Iterator[Stack]:
         stack.start_infra()
         yield stack
     finally:
+        # SIGKILL, not the graceful `down`: nothing is checked after the test, and a graceful
+        # stop of scoring and the broker costs ~5 s each. Process groups, so nothing is left.
+        for name in list(stack.components):
+            stack.kill_component(name)
         stack.down()
 
 
