@@ -83,16 +83,17 @@ def wait_for(cond: Callable[[], bool], timeout_s: float, what: Callable[[], str]
     """Poll ``cond`` until true; on timeout fail with ``what`` (a callable is evaluated then,
     so the message shows the state at the deadline, e.g. which ids are still missing)."""
     deadline = time.monotonic() + timeout_s
+    last_error = ""
     while time.monotonic() < deadline:
         try:
             if cond():
                 return
-        except Exception:  # a component still coming back: keep polling
-            pass
+        except Exception as exc:  # a component still coming back: keep polling, but say so at the end
+            last_error = f" (last error while polling: {type(exc).__name__}: {exc})"
         time.sleep(every_s)
     if cond():
         return
-    raise AssertionError(f"timed out after {timeout_s:.0f}s: {what() if callable(what) else what}")
+    raise AssertionError(f"timed out after {timeout_s:.0f}s{last_error}: {what() if callable(what) else what}")
 
 
 def metric_value(stack: Stack, name: str, metric: str, **labels: str) -> float | None:
