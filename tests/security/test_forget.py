@@ -90,7 +90,9 @@ def test_forget_user_end_to_end(run: tuple[Stack, Clients, Scenario]) -> None:
     assert resp.user_ref == ref and not resp.already_forgotten
     assert resp.events_deleted == sc.lover_events
     assert resp.dedup_keys_deleted == sc.lover_events
-    assert resp.redis_keys_deleted >= 3
+    # No count asserted for Redis: the forget command goes out first, and a scoring replica may
+    # delete the user's keys before ingestion gets to them. The scan below proves they are gone.
+    assert 0 <= resp.redis_keys_deleted <= len(keys.per_user(user))
     assert resp.stylized_images_deleted + resp.stylized_refs_removed >= 1
 
     # Scoring replicas drop the row from the user-forget command.
