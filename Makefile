@@ -30,7 +30,7 @@ demo-check: setup
 	$(PY) -m cli.demo_check
 
 test: setup
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=15
 
 # Fault injection only (docs/reliability.md): components SIGKILLed and restarted under load; also part of `make test`.
 test-reliability: setup
