@@ -76,11 +76,30 @@ def event_document(event: common_pb2.Event) -> dict[str, Any]:
 class EventArchiver:
     """Batch handler: one unordered bulk of upserts per polled batch."""
 
+    # archived_at: scoring's archive tail reads a range of it every few seconds; user_id:
+    # ForgetUser deletes by it. Without them MongoDB scans the whole archive for both.
+    INDEXES = ("archived_at", "user_id")
+
     def __init__(self, db: Database, collection: str, forgotten: ForgottenUsers | None = None) -> None:
         self.collection = db[collection]
         self.forgotten = forgotten
+        self._indexed = False
+
+    def ensure_indexes(self) -> None:
+        """Idempotent; tried on each batch until it worked once (the store may be down at start)."""
+        if self._indexed:
+            return
+        try:
+            for field in self.INDEXES:
+                self.collection.create_index(field)
+        except Exception as exc:
+            STORE_ERRORS.labels("mongo", "archive_create_index").inc()
+            log.warning("archive indexes not created yet", extra={"error": type(exc).__name__})
+            return
+        self._indexed = True
 
     def __call__(self, batch: list[Decoded[common_pb2.Event]]) -> None:
+        self.ensure_indexes()
         if self.forgotten is not None:
             # One query per batch; if it fails the batch is retried, never archived unchecked.
             gone = self.forgotten.forgotten_among(d.message.user_id for d in batch)

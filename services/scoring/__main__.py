@@ -180,6 +180,7 @@ def run_serving(settings: ScoringSettings) -> None:
         try:
             # The suppression list first: no forgotten user's event may enter the state.
             forget_listener.load()
+            archive_sync.begin()
             n = state.apply_all(archive_events(db, settings.events_collection))
             metrics.EVENTS_APPLIED.labels("archive", "new").inc(n)
             categories.refresh()

@@ -51,7 +51,12 @@ class ScoringSettings(ServiceSettings):
     keep_models: int = Field(5, ge=1, le=100, description="Model versions kept in the registry/GridFS.")
     archive_sync_s: float = Field(5.0, ge=0, description="How often the archive is tailed (0 = only at start).")
     archive_slack_s: float = Field(
-        600.0, ge=0, description="Tail window before the newest archived timestamp (late events)."
+        30.0,
+        ge=0,
+        description=(
+            "The archive tail re-reads documents archived up to this many seconds before the newest"
+            " one it read (bulk writes visible out of order, clock skew between archiver replicas)."
+        ),
     )
     model_poll_s: float = Field(30.0, ge=0, description="Registry check for missed model-updates (0 = off).")
     profile_half_confidence_weight: float = Field(

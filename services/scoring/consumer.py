@@ -35,7 +35,7 @@ from services.scoring.foldin import ModelHolder, Recommender, RecsWriter
 from services.scoring.interactions import EventRecord, InteractionState
 from services.scoring.registry import ModelRegistry, ServingModel
 from services.scoring.style_profile import ProfileWriter
-from services.scoring.trainer import archive_events
+from services.scoring.trainer import archive_events, newest_archived_at
 
 log = logging.getLogger(__name__)
 
@@ -229,14 +229,22 @@ class EventApplier:
 
 
 class ArchiveSync:
-    """Tails the archive every ``archive_sync_s``.
+    """Tails the archive every ``archive_sync_s`` by ``archived_at``, the archiver's clock at
+    the write.
 
-    Window: documents archived since the previous sync started (``archived_at``, minus
-    ``archive_slack_s`` for clock skew between archiver and replica), plus those whose event
-    time is within the slack of the newest event (documents written without ``archived_at``).
-    The event-time window alone misses events archived late with older timestamps: a replica
-    that crashed after committing events the archiver had not written yet gets them back only
-    from the archive, and only this way.
+    The cursor is the newest ``archived_at`` read so far (taken from the archive itself before
+    the start-up rebuild, so this replica's own clock never enters the comparison); each tick
+    reads the documents archived since ``cursor - archive_slack_s``. The slack covers what can
+    make a document appear with an ``archived_at`` older than one already read: a bulk write
+    that is still being applied (or retried) while later writes are visible, and clock skew
+    between archiver replicas. What is read twice is absorbed by the state's event-id dedup.
+
+    Tailing by archive time and not by event time is what finds events archived late with old
+    timestamps: a replica that crashed after committing events the archiver had not written
+    yet gets them back only from the archive, and only this way. (An earlier version also
+    re-read every event timestamped within the last 10 minutes, each tick, through an ``$or``:
+    at 160 events/s that was up to 178,000 documents a tick, 76 s per 5 s tick on nx-27017,
+    and scoring fell behind; docs/load.md.)
 
     Users of this replica's partitions whose state changed are rewritten: their recs were
     computed without these events (after a crash, from the rebuilt state), and no Kafka
@@ -262,24 +270,30 @@ class ArchiveSync:
         self._thread = threading.Thread(target=self._run, name="archive-sync", daemon=True)
         # Set when the start-up rebuild failed: the next sync reads the whole archive.
         self.full_needed = False
-        # Created before the start-up rebuild reads the archive: the first sync covers whatever
-        # was archived while (or after) the rebuild ran.
-        self._archived_since = time.time() - settings.archive_slack_s
+        # Newest archived_at read (archiver's clock); None = the next sync reads everything.
+        self.cursor: float | None = None
+        self.last_read = 0  # documents the last sync read (new or not), for tests and logs
+
+    def begin(self) -> None:
+        """Call before the start-up rebuild reads the archive: the first sync then covers
+        whatever was archived while (or after) the rebuild ran."""
+        self.cursor = newest_archived_at(self.db, self.settings.events_collection)
 
     def sync_once(self) -> int:
-        started = time.time()
-        since = self.state.watermark - self.settings.archive_slack_s if self.state.watermark else None
-        archived_since: float | None = self._archived_since
-        if self.full_needed:
-            since = archived_since = None
-        n = 0
+        since = None if self.full_needed or self.cursor is None else self.cursor - self.settings.archive_slack_s
+        n = read = 0
+        newest = self.cursor
         changed: set[str] = set()
-        for ev in archive_events(self.db, self.settings.events_collection, since, archived_since):
+        for ev in archive_events(self.db, self.settings.events_collection, since):
+            read += 1
+            if newest is None or ev.archived_at > newest:
+                newest = ev.archived_at
             if self.state.apply(ev):
                 n += 1
                 changed.add(ev.user_id)
         self.full_needed = False
-        self._archived_since = started - self.settings.archive_slack_s
+        self.cursor = newest
+        self.last_read = read
         metrics.EVENTS_APPLIED.labels("archive", "new").inc(n)
         self.categories.refresh()
         if changed and self.owned_partitions is not None:

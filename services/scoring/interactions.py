@@ -34,6 +34,8 @@ class EventRecord:
     item_id: str
     type: int
     ts: float
+    # When the archiver wrote it (its clock), for events read back from the archive; 0 otherwise.
+    archived_at: float = 0.0
 
 
 class AppliedIds:

@@ -66,7 +66,10 @@ class ScoringEnv:
     def archive(self, rows: list[tuple[str, str, str, int, float]]) -> None:
         """Write events the way the ingestion archiver does (docs/contracts.md `events`)."""
         self.db[f"events_{self.tag}"].insert_many(
-            [{"_id": e, "user_id": u, "item_id": i, "type": t, "ts": ts, "value": 0.0} for e, u, i, t, ts in rows]
+            [
+                {"_id": e, "user_id": u, "item_id": i, "type": t, "ts": ts, "value": 0.0, "archived_at": time.time()}
+                for e, u, i, t, ts in rows
+            ]
         )
 
     def send(self, user: str, item: str, etype: int = 5, event_id: str | None = None) -> str:

@@ -161,7 +161,11 @@ def run_scenario(c: Clients, unique: str) -> Scenario:
     assert up.upserted == len(items), up.rejected
 
     def embedded() -> int:
-        return c.db["items"].count_documents({"_id": {"$in": prints + photos}, "style_embedding_ref": {"$ne": None}})
+        # Checked here, not by {"$ne": None}: nx-27017 matches documents *without* the field with it
+        # (MongoDB does not), so that poll passed before any photo was embedded and the lover's
+        # profile was then computed without the prints' embeddings.
+        docs = c.db["items"].find({"_id": {"$in": prints + photos}}, {"style_embedding_ref": 1})
+        return sum(1 for d in docs if d.get("style_embedding_ref"))
 
     poll("the style worker to embed the photos", embedded, lambda n: n == len(prints + photos), 180, 1.0)
 
