@@ -315,8 +315,11 @@ def build() -> dict[str, Any]:
         [
             ("sum by (instance) (stylerec_scoring_state_users)", "users {{instance}}"),
             ("sum by (instance) (stylerec_scoring_state_items)", "items {{instance}}"),
+            ("sum by (instance) (stylerec_scoring_state_pairs)", "(user, item) pairs {{instance}}"),
+            ("sum by (instance) (stylerec_scoring_state_applied_ids)", "dedup ids {{instance}}"),
         ],
         w=12,
+        description="What the scorer's memory grows with by design (~64 B a pair, ~16 B an id; docs/load.md).",
     )
 
     d.add(

@@ -178,6 +178,8 @@ class Publisher:
             self._write_popularity()
         metrics.STATE_USERS.set(self.state.n_users)
         metrics.STATE_ITEMS.set(self.state.n_items)
+        metrics.STATE_PAIRS.set(self.state.n_pairs)
+        metrics.STATE_APPLIED_IDS.set(self.state.n_applied_ids)
 
     def _write_popularity(self) -> None:
         n = self.settings.popular_size

@@ -147,6 +147,7 @@ class InteractionState:
         self._item_score: dict[str, float] = defaultdict(float)
         self._item_last_ts: dict[str, float] = {}
         self._user_events: dict[str, int] = defaultdict(int)
+        self._pairs = 0  # (user, item) entries in _user_items: the state's size, for the gauge
         self.watermark = 0.0  # newest event timestamp applied
         self.events = 0
         # Users whose events are never applied (the suppression list of forgotten users).
@@ -169,7 +170,10 @@ class InteractionState:
             # its own copy of the item id decoded from its first event.
             user, item = sys.intern(ev.user_id), sys.intern(ev.item_id)
             items = self._user_items[user]
-            items[item] = items.get(item, 0.0) + w
+            old = items.get(item)
+            if old is None:
+                self._pairs += 1
+            items[item] = (old or 0.0) + w
             self._item_score[item] += w
             self._item_last_ts[item] = max(ev.ts, self._item_last_ts.get(item, 0.0))
             self._user_events[user] += 1
@@ -189,6 +193,7 @@ class InteractionState:
             n = self._user_events.pop(user, 0)
             if items is None:
                 return 0
+            self._pairs -= len(items)
             for item, w in items.items():
                 old = self._item_score.get(item, 0.0)
                 left = old - w
@@ -244,6 +249,14 @@ class InteractionState:
     @property
     def n_items(self) -> int:
         return len(self._item_score)
+
+    @property
+    def n_pairs(self) -> int:
+        return self._pairs
+
+    @property
+    def n_applied_ids(self) -> int:
+        return len(self._applied)
 
     def popular(
         self,

@@ -39,6 +39,12 @@ MODEL_TRAINED_AT = Gauge(
 MODEL_ITEMS = Gauge("stylerec_scoring_model_items", "Items known to the serving model.")
 STATE_USERS = Gauge("stylerec_scoring_state_users", "Users in the interaction state.")
 STATE_ITEMS = Gauge("stylerec_scoring_state_items", "Items in the interaction state.")
+# The two entries the state's memory grows with by design (docs/scoring.md); a load run reads them
+# to tell that growth from a leak.
+STATE_PAIRS = Gauge("stylerec_scoring_state_pairs", "(user, item) pairs in the interaction state.")
+STATE_APPLIED_IDS = Gauge(
+    "stylerec_scoring_state_applied_ids", "Event ids kept for de-duplication (bounded by max_event_ids)."
+)
 PROFILES_WRITTEN = Counter(
     "stylerec_scoring_style_profiles_written_total", "Style profiles written, by outcome (written, none).", ["outcome"]
 )

@@ -75,3 +75,17 @@ def test_state_forgets_ids_outside_the_window_once_past_its_cap() -> None:
     assert len(state._applied) <= 1000 + 2 * 32_768  # cap + the newest merge + the unmerged ids
     assert state.apply(EventRecord("new", "u1", "i1", 5, T0)) is False
     assert state.events == 100_001
+
+
+def test_state_counts_its_pairs_and_ids_for_the_size_gauges() -> None:
+    """The gauges a load run reads to tell designed growth from a leak: a repeated (user, item)
+    adds no pair, a duplicate event adds nothing, a forgotten user takes their pairs along."""
+    st = InteractionState(WEIGHTS, half_life_s=30 * DAY)
+    evs = [("e1", "u1", "i1"), ("e2", "u1", "i1"), ("e3", "u1", "i2"), ("e4", "u2", "i1"), ("e4", "u2", "i1")]
+    for eid, u, i in evs:
+        st.apply(EventRecord(eid, u, i, 1, T0))
+    assert (st.n_pairs, st.n_applied_ids) == (3, 4)
+    st.forget("u1")
+    assert (st.n_pairs, st.n_applied_ids) == (1, 4)
+    st.forget("u1")
+    assert st.n_pairs == 1
