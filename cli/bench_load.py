@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import sys
 import time
 import uuid
@@ -43,6 +45,7 @@ from cli.load_report import (
     plot_latency,
     plot_rss,
 )
+from cli.load_state import MIB, adjusted_series, measure_entry_costs, scrape_gauges, state_growth
 from cli.stack import REPO, Stack, StackError, pid_alive
 
 OUT = REPO / "out" / "load"
@@ -61,6 +64,10 @@ def register_bench(bsub: Any) -> None:
     p.add_argument("--read-fraction", type=float, default=0.8, help="share of GetRecommendations in the mix")
     p.add_argument("--unknown-fraction", type=float, default=0.1, help="share of reads for never-seen users")
     p.add_argument("--batch-events", type=int, default=20, help="events per IngestEvents call")
+    p.add_argument("--session-events", type=float, default=10.0, help="mean events of one user's shopping session")
+    p.add_argument(
+        "--review-fraction", type=float, default=0.4, help="share of views that look again at an item the user viewed"
+    )
     p.add_argument("--concurrency", default="1,2,4,8,16,32,64", help="closed-loop steps of the max search")
     p.add_argument("--step-seconds", type=float, default=10.0, help="measured seconds per max-search step")
     p.add_argument("--p99-limit-ms", type=float, default=300.0, help="a max-search step qualifies under this p99")
@@ -101,6 +108,8 @@ def validate(args: argparse.Namespace) -> None:
         (0 <= args.read_fraction <= 1, "--read-fraction must be in [0, 1]"),
         (0 <= args.unknown_fraction <= 1, "--unknown-fraction must be in [0, 1]"),
         (1 <= args.batch_events <= 10_000, "--batch-events must be in [1, 10000]"),
+        (args.session_events >= 1, "--session-events must be at least 1"),
+        (0 <= args.review_fraction <= 1, "--review-fraction must be in [0, 1]"),
         (args.step_seconds > 0, "--step-seconds must be > 0"),
         (args.p99_limit_ms > 0, "--p99-limit-ms must be > 0"),
         (args.seed_purchases >= 100, "--seed-purchases must be at least 100"),
@@ -163,6 +172,9 @@ class RssSampler:
         self.series: dict[str, list[tuple[float, float]]] = {name: [] for name in self.groups}
         self.other = OtherLoad()
         self.other.own([os.getpgrp(), *self.groups.values()])
+        scoring = stack.components.get("scoring")
+        self.scoring_metrics = f"127.0.0.1:{scoring.metrics_port}" if scoring and scoring.metrics_port else ""
+        self.gauges: list[tuple[float, dict[str, float]]] = []  # scoring's state-size gauges
 
     def sample_once(self, t: float) -> None:
         snap = snapshot()
@@ -171,6 +183,10 @@ class RssSampler:
             if rss[pgid] > 0:
                 self.series[name].append((t, rss[pgid]))
         self.other.sample(snap)
+        if self.scoring_metrics:
+            # Restarting or busy: the adjusted series pairs each RSS sample with the nearest gauge sample.
+            with contextlib.suppress(OSError):
+                self.gauges.append((t, scrape_gauges(self.scoring_metrics)))
 
     async def run(self, clock: Any) -> None:
         while True:
@@ -288,6 +304,7 @@ async def drive(stack: Stack, workload: Workload, args: argparse.Namespace) -> d
         await client.close()
     window = max(1.0, soak_s / 120)
     series = {n: [(round(t - soak_start, 2), m) for t, m in pts] for n, pts in sampler.series.items()}
+    gauges = [(round(t - soak_start, 2), g) for t, g in sampler.gauges]
     return {
         "max_search": search,
         "soak": {
@@ -303,18 +320,53 @@ async def drive(stack: Stack, workload: Workload, args: argparse.Namespace) -> d
             "timeline": state.rec.timeline(soak_s, window),
         },
         "rss": series,
+        "scoring_gauges": gauges,
         "sampler": sampler,
     }
 
 
+def designed_state(result: dict[str, Any], workload: Workload, soak_s: float) -> dict[str, Any]:
+    """Scoring's pairs and ids over the soak, their bytes per entry, and its RSS less them (cli/load_state.py)."""
+    gauges = result["scoring_gauges"]
+    growth = state_growth(gauges, soak_s)
+    if not growth["samples"]:
+        return {"note": "scoring's state gauges were never read: judged on raw RSS", **growth}
+    progress("measuring the bytes per (user, item) pair and per applied id of the scoring state ...")
+    fresh = Workload(workload.users, workload.user_weights, workload.items, workload.item_weights, workload.mix, "cost")
+    costs = measure_entry_costs(fresh)
+    adjusted = adjusted_series(result["rss"].get("scoring", []), gauges, costs)
+    designed_mib = (
+        (growth["pairs_end"] - growth["pairs_start"]) * costs["bytes_per_pair"]
+        + (growth["applied_ids_end"] - growth["applied_ids_start"]) * costs["bytes_per_applied_id"]
+    ) / MIB
+    return {
+        **growth,
+        **costs,
+        "designed_growth_over_soak_mib": round(designed_mib, 1),
+        "adjusted_rss_mib": adjusted,
+        "adjusted_rss_mib_series": [[t, m] for t, m in adjusted],
+    }
+
+
 def build_report(
-    args: argparse.Namespace, stack_source: str, stack: Stack, seed_info: dict[str, Any], result: dict[str, Any]
+    args: argparse.Namespace,
+    stack_source: str,
+    stack: Stack,
+    seed_info: dict[str, Any],
+    result: dict[str, Any],
+    workload: Workload,
 ) -> dict[str, Any]:
     sampler: RssSampler = result["sampler"]
     soak_part = result["soak"]
     soak_s = args.minutes * 60
+    scoring_state = designed_state(result, workload, soak_s) if soak_part else {}
     memory = memory_verdict(
-        result["rss"] if soak_part else {}, soak_s, args.max_slope, args.max_growth_pct, MIN_SOAK_MINUTES_FOR_VERDICT
+        result["rss"] if soak_part else {},
+        soak_s,
+        args.max_slope,
+        args.max_growth_pct,
+        MIN_SOAK_MINUTES_FOR_VERDICT,
+        adjusted={"scoring": scoring_state["adjusted_rss_mib"]} if scoring_state.get("adjusted_rss_mib") else None,
     )
     failures = []
     if result["max_search"].get("max_requests_per_s") is None and not args.rate:
@@ -346,7 +398,9 @@ def build_report(
                 "unknown_user_share_of_reads": args.unknown_fraction,
                 "write_batch_events": args.batch_events,
                 "reads": "GetRecommendations k=10 want_stylized=true, users drawn by purchase count",
-                "writes": "IngestEvents of VIEW/CLICK/ADD_TO_CART/PURCHASE (70/20/7/3) on seeded users and items, "
+                "writes": "IngestEvents of VIEW/CLICK/ADD_TO_CART/PURCHASE (70/20/7/3) in shopping sessions of seeded "
+                f"users (mean {args.session_events} events; clicks, carts and purchases of items the user viewed; "
+                f"{args.review_fraction:.0%} of views a second look) over popularity-weighted seeded items, "
                 "timestamped now (SYNTHETIC events over REAL users and items when the Online Retail data is present)",
             },
             "concurrency_steps": args.concurrency,
@@ -360,6 +414,7 @@ def build_report(
         "soak": soak_part,
         "rss_mib": {n: [[t, m] for t, m in pts] for n, pts in result["rss"].items()},
         "memory": memory,
+        "scoring_state": {k: v for k, v in scoring_state.items() if k != "adjusted_rss_mib"},
         "passed": not failures,
         "failures": failures,
     }
@@ -390,20 +445,28 @@ def cmd_bench_load(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     stack, own, source = acquire_stack(args.stack, out)
     progress(f"using {source}")
+    # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so an own stack is stopped, not orphaned.
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(143))
     try:
         mix = Mix(
-            read_fraction=args.read_fraction, unknown_fraction=args.unknown_fraction, batch_events=args.batch_events
+            read_fraction=args.read_fraction,
+            unknown_fraction=args.unknown_fraction,
+            batch_events=args.batch_events,
+            session_events=args.session_events,
+            review_fraction=args.review_fraction,
         )
         workload, seed_info = seed(stack, args.seed_purchases, mix)
         result = asyncio.run(drive(stack, workload, args))
-        report = build_report(args, source, stack, seed_info, result)
+        report = build_report(args, source, stack, seed_info, result, workload)
     finally:
         if own:
             progress("stopping the stack ...")
             stack.down()
     (out / "load.json").write_text(json.dumps(report, indent=2))
     title = f"RSS per process group; memory verdict: {report['memory']['verdict']}"
-    plot_rss(result["rss"], args.minutes * 60, out / "rss.png", title)
+    adjusted = report["scoring_state"].get("adjusted_rss_mib_series")
+    extra = {"scoring less designed state": [(t, m) for t, m in adjusted]} if adjusted else {}
+    plot_rss({**result["rss"], **extra}, args.minutes * 60, out / "rss.png", title)
     plot_latency(report, out / "latency.png")
     if args.json:
         print(json.dumps(report, indent=2))
@@ -443,6 +506,14 @@ def human(report: dict[str, Any], out: Path) -> str:
             f"slope {p['slope_second_half_mib_per_min']} MiB/min, growth "
             f"{p['growth_first_to_last_quarter_pct']}%{'' if p['judged'] else ' (not judged)'}"
         )
+        if "less_designed_state" in p:
+            a, ss = p["less_designed_state"], report["scoring_state"]
+            lines.append(
+                f"  {'':<13} less designed state (+{ss['pairs_end'] - ss['pairs_start']} pairs x "
+                f"{ss['bytes_per_pair']} B, +{ss['applied_ids_end'] - ss['applied_ids_start']} ids x "
+                f"{ss['bytes_per_applied_id']} B): slope {a['slope_second_half_mib_per_min']} MiB/min, "
+                f"growth {a['growth_first_to_last_quarter_pct']}% (judged on this)"
+            )
     lines.append(f"machine: {report['machine']['note']}")
     lines.append(f"written: {out / 'load.json'}, {out / 'rss.png'}, {out / 'latency.png'}")
     return "\n".join(lines)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +31,7 @@ RPC_OF = {
 EVENT_TYPES = (common_pb2.VIEW, common_pb2.CLICK, common_pb2.ADD_TO_CART, common_pb2.PURCHASE)
 EVENT_WEIGHTS = (70, 20, 7, 3)
 CLIENT_OVERLOAD = "CLIENT_OVERLOAD"
+RECENT_PER_USER = 20  # items a user's clicks, carts, purchases and second looks are drawn from
 
 
 @dataclass(frozen=True)
@@ -41,10 +42,20 @@ class Mix:
     k: int = 10
     read_timeout_s: float = 2.0
     write_timeout_s: float = 10.0
+    session_events: float = 10.0  # mean events of one user's session (geometric)
+    review_fraction: float = 0.4  # views that are a second look at an item the user viewed before
 
 
 class Workload:
-    """Draws operations: users and items are the seeded ones, weighted by how often they were bought."""
+    """Draws operations: users and items are the seeded ones, weighted by how often they were bought.
+
+    Writes are shopping sessions, not independent (user, item) draws: a session is one user's
+    run of events; a view is of a fresh item (popularity-weighted) or, ``review_fraction`` of the
+    time, a second look at one of the user's recent items; clicks, carts and purchases are of items
+    the user has viewed (nobody buys what they never saw). Independent draws made about three
+    events in four a (user, item) pair never seen before, which no shop's stream does and which
+    the scorer's state grows with by design (docs/load.md).
+    """
 
     def __init__(
         self,
@@ -62,6 +73,7 @@ class Workload:
         self.run_id = run_id
         self.rng = random.Random(seed)
         self._n = 0
+        self._recent: dict[str, deque[str]] = {}  # user -> items they viewed in this run, newest last
 
     def pick(self) -> str:
         r = self.rng.random()
@@ -77,15 +89,26 @@ class Workload:
             user = self.rng.choices(self.users, self.user_weights)[0]
         return gateway_pb2.GetRecommendationsRequest(user_id=user, k=self.mix.k, want_stylized=True)
 
+    def _item_for(self, user: str, etype: int) -> str:
+        recent = self._recent.setdefault(user, deque(maxlen=RECENT_PER_USER))
+        revisit = etype != common_pb2.VIEW or self.rng.random() < self.mix.review_fraction
+        if revisit and recent:
+            return self.rng.choice(recent)
+        item = self.rng.choices(self.items, self.item_weights)[0]
+        recent.append(item)
+        return item
+
     def write(self, now_s: float) -> ingestion_pb2.IngestEventsRequest:
-        n = self.mix.batch_events
-        users = self.rng.choices(self.users, self.user_weights, k=n)
-        items = self.rng.choices(self.items, self.item_weights, k=n)
-        types = self.rng.choices(EVENT_TYPES, EVENT_WEIGHTS, k=n)
         events = []
-        for u, i, t in zip(users, items, types, strict=True):
+        user = ""
+        for _ in range(self.mix.batch_events):
+            if not user or self.rng.random() < 1.0 / self.mix.session_events:
+                user = self.rng.choices(self.users, self.user_weights)[0]
+            t = self.rng.choices(EVENT_TYPES, EVENT_WEIGHTS)[0]
             self._n += 1
-            e = common_pb2.Event(event_id=f"load-{self.run_id}-{self._n}", user_id=u, item_id=i, type=t)
+            e = common_pb2.Event(
+                event_id=f"load-{self.run_id}-{self._n}", user_id=user, item_id=self._item_for(user, t), type=t
+            )
             if t == common_pb2.PURCHASE:
                 e.value = 1.0
             e.timestamp.FromNanoseconds(int(now_s * 1e9))

@@ -7,8 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cli.load_driver import KINDS
+from cli.load_driver import KINDS, Mix, Workload
 from cli.load_report import memory_verdict
+from cli.load_state import IDS, MIB, PAIRS, adjusted_series, measure_entry_costs, state_growth
 from cli.stack import REPO, SERVICES
 
 
@@ -36,6 +37,35 @@ def test_memory_verdict_flat_growing_and_too_short() -> None:
     assert v["verdict"] == "NOT flat"
 
     assert memory_verdict(leaking, 60)["verdict"] == "not judged"
+
+
+def test_scoring_is_judged_on_rss_less_its_designed_state() -> None:
+    """3 MiB/min of RSS that the state gauges account for is flat; the same growth without
+    state growth behind it, or beyond what the state explains, is not."""
+    costs = {"bytes_per_pair": 64.0, "bytes_per_applied_id": 16.0}
+    rss = series(300, 3.0, 10)
+    # 3 MiB/min = 1 MiB/min of ids + 2 of pairs, sampled every 5 s like the RSS.
+    gauges = [(t, {PAIRS: 2 * MIB / 64 * t / 60, IDS: MIB / 16 * t / 60}) for t, _m in rss]
+    adj = adjusted_series(rss, gauges, costs)
+    assert len(adj) == len(rss) and max(abs(m - 300) for _t, m in adj) < 0.01
+    v = memory_verdict({"scoring": rss}, 600, adjusted={"scoring": adj})
+    assert v["verdict"] == "flat", v["reason"]
+    assert v["processes"]["scoring"]["slope_second_half_mib_per_min"] == 3.0  # the raw numbers stay
+    assert state_growth(gauges, 600)["pairs_end"] == int(2 * MIB / 64 * 10)
+
+    still = [(t, {PAIRS: 0.0, IDS: 0.0}) for t, _m in rss]
+    v = memory_verdict({"scoring": rss}, 600, adjusted={"scoring": adjusted_series(rss, still, costs)})
+    assert v["verdict"] == "NOT flat" and "less designed state" in v["reason"]
+    assert adjusted_series(rss, [(0.0, {})], costs) == []  # no gauge sample: nothing to judge on
+
+
+def test_entry_costs_are_measured_on_the_real_state() -> None:
+    users, items = [f"u{n}" for n in range(200)], [f"i{n}" for n in range(500)]
+    w = Workload(users, [1.0] * 200, items, [1.0] * 500, Mix(), "t")
+    costs = measure_entry_costs(w, events=120_000, checkpoints=12)
+    # A pair is a dict slot plus a float (~60-100 bytes); an id a 64-bit hash + two int32 (~16).
+    assert 30 < costs["bytes_per_pair"] < 200, costs
+    assert 8 < costs["bytes_per_applied_id"] < 60, costs
 
 
 def test_bench_load_end_to_end(tmp_path: Path) -> None:
@@ -80,6 +110,12 @@ def test_bench_load_end_to_end(tmp_path: Path) -> None:
         assert report["rss_mib"][name], name
         assert all(mib > 0 for _t, mib in report["rss_mib"][name])
     assert report["memory"]["verdict"] == "not judged"  # 12 s is too short to judge
+    # Scoring's state gauges were read along with its RSS, and the soak's writes show in them.
+    state = report["scoring_state"]
+    assert state["samples"] > 0 and state["pairs_end"] > state["pairs_start"] >= 0, state
+    assert state["applied_ids_end"] > state["applied_ids_start"], state
+    assert state["bytes_per_pair"] > 0 and state["bytes_per_applied_id"] > 0, state
+    assert report["memory"]["processes"]["scoring"]["less_designed_state"]["samples"] > 0
     assert report["passed"] is True and report["failures"] == []
     for png in ("rss.png", "latency.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
