@@ -31,6 +31,7 @@ import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +46,27 @@ from cli.load_report import (
     plot_latency,
     plot_rss,
 )
-from cli.load_state import MIB, adjusted_series, measure_entry_costs, scrape_gauges, state_growth
+from cli.load_state import (
+    APPLIED,
+    MIB,
+    PipelineWatch,
+    adjusted_series,
+    allowed_backlog,
+    measure_entry_costs,
+    scrape_scoring,
+    state_growth,
+)
 from cli.stack import REPO, Stack, StackError, pid_alive
 
 OUT = REPO / "out" / "load"
 PLATEAU_GAIN = 1.05  # a step must add 5% over the best so far to count as progress
 PLATEAU_STEPS = 2
+# A step or the soak keeps up when scoring's backlog is within this many seconds of writes. Not
+# tighter: scoring applies in bursts (its archive sync and consumer share one write lock), and at
+# 400 events/s its backlog swings between 2 and 13 s of writes while draining in 2 s; what this
+# catches is a scorer that falls behind for good, whose backlog grows for the whole phase.
+KEEP_UP_S = 15.0
+DRAIN_S = 90.0  # how long the seeding and the end of each phase may wait for scoring to catch up
 
 
 def register_bench(bsub: Any) -> None:
@@ -142,6 +158,8 @@ def seed(stack: Stack, n_purchases: int, mix: Mix) -> tuple[Workload, dict[str, 
     purchases, label = load_purchases(n_purchases, SHARED_DATA)
     progress(label)
     upserted, rejected_items = upsert(stack, gift_items(purchases), "load catalog", 500)
+    scoring = stack.components.get("scoring")
+    applied_before = scrape_scoring(f"127.0.0.1:{scoring.metrics_port}")[APPLIED] if scoring else 0.0
     accepted, dups, rejected = ingest(stack, to_events(purchases), "load seed purchases")
     progress(f"seeded {upserted} items, {accepted} purchases ({dups} duplicates, {rejected} rejected); training ...")
     version = train_model(stack, accepted)
@@ -157,6 +175,7 @@ def seed(stack: Stack, n_purchases: int, mix: Mix) -> tuple[Workload, dict[str, 
         "users": len(users),
         "model_version": version,
         "seconds": round(time.monotonic() - t0, 1),
+        "scoring_applied_before": applied_before,
     }
     progress(f"model {version} serving; {len(users)} known users, {len(items)} items ({info['seconds']} s)")
     workload = Workload(list(users), list(users.values()), list(items), list(items.values()), mix, uuid.uuid4().hex[:8])
@@ -174,7 +193,8 @@ class RssSampler:
         self.other.own([os.getpgrp(), *self.groups.values()])
         scoring = stack.components.get("scoring")
         self.scoring_metrics = f"127.0.0.1:{scoring.metrics_port}" if scoring and scoring.metrics_port else ""
-        self.gauges: list[tuple[float, dict[str, float]]] = []  # scoring's state-size gauges
+        self.gauges: list[tuple[float, dict[str, float]]] = []  # scoring's state-size gauges and applied count
+        self.accepted: Callable[[], int] = lambda: 0  # the load client's accepted-event count, once it exists
 
     def sample_once(self, t: float) -> None:
         snap = snapshot()
@@ -186,7 +206,8 @@ class RssSampler:
         if self.scoring_metrics:
             # Restarting or busy: the adjusted series pairs each RSS sample with the nearest gauge sample.
             with contextlib.suppress(OSError):
-                self.gauges.append((t, scrape_gauges(self.scoring_metrics)))
+                accepted = self.accepted()
+                self.gauges.append((t, {**scrape_scoring(self.scoring_metrics), "accepted": accepted}))
 
     async def run(self, clock: Any) -> None:
         while True:
@@ -206,7 +227,14 @@ def step_passes(stats: dict[str, Any], p99_limit_ms: float) -> tuple[bool, str]:
     return True, ""
 
 
-async def max_search(client: Client, args: argparse.Namespace) -> dict[str, Any]:
+def keeps_up(backlog: int, stats: dict[str, Any], batch_events: int) -> tuple[bool, str]:
+    allowed = allowed_backlog(stats["by_kind"]["write"]["requests_per_s"] * batch_events, KEEP_UP_S, batch_events)
+    if backlog > allowed:
+        return False, f"scoring fell behind: {backlog} accepted events not applied (> {KEEP_UP_S:g} s of writes)"
+    return True, ""
+
+
+async def max_search(client: Client, args: argparse.Namespace, watch: PipelineWatch | None) -> dict[str, Any]:
     steps: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None
     stale = 0
@@ -215,10 +243,16 @@ async def max_search(client: Client, args: argparse.Namespace) -> dict[str, Any]
         rec = await closed_loop(client, c, args.step_seconds, warmup_s=min(2.0, args.step_seconds / 2))
         st = rec.stats(args.step_seconds)
         ok, why = step_passes(st, args.p99_limit_ms)
+        if watch is not None:
+            # Cumulative since the search began: a step inherits what the one before left behind.
+            st["scoring_backlog_events"] = backlog = await asyncio.to_thread(watch.backlog)
+            if ok:
+                ok, why = keeps_up(backlog, st, args.batch_events)
         st.update({"concurrency": c, "qualifies": ok, "why_not": why})
         steps.append(st)
         kinds = " ".join(f"{k} p99 {st['by_kind'][k]['p99_ms']:.0f}ms" for k in KINDS)
-        progress(f"max search c={c}: {st['requests_per_s']:.1f} req/s, {kinds}, errors {st['errors']} {why}")
+        lag = f", scoring backlog {st['scoring_backlog_events']}" if watch is not None else ""
+        progress(f"max search c={c}: {st['requests_per_s']:.1f} req/s, {kinds}{lag}, errors {st['errors']} {why}")
         if not ok:
             stopped = f"concurrency {c} did not qualify ({why})"
             break
@@ -234,8 +268,10 @@ async def max_search(client: Client, args: argparse.Namespace) -> dict[str, Any]
     return {
         "definition": (
             "closed loop, one step per concurrency, each step measured for step_seconds after a warm-up; "
-            "max = the highest requests/s (all kinds, OK answers) of a step with zero errors and every kind's "
-            f"p99 <= {args.p99_limit_ms} ms; the ramp stops at the first step that fails that, or after "
+            "max = the highest requests/s (all kinds, OK answers) of a step with zero errors, every kind's "
+            f"p99 <= {args.p99_limit_ms} ms and scoring keeping up (at the step's end at most {KEEP_UP_S:g} s "
+            "of its writes accepted but not applied, counted from the search's start); the ramp stops at the "
+            "first step that fails that, or after "
             f"{PLATEAU_STEPS} steps that add less than {round((PLATEAU_GAIN - 1) * 100)}% over the best"
         ),
         "steps": steps,
@@ -245,7 +281,14 @@ async def max_search(client: Client, args: argparse.Namespace) -> dict[str, Any]
     }
 
 
-async def soak(client: Client, rate: float, seconds: float, args: argparse.Namespace, sampler: RssSampler) -> Any:
+async def soak(
+    client: Client,
+    rate: float,
+    seconds: float,
+    args: argparse.Namespace,
+    sampler: RssSampler,
+    watch: PipelineWatch | None,
+) -> Any:
     state = OpenLoopState()
     every = max(5.0, min(30.0, seconds / 10))
 
@@ -257,10 +300,11 @@ async def soak(client: Client, rate: float, seconds: float, args: argparse.Names
             t = time.monotonic() - t0
             ok = state.rec.count()
             rss = " ".join(f"{n} {m:.0f}" for n, m in sampler.latest().items())
+            lag = f", scoring backlog {await asyncio.to_thread(watch.backlog)}" if watch is not None else ""
             progress(
                 f"soak {t / 60:5.2f}/{seconds / 60:.2f} min: offered {rate:.1f}/s, "
                 f"ok {(ok - last_ok) / (t - last_t):.1f}/s, in flight {state.inflight}, "
-                f"errors {state.rec.error_count()}; RSS MiB: {rss}"
+                f"errors {state.rec.error_count()}{lag}; RSS MiB: {rss}"
             )
             last_ok, last_t = ok, t
 
@@ -272,7 +316,9 @@ async def soak(client: Client, rate: float, seconds: float, args: argparse.Names
     return state
 
 
-async def drive(stack: Stack, workload: Workload, args: argparse.Namespace) -> dict[str, Any]:
+async def drive(
+    stack: Stack, workload: Workload, seed_info: dict[str, Any], args: argparse.Namespace
+) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     soak_s = args.minutes * 60
     sampler = RssSampler(stack, interval_s=min(5.0, max(0.5, soak_s / 120)))
@@ -284,21 +330,37 @@ async def drive(stack: Stack, workload: Workload, args: argparse.Namespace) -> d
         workload,
         time.time,
     )
+    watch = None
+    if sampler.scoring_metrics:
+        watch = PipelineWatch(sampler.scoring_metrics, lambda: client.events_accepted)
+        sampler.accepted = watch.accepted
+    pipeline: dict[str, Any] = {"keep_up_s": KEEP_UP_S, "drain_timeout_s": DRAIN_S}
     try:
+        if watch is not None:
+            # The seed purchases first: a backlog left from seeding would be charged to the first step.
+            watch.base_applied = seed_info["scoring_applied_before"]
+            watch.base_accepted = -seed_info["purchases_accepted"]
+            pipeline["seed_drained_after_s"] = await asyncio.to_thread(watch.drain, DRAIN_S)
+            watch.mark()
         if args.rate:
             search: dict[str, Any] = {"skipped": f"--rate {args.rate} given", "steps": []}
             rate = args.rate
         else:
             progress(f"phase a: max search, concurrency {args.concurrency}, {args.step_seconds} s per step")
-            search = await max_search(client, args)
+            search = await max_search(client, args, watch)
             if search["max_requests_per_s"] is None:
                 return {"max_search": search, "soak": None, "rss": sampler.series, "sampler": sampler}
             rate = search["max_requests_per_s"] * args.rate_fraction
             progress(f"max {search['max_requests_per_s']} req/s at c={search['max_at_concurrency']}")
+        if watch is not None:
+            pipeline["search_drained_after_s"] = await asyncio.to_thread(watch.drain, DRAIN_S)
+            watch.mark()
         progress(f"phase b: open-loop soak at {rate:.1f} req/s for {args.minutes} min")
         soak_start = loop.time() - origin["t"]
-        state = await soak(client, rate, soak_s, args, sampler)
+        state = await soak(client, rate, soak_s, args, sampler, watch)
         await asyncio.to_thread(sampler.sample_once, loop.time() - origin["t"])
+        if watch is not None:
+            pipeline.update(await asyncio.to_thread(soak_pipeline, watch, state, soak_s, args.batch_events, sampler))
     finally:
         sampling.cancel()
         await client.close()
@@ -318,10 +380,40 @@ async def drive(stack: Stack, workload: Workload, args: argparse.Namespace) -> d
             "stats": state.rec.stats(soak_s),
             "timeline_window_s": window,
             "timeline": state.rec.timeline(soak_s, window),
+            "pipeline": pipeline if watch is not None else {"note": "scoring's metrics were not reachable"},
         },
         "rss": series,
         "scoring_gauges": gauges,
         "sampler": sampler,
+    }
+
+
+def soak_pipeline(
+    watch: PipelineWatch, state: OpenLoopState, soak_s: float, batch_events: int, sampler: RssSampler
+) -> dict[str, Any]:
+    """Did scoring apply what ingestion accepted during the soak, and how long did the rest take?"""
+    backlog = watch.backlog()
+    # The backlog at every RSS sample of the soak (the sampler read both counts together).
+    during = [
+        int((g["accepted"] - watch.base_accepted) - (g[APPLIED] - watch.base_applied))
+        for _t, g in sampler.gauges
+        if "accepted" in g and g["accepted"] >= watch.base_accepted and g[APPLIED] >= watch.base_applied
+    ]
+    accepted = watch.accepted() - watch.base_accepted
+    stats = state.rec.stats(soak_s)
+    ok, why = keeps_up(backlog, stats, batch_events)
+    drained = watch.drain(DRAIN_S)
+    return {
+        "events_accepted": accepted,
+        "events_applied_by_scoring_at_end": accepted - backlog,
+        "backlog_at_end_events": backlog,
+        "backlog_at_end_seconds_of_writes": round(backlog / max(1.0, accepted / soak_s), 1),
+        "max_backlog_events": max(during, default=None),
+        "max_backlog_seconds_of_writes": round(max(during) / max(1.0, accepted / soak_s), 1) if during else None,
+        "drained_after_s": drained,
+        "kept_up": ok,
+        "why_not": why,
+        "base": {"applied": watch.base_applied, "accepted": watch.base_accepted},
     }
 
 
@@ -373,6 +465,9 @@ def build_report(
         failures.append(f"no max-search step qualified: {result['max_search']['stopped_because']}")
     if soak_part and soak_part["stats"]["errors"]:
         failures.append(f"soak had {soak_part['stats']['errors']} errors: {soak_part['stats']['errors_by_status']}")
+    pipe = soak_part.get("pipeline", {}) if soak_part else {}
+    if pipe.get("kept_up") is False:
+        failures.append(f"{pipe['why_not']} at the soak's end; drained after {pipe['drained_after_s']} s")
     if memory["verdict"] == "NOT flat":
         failures.append(f"memory not flat: {memory['reason']}")
     other = sampler.other.summary()
@@ -456,7 +551,7 @@ def cmd_bench_load(args: argparse.Namespace) -> int:
             review_fraction=args.review_fraction,
         )
         workload, seed_info = seed(stack, args.seed_purchases, mix)
-        result = asyncio.run(drive(stack, workload, args))
+        result = asyncio.run(drive(stack, workload, seed_info, args))
         report = build_report(args, source, stack, seed_info, result, workload)
     finally:
         if own:
@@ -497,6 +592,14 @@ def human(report: dict[str, Any], out: Path) -> str:
             lines.append(
                 f"  {kind:<13} {k['requests_per_s']:>8} /s  p50 {k['p50_ms']} ms  p95 {k['p95_ms']} ms  "
                 f"p99 {k['p99_ms']} ms  errors {k['errors']}  degraded {k['degraded_answers']}"
+            )
+        pipe = soak_part["pipeline"]
+        if "kept_up" in pipe:
+            lines.append(
+                f"scoring {'kept up' if pipe['kept_up'] else 'FELL BEHIND'}: applied "
+                f"{pipe['events_applied_by_scoring_at_end']} of {pipe['events_accepted']} accepted events by the "
+                f"soak's end (backlog {pipe['backlog_at_end_events']}, {pipe['backlog_at_end_seconds_of_writes']} s "
+                f"of writes); drained after {pipe['drained_after_s']} s"
             )
     mem = report["memory"]
     lines.append(f"memory: {mem['verdict']} ({mem['reason']})")

@@ -155,6 +155,7 @@ class Client:
         self.ing = ingestion_pb2_grpc.IngestionServiceStub(self.ing_channel)
         self.workload = workload
         self.wall_clock = wall_clock
+        self.events_accepted = 0  # what ingestion acknowledged: the scorer must apply as many
 
     async def call(self, kind: str) -> Outcome:
         mix = self.workload.mix
@@ -163,6 +164,7 @@ class Client:
                 resp = await self.ing.IngestEvents(
                     self.workload.write(self.wall_clock()), timeout=mix.write_timeout_s, metadata=self.ing_md
                 )
+                self.events_accepted += resp.accepted
                 if len(resp.rejected):
                     return Outcome(False, "EVENTS_REJECTED")
                 return Outcome(True)

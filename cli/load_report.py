@@ -170,7 +170,7 @@ def plot_latency(report: dict[str, Any], path: Path) -> None:
         ax_ramp.set_title(f"phase a: max search (max sustainable = {max_rps} requests/s)", fontsize=10)
         ax_ramp.grid(alpha=0.3)
     soak = report.get("soak", {})
-    timeline = soak.get("timeline", [])
+    timeline = soak.get("timeline", []) if soak else []
     if timeline:
         t = [row["t_s"] / 60 for row in timeline]
         for kind, color in (("read_known", "tab:green"), ("read_unknown", "tab:olive"), ("write", "tab:red")):

@@ -13,8 +13,10 @@ reported.
 from __future__ import annotations
 
 import gc
+import time
 import tracemalloc
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -24,18 +26,23 @@ from services.scoring.interactions import EventRecord, InteractionState
 
 PAIRS = "stylerec_scoring_state_pairs"
 IDS = "stylerec_scoring_state_applied_ids"
+APPLIED = "stylerec_scoring_events_applied_total"  # summed over sources, outcome="new" only
 MIB = 1024.0 * 1024.0
 
 
-def scrape_gauges(metrics_addr: str, names: tuple[str, ...] = (PAIRS, IDS), timeout_s: float = 2.0) -> dict[str, float]:
-    """Unlabelled gauges from a Prometheus text endpoint; a gauge not (yet) exported is absent."""
+def scrape_scoring(metrics_addr: str, timeout_s: float = 2.0) -> dict[str, float]:
+    """The state-size gauges and the count of events applied (each event is "new" exactly once,
+    whether Kafka or the archive sync brought it) from scoring's Prometheus endpoint. A gauge not
+    exported yet is absent; the counter is 0 before its first event."""
     with urllib.request.urlopen(f"http://{metrics_addr}/metrics", timeout=timeout_s) as resp:
         text = resp.read().decode()
-    found: dict[str, float] = {}
+    found: dict[str, float] = {APPLIED: 0.0}
     for line in text.splitlines():
         name, _, value = line.partition(" ")
-        if name in names:
+        if name in (PAIRS, IDS):
             found[name] = float(value)
+        elif name.startswith(APPLIED + "{") and 'outcome="new"' in name:
+            found[APPLIED] += float(value)
     return found
 
 
@@ -112,3 +119,42 @@ def state_growth(gauges: list[tuple[float, dict[str, float]]], soak_s: float) ->
         "applied_ids_start": int(start[IDS]),
         "applied_ids_end": int(end[IDS]),
     }
+
+
+class PipelineWatch:
+    """Whether scoring keeps up with the writes: events ingestion accepted (counted by the load
+    client from its answers) against events scoring applied (its own counter), both since
+    ``mark()``. Answers alone cannot show this: ingestion acknowledges once Kafka has an event,
+    and a scorer that falls behind keeps every RPC green while recommendations go stale."""
+
+    def __init__(self, metrics_addr: str, accepted: Callable[[], int]) -> None:
+        self.metrics_addr = metrics_addr
+        self.accepted = accepted
+        self.base_applied = 0.0
+        self.base_accepted = 0
+
+    def applied(self) -> float:
+        return scrape_scoring(self.metrics_addr)[APPLIED]
+
+    def mark(self) -> None:
+        self.base_applied, self.base_accepted = self.applied(), self.accepted()
+
+    def backlog(self) -> int:
+        """Events accepted since ``mark()`` that scoring has not applied yet."""
+        return int((self.accepted() - self.base_accepted) - (self.applied() - self.base_applied))
+
+    def drain(self, timeout_s: float, poll_s: float = 0.5) -> float | None:
+        """Seconds until the backlog reached 0; None when it did not within ``timeout_s``."""
+        t0 = time.monotonic()
+        while True:
+            if self.backlog() <= 0:
+                return round(time.monotonic() - t0, 2)
+            if time.monotonic() - t0 > timeout_s:
+                return None
+            time.sleep(poll_s)
+
+
+def allowed_backlog(write_events_per_s: float, keep_up_s: float, batch_events: int) -> int:
+    """Kept up = at most ``keep_up_s`` of the writes not applied yet (and never less than two
+    write batches, so an idle moment's rounding does not fail a slow step)."""
+    return int(max(keep_up_s * write_events_per_s, 2 * batch_events))

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cli.bench_load import keeps_up
 from cli.load_driver import KINDS, Mix, Workload
 from cli.load_report import memory_verdict
 from cli.load_state import IDS, MIB, PAIRS, adjusted_series, measure_entry_costs, state_growth
@@ -59,6 +60,15 @@ def test_scoring_is_judged_on_rss_less_its_designed_state() -> None:
     assert adjusted_series(rss, [(0.0, {})], costs) == []  # no gauge sample: nothing to judge on
 
 
+def test_a_step_keeps_up_only_within_fifteen_seconds_of_its_writes() -> None:
+    stats = {"by_kind": {"write": {"requests_per_s": 10.0}}}  # 10 batches/s x 20 events = 200 events/s
+    assert keeps_up(3000, stats, 20) == (True, "")
+    ok, why = keeps_up(3001, stats, 20)
+    assert not ok and "scoring fell behind: 3001" in why
+    idle = {"by_kind": {"write": {"requests_per_s": 0.0}}}
+    assert keeps_up(40, idle, 20)[0] and not keeps_up(41, idle, 20)[0]  # two batches of slack
+
+
 def test_entry_costs_are_measured_on_the_real_state() -> None:
     users, items = [f"u{n}" for n in range(200)], [f"i{n}" for n in range(500)]
     w = Workload(users, [1.0] * 200, items, [1.0] * 500, Mix(), "t")
@@ -105,6 +115,11 @@ def test_bench_load_end_to_end(tmp_path: Path) -> None:
         assert k["ok"] > 0, kind
         assert 0 < k["p50_ms"] <= k["p95_ms"] <= k["p99_ms"] <= k["max_ms"]
     assert soak["timeline"] and all("requests_per_s" in row for row in soak["timeline"])
+    # What ingestion accepted, scoring applied: counted from answers and from scoring's own counter.
+    pipe = soak["pipeline"]
+    assert pipe["events_accepted"] > 0 and pipe["kept_up"] is True, pipe
+    assert pipe["drained_after_s"] is not None and pipe["seed_drained_after_s"] is not None, pipe
+    assert all(isinstance(s["scoring_backlog_events"], int) for s in steps)
 
     for name in SERVICES:
         assert report["rss_mib"][name], name
