@@ -155,6 +155,7 @@ class Publisher:
         """
         users = list(users)
         with self._write_lock:
+            marks = self.state.write_marks(users, self.engine.holder.version)
             self.recs.write_users(users)
             if not profiles:
                 return
@@ -163,6 +164,7 @@ class Publisher:
             except redis.RedisError:
                 STORE_ERRORS.labels("redis", "style_profile").inc()
                 raise
+            self.state.mark_written(marks)
         for p in written.values():
             metrics.PROFILES_WRITTEN.labels("written" if p else "none").inc()
 
@@ -211,6 +213,7 @@ class EventApplier:
 
     def __call__(self, batch: list[Decoded[common_pb2.Event]]) -> None:
         users: set[str] = set()
+        duplicates: set[str] = set()
         for d in batch:
             e = d.message
             ts = e.timestamp.seconds + e.timestamp.nanos / 1e9
@@ -218,8 +221,15 @@ class EventApplier:
             metrics.EVENTS_APPLIED.labels("kafka", "new" if new else "duplicate").inc()
             if new:
                 self.applied += 1
-            # Rewrite even for a duplicate: a replay after a crash must still leave Redis right.
-            users.add(e.user_id)
+                users.add(e.user_id)
+            else:
+                duplicates.add(e.user_id)
+        # A duplicate still rewrites its user unless this process already wrote them from their
+        # current state: a replay after a crash must leave Redis right, but an event the archive
+        # sync applied (and wrote) first while this consumer was behind needs no second fold-in;
+        # under a backlog that second fold-in had doubled scoring's work (docs/load.md).
+        version = self.publisher.engine.holder.version
+        users |= {u for u in duplicates - users if self.state.needs_write(u, version)}
         # Popularity first: a reader that sees the user's new recs must also see the popularity
         # they were computed against (the gateway caches popularity briefly).
         self.publisher.popularity()

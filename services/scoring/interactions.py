@@ -148,6 +148,8 @@ class InteractionState:
         self._item_last_ts: dict[str, float] = {}
         self._user_events: dict[str, int] = defaultdict(int)
         self._pairs = 0  # (user, item) entries in _user_items: the state's size, for the gauge
+        # user -> (their event count, model version) when this process last wrote their Redis output.
+        self._written: dict[str, tuple[int, str]] = {}
         self.watermark = 0.0  # newest event timestamp applied
         self.events = 0
         # Users whose events are never applied (the suppression list of forgotten users).
@@ -191,6 +193,7 @@ class InteractionState:
         with self._lock:
             items = self._user_items.pop(user, None)
             n = self._user_events.pop(user, 0)
+            self._written.pop(user, None)
             if items is None:
                 return 0
             self._pairs -= len(items)
@@ -204,6 +207,24 @@ class InteractionState:
                     self._item_score[item] = left
             self.events -= n
             return n
+
+    # ---------- what Redis already reflects ----------
+    def write_marks(self, users: Iterable[str], model_version: str) -> dict[str, tuple[int, str]]:
+        """Each user's mark as of now; taken before their output is computed, so an event applied
+        meanwhile leaves the mark behind the state (and the user is written again: the safe side)."""
+        with self._lock:
+            return {u: (self._user_events.get(u, 0), model_version) for u in users}
+
+    def mark_written(self, marks: dict[str, tuple[int, str]]) -> None:
+        with self._lock:
+            self._written.update({u: m for u, m in marks.items() if u in self._user_events})
+
+    def needs_write(self, user: str, model_version: str) -> bool:
+        """False when this process already wrote ``user``'s output from their current state and
+        this model: a duplicate event of theirs then changes nothing in Redis. True after a
+        restart (nothing written yet), which is what makes a crash replay rewrite Redis."""
+        with self._lock:
+            return self._written.get(user) != (self._user_events.get(user, 0), model_version)
 
     def apply_all(self, events: Iterable[EventRecord]) -> int:
         return sum(1 for ev in events if self.apply(ev))

@@ -89,3 +89,24 @@ def test_state_counts_its_pairs_and_ids_for_the_size_gauges() -> None:
     assert (st.n_pairs, st.n_applied_ids) == (1, 4)
     st.forget("u1")
     assert st.n_pairs == 1
+
+
+def test_a_duplicate_needs_a_rewrite_only_when_redis_is_behind_the_state() -> None:
+    """The consumer skips the fold-in for a duplicate whose user this process already wrote from
+    the same state and model; a restart (no marks), a newer event or a model swap rewrites."""
+    st = InteractionState(WEIGHTS, half_life_s=30 * DAY)
+    st.apply(EventRecord("e1", "u1", "i1", 1, T0))
+    assert st.needs_write("u1", "m1")  # never written by this process: a crash replay must rewrite
+    marks = st.write_marks(["u1"], "m1")
+    st.mark_written(marks)
+    assert not st.needs_write("u1", "m1")
+    assert st.needs_write("u1", "m2")  # another model
+    st.apply(EventRecord("e2", "u1", "i2", 1, T0))
+    assert st.needs_write("u1", "m1")  # state moved on since the write
+    early = st.write_marks(["u1"], "m1")
+    st.apply(EventRecord("e3", "u1", "i3", 1, T0))  # applied while the output was being computed
+    st.mark_written(early)
+    assert st.needs_write("u1", "m1")
+    st.mark_written(st.write_marks(["u1"], "m1"))
+    st.forget("u1")
+    assert "u1" not in st._written  # a forgotten user leaves no mark behind
