@@ -152,9 +152,3 @@ class PipelineWatch:
             if time.monotonic() - t0 > timeout_s:
                 return None
             time.sleep(poll_s)
-
-
-def allowed_backlog(write_events_per_s: float, keep_up_s: float, batch_events: int) -> int:
-    """Kept up = at most ``keep_up_s`` of the writes not applied yet (and never less than two
-    write batches, so an idle moment's rounding does not fail a slow step)."""
-    return int(max(keep_up_s * write_events_per_s, 2 * batch_events))
