@@ -65,6 +65,10 @@ PLATEAU_STEPS = 2
 # in bursts (its consumer and archive sync share one write lock) and at 880 events/s its backlog
 # swung between 3 and 20 s of writes; a scorer behind for good has minutes of writes to catch up.
 KEEP_UP_S = 30.0
+# ... and when the soak's final backlog is at most this many seconds of its writes: once writes
+# stop, scoring catches up fast (195,000 events in 17 s once), so the drain alone let a soak pass
+# whose recommendations were 93 s behind.
+MAX_BACKLOG_S = 60.0
 DRAIN_S = 90.0  # how long the seeding and the end of each phase may wait for scoring to catch up
 
 
@@ -226,7 +230,14 @@ def step_passes(stats: dict[str, Any], p99_limit_ms: float) -> tuple[bool, str]:
     return True, ""
 
 
-def keeps_up(backlog: int, drained_after_s: float | None) -> tuple[bool, str]:
+def keeps_up(backlog: int, drained_after_s: float | None, backlog_s: float | None = None) -> tuple[bool, str]:
+    """``backlog_s``: the backlog in seconds of writes (the soak's); None for a max-search step,
+    which is shorter than ``MAX_BACKLOG_S`` and so is judged by its drain alone."""
+    if backlog_s is not None and backlog_s > MAX_BACKLOG_S:
+        return False, (
+            f"scoring fell behind: {backlog} accepted events not applied when the writes stopped "
+            f"({backlog_s:g} s of writes > {MAX_BACKLOG_S:g} s)"
+        )
     if drained_after_s is None or drained_after_s > KEEP_UP_S:
         return False, (
             f"scoring fell behind: {backlog} accepted events not applied when the writes stopped, "
@@ -336,7 +347,7 @@ async def drive(
     if sampler.scoring_metrics:
         watch = PipelineWatch(sampler.scoring_metrics, lambda: client.events_accepted)
         sampler.accepted = watch.accepted
-    pipeline: dict[str, Any] = {"keep_up_s": KEEP_UP_S, "drain_timeout_s": DRAIN_S}
+    pipeline: dict[str, Any] = {"keep_up_s": KEEP_UP_S, "max_backlog_s": MAX_BACKLOG_S, "drain_timeout_s": DRAIN_S}
     try:
         if watch is not None:
             # The seed purchases first: a backlog left from seeding would be charged to the first step.
@@ -401,12 +412,13 @@ def soak_pipeline(watch: PipelineWatch, soak_s: float, sampler: RssSampler) -> d
     ]
     accepted = watch.accepted() - watch.base_accepted
     drained = watch.drain(DRAIN_S)
-    ok, why = keeps_up(backlog, drained)
+    backlog_s = round(backlog / max(1.0, accepted / soak_s), 1)
+    ok, why = keeps_up(backlog, drained, backlog_s)
     return {
         "events_accepted": accepted,
         "events_applied_by_scoring_at_end": accepted - backlog,
         "backlog_at_end_events": backlog,
-        "backlog_at_end_seconds_of_writes": round(backlog / max(1.0, accepted / soak_s), 1),
+        "backlog_at_end_seconds_of_writes": backlog_s,
         "max_backlog_events": max(during, default=None),
         "max_backlog_seconds_of_writes": round(max(during) / max(1.0, accepted / soak_s), 1) if during else None,
         "drained_after_s": drained,

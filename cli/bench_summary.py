@@ -302,6 +302,27 @@ def load_rows(d: dict[str, Any], label: str) -> list[Row]:
             note=json.dumps(dig(soak, "stats", "errors_by_status") or {}),
         )
     )
+    pipe = soak.get("pipeline") or {}
+    if "kept_up" in pipe:
+        out.append(
+            row(
+                b,
+                "soak events applied by scoring (baseline = accepted by ingestion)",
+                pipe.get("events_applied_by_scoring_at_end"),
+                pipe.get("events_accepted"),
+            )
+        )
+        drained = pipe.get("drained_after_s")
+        out.append(
+            row(
+                b,
+                "scoring caught up after the soak, s",
+                drained if drained is not None else f"not within {pipe.get('drain_timeout_s')}",
+                goal="<= 30 s",
+                met=bool(pipe.get("kept_up")),
+                note=str(pipe.get("why_not", "")),
+            )
+        )
     mem = d.get("memory") or {}
     verdict = mem.get("verdict")
     out.append(
@@ -316,14 +337,15 @@ def load_rows(d: dict[str, Any], label: str) -> list[Row]:
     )
     worst = max(
         (
-            (p.get("slope_second_half_mib_per_min"), n)
+            ((p.get("less_designed_state") or p).get("slope_second_half_mib_per_min"), n)
             for n, p in (mem.get("processes") or {}).items()
             if p.get("judged")
         ),
         default=(None, ""),
     )
     if worst[0] is not None:
-        out.append(row(b, f"steepest service RSS slope MiB/min ({worst[1]})", worst[0]))
+        judged_on = " less designed state" if "less_designed_state" in mem["processes"][worst[1]] else ""
+        out.append(row(b, f"steepest judged RSS slope MiB/min ({worst[1]}{judged_on})", worst[0]))
     return out
 
 

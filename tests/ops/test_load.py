@@ -65,6 +65,9 @@ def test_scoring_keeps_up_when_its_backlog_drains_within_thirty_seconds() -> Non
     ok, why = keeps_up(20_000, 30.5)
     assert not ok and "scoring fell behind: 20000" in why
     assert not keeps_up(900_000, None)[0]  # not drained at all within the wait
+    assert keeps_up(20_000, 12.5, 59.0)[0]
+    ok, why = keeps_up(195_000, 17.3, 93.1)  # caught up fast, but recommendations were 93 s behind
+    assert not ok and "93.1 s of writes" in why
 
 
 def test_entry_costs_are_measured_on_the_real_state() -> None:
