@@ -161,8 +161,8 @@ def seed(stack: Stack, n_purchases: int, mix: Mix) -> tuple[Workload, dict[str, 
     purchases, label = load_purchases(n_purchases, SHARED_DATA)
     progress(label)
     upserted, rejected_items = upsert(stack, gift_items(purchases), "load catalog", 500)
-    scoring = stack.components.get("scoring")
-    applied_before = scrape_scoring(f"127.0.0.1:{scoring.metrics_port}")[APPLIED] if scoring else 0.0
+    scoring_metrics = stack.metrics_addr_of("scoring")
+    applied_before = scrape_scoring(scoring_metrics)[APPLIED] if scoring_metrics else 0.0
     accepted, dups, rejected = ingest(stack, to_events(purchases), "load seed purchases")
     progress(f"seeded {upserted} items, {accepted} purchases ({dups} duplicates, {rejected} rejected); training ...")
     version = train_model(stack, accepted)
@@ -194,8 +194,7 @@ class RssSampler:
         self.series: dict[str, list[tuple[float, float]]] = {name: [] for name in self.groups}
         self.other = OtherLoad()
         self.other.own([os.getpgrp(), *self.groups.values()])
-        scoring = stack.components.get("scoring")
-        self.scoring_metrics = f"127.0.0.1:{scoring.metrics_port}" if scoring and scoring.metrics_port else ""
+        self.scoring_metrics = stack.metrics_addr_of("scoring")
         self.gauges: list[tuple[float, dict[str, float]]] = []  # scoring's state-size gauges and applied count
         self.accepted: Callable[[], int] = lambda: 0  # the load client's accepted-event count, once it exists
 
@@ -411,8 +410,9 @@ def soak_pipeline(watch: PipelineWatch, soak_s: float, sampler: RssSampler) -> d
         if "accepted" in g and g["accepted"] >= watch.base_accepted and g[APPLIED] >= watch.base_applied
     ]
     accepted = watch.accepted() - watch.base_accepted
+    per_s = max(1.0, accepted / soak_s)  # the soak's write rate in events/s, for backlogs in seconds of writes
     drained = watch.drain(DRAIN_S)
-    backlog_s = round(backlog / max(1.0, accepted / soak_s), 1)
+    backlog_s = round(backlog / per_s, 1)
     ok, why = keeps_up(backlog, drained, backlog_s)
     return {
         "events_accepted": accepted,
@@ -420,7 +420,7 @@ def soak_pipeline(watch: PipelineWatch, soak_s: float, sampler: RssSampler) -> d
         "backlog_at_end_events": backlog,
         "backlog_at_end_seconds_of_writes": backlog_s,
         "max_backlog_events": max(during, default=None),
-        "max_backlog_seconds_of_writes": round(max(during) / max(1.0, accepted / soak_s), 1) if during else None,
+        "max_backlog_seconds_of_writes": round(max(during) / per_s, 1) if during else None,
         "drained_after_s": drained,
         "kept_up": ok,
         "why_not": why,

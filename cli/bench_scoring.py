@@ -26,7 +26,6 @@ import statistics
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ from stylerec.v1 import common_pb2, ingestion_pb2, ingestion_pb2_grpc, scoring_p
 from tqdm import tqdm
 
 from cli.errors import UsageError
-from cli.stack import REPO, Stack, StackError
+from cli.stack import REPO, Stack, StackError, metric_sum
 from libs.common import keys
 from libs.common.kafka import ensure_topics
 from libs.common.pseudonym import Pseudonymizer
@@ -143,16 +142,8 @@ def wait_until(check: Any, timeout_s: float, what: str) -> None:
 
 def scrape_histogram(stack: Stack, name: str) -> tuple[float, float]:
     """(sum, count) of a histogram on the scoring replica's /metrics endpoint."""
-    port = stack.components["scoring"].metrics_port
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        text = resp.read().decode()
-    total = count = 0.0
-    for line in text.splitlines():
-        if line.startswith(f"{name}_sum"):
-            total = float(line.split()[-1])
-        elif line.startswith(f"{name}_count"):
-            count = float(line.split()[-1])
-    return total, count
+    samples = stack.scrape("scoring")
+    return metric_sum(samples, f"{name}_sum"), metric_sum(samples, f"{name}_count")
 
 
 def bench_kafka_hop(bootstrap: str, n: int) -> list[float]:

@@ -15,13 +15,13 @@ from __future__ import annotations
 import gc
 import time
 import tracemalloc
-import urllib.request
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from cli.load_driver import Workload
+from cli.stack import metric_sum, scrape_metrics
 from services.scoring.interactions import EventRecord, InteractionState
 
 PAIRS = "stylerec_scoring_state_pairs"
@@ -32,18 +32,13 @@ MIB = 1024.0 * 1024.0
 
 def scrape_scoring(metrics_addr: str, timeout_s: float = 2.0) -> dict[str, float]:
     """The state-size gauges and the count of events applied (each event is "new" exactly once,
-    whether Kafka or the archive sync brought it) from scoring's Prometheus endpoint. A gauge not
-    exported yet is absent; the counter is 0 before its first event."""
-    with urllib.request.urlopen(f"http://{metrics_addr}/metrics", timeout=timeout_s) as resp:
-        text = resp.read().decode()
-    found: dict[str, float] = {APPLIED: 0.0}
-    for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        if name in (PAIRS, IDS):
-            found[name] = float(value)
-        elif name.startswith(APPLIED + "{") and 'outcome="new"' in name:
-            found[APPLIED] += float(value)
-    return found
+    whether Kafka or the archive sync brought it) from scoring's Prometheus endpoint."""
+    samples = scrape_metrics(metrics_addr, timeout_s)
+    return {
+        PAIRS: metric_sum(samples, PAIRS),
+        IDS: metric_sum(samples, IDS),
+        APPLIED: metric_sum(samples, APPLIED, outcome="new"),
+    }
 
 
 def measure_entry_costs(workload: Workload, events: int = 200_000, checkpoints: int = 20) -> dict[str, Any]:
@@ -83,6 +78,10 @@ def measure_entry_costs(workload: Workload, events: int = 200_000, checkpoints: 
     }
 
 
+def _complete(gauges: list[tuple[float, dict[str, float]]]) -> list[tuple[float, dict[str, float]]]:
+    return [(t, g) for t, g in gauges if PAIRS in g and IDS in g]
+
+
 def adjusted_series(
     rss: list[tuple[float, float]], gauges: list[tuple[float, dict[str, float]]], costs: dict[str, Any]
 ) -> list[tuple[float, float]]:
@@ -90,7 +89,7 @@ def adjusted_series(
 
     Each RSS sample is paired with the gauge sample nearest in time; RSS samples before the
     first complete gauge sample are dropped."""
-    full = [(t, g) for t, g in gauges if PAIRS in g and IDS in g]
+    full = _complete(gauges)
     if not full:
         return []
     t_g = np.array([t for t, _g in full])
@@ -107,7 +106,7 @@ def adjusted_series(
 
 def state_growth(gauges: list[tuple[float, dict[str, float]]], soak_s: float) -> dict[str, Any]:
     """Pairs and ids at the soak's start and end (gauge samples nearest 0 and ``soak_s``)."""
-    full = [(t, g) for t, g in gauges if PAIRS in g and IDS in g]
+    full = _complete(gauges)
     if not full:
         return {"samples": 0}
     start = min(full, key=lambda x: abs(x[0]))[1]

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from libs.common.channels import ChannelOption, ClientSecurity, make_channel, settings_from_env
 from libs.common.kafka import ensure_topics
@@ -31,6 +33,26 @@ from libs.common.settings import ServiceSettings
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DIR = REPO / "out" / "stack"
 INFRA = ("kafka", "redis", "mongo")
+# One scrape of a /metrics endpoint: (sample name, labels) -> value.
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape_metrics(address: str, timeout_s: float = 5.0) -> Samples:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=timeout_s) as resp:
+        body = resp.read().decode()
+    return {
+        (s.name, frozenset(s.labels.items())): float(s.value)
+        for family in text_string_to_metric_families(body)
+        for s in family.samples
+    }
+
+
+def metric_sum(samples: Samples, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels`` (0 when none)."""
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
+
+
 SERVICES = ("ingestion", "scoring", "style-worker", "gateway")
 MODULES = {
     "ingestion": "services.ingestion",
@@ -155,6 +177,14 @@ class Stack:
     def addr_of(self, name: str) -> str:
         c = self.components.get(name)
         return c.address if c else ""
+
+    def metrics_addr_of(self, name: str) -> str:
+        """host:port of a component's Prometheus endpoint; "" when it has none."""
+        c = self.components.get(name)
+        return f"127.0.0.1:{c.metrics_port}" if c and c.metrics_port else ""
+
+    def scrape(self, name: str, timeout_s: float = 5.0) -> Samples:
+        return scrape_metrics(self.metrics_addr_of(name), timeout_s)
 
     def client_security(self, name: str) -> ClientSecurity:
         """How to reach service ``name`` as it was started: TLS/mTLS iff its env gave it a certificate
@@ -385,7 +415,7 @@ class Stack:
                 continue
             out[name] = {
                 "address": comp.address,
-                "metrics": f"127.0.0.1:{comp.metrics_port}" if comp.metrics_port else "",
+                "metrics": self.metrics_addr_of(name),
                 "pid": comp.pid,
                 "running": pid_alive(comp.pid),
                 "healthy": self.component_healthy(name),

@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import threading
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +27,6 @@ from typing import Any
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from pymongo import MongoClient
 from pymongo.database import Database
 from stylerec.v1 import common_pb2, ingestion_pb2, ingestion_pb2_grpc
@@ -98,13 +96,7 @@ def wait_for(cond: Callable[[], bool], timeout_s: float, what: Callable[[], str]
 
 def metric_value(stack: Stack, name: str, metric: str, **labels: str) -> float | None:
     """One sample of a component's /metrics (``metric`` with exactly these label values), None if absent."""
-    port = stack.components[name].metrics_port
-    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    for family in text_string_to_metric_families(body):
-        for sample in family.samples:
-            if sample.name == metric and sample.labels == labels:
-                return float(sample.value)
-    return None
+    return stack.scrape(name).get((metric, frozenset(labels.items())))
 
 
 # ---------- events ----------

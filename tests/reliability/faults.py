@@ -12,17 +12,15 @@ import contextlib
 import os
 import signal
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
-from prometheus_client.parser import text_string_to_metric_families
 from stylerec.v1 import common_pb2
 
-from cli.stack import Stack
+from cli.stack import Samples, Stack, metric_sum
 from libs.common.kafka import dead_letter_topic
 
 T = TypeVar("T")
@@ -90,21 +88,12 @@ def dead_letters(bootstrap: str, service: str, settle_s: float = 1.5) -> list[co
     ]
 
 
-def scrape(stack: Stack, name: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+def scrape(stack: Stack, name: str) -> Samples:
     """One scrape of a component's /metrics: (sample name, labels) → value."""
-    port = stack.components[name].metrics_port
-    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    out: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
-    for family in text_string_to_metric_families(body):
-        for s in family.samples:
-            out[(s.name, frozenset(s.labels.items()))] = float(s.value)
-    return out
+    return stack.scrape(name)
 
 
-def metric(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
-    """Sum of the samples of ``name`` whose labels include ``labels`` (0 when none)."""
-    want = set(labels.items())
-    return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
+metric = metric_sum  # sum of the samples of a name whose labels include the given ones (0 when none)
 
 
 def rss_kib(pid: int) -> int:
