@@ -44,7 +44,10 @@ class EASE(Recommender):
         P = torch.cholesky_inverse(L)
         B = -P / torch.diagonal(P)
         B.fill_diagonal_(0.0)
-        self.B = B.to(torch.float32).cpu().numpy()
+        # C order: scipy's sparse x dense product ravels its dense operand, and on the
+        # Fortran-ordered array torch hands back that ravel copied the whole n² matrix on every
+        # fold-in (46 ms per user on Online Retail's 3,665 items instead of 0.15 ms).
+        self.B = np.ascontiguousarray(B.to(torch.float32).cpu().numpy())
 
     def score(self, rows: sp.csr_matrix) -> np.ndarray:
         return np.asarray(self._input(rows) @ self.B, dtype=np.float32)
@@ -59,5 +62,5 @@ class EASE(Recommender):
         return {"B": self.B}
 
     def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
-        self.B = arrays["B"]
+        self.B = np.ascontiguousarray(arrays["B"], dtype=np.float32)
         self.n_items = self.B.shape[0]
