@@ -153,9 +153,9 @@ def running_stack() -> Stack | None:
 
 def seed(stack: Stack, n_purchases: int, mix: Mix) -> tuple[Workload, dict[str, Any]]:
     """Catalog + purchases through ingestion, one training run; returns the workload over those users/items."""
-    from cli.demo import ingest, load_purchases, train_model, upsert
+    from cli.demo import ingest, train_model, upsert
     from cli.demo_catalog import gift_items
-    from cli.demo_data import SHARED_DATA, to_events
+    from cli.demo_data import SHARED_DATA, load_purchases, to_events
 
     t0 = time.monotonic()
     purchases, label = load_purchases(n_purchases, SHARED_DATA)

@@ -34,7 +34,7 @@ from stylerec.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, ingestion_pb2
 from tqdm import tqdm
 
 from cli.demo_catalog import DemoPictures, gift_items, load_pictures, picture_items
-from cli.demo_data import SHARED_DATA, Purchase, read_online_retail, synthetic_purchases, to_events
+from cli.demo_data import SHARED_DATA, load_purchases, to_events
 from cli.demo_page import PageData, RecRow, ShopperView, Tile, check_page, screenshot, write_page
 from cli.demo_shoppers import gallery_visitors, scripted_shoppers, shopper_events
 from cli.stack import REPO, Stack
@@ -255,24 +255,6 @@ def style_providers(stack: Stack) -> str:
 
 def pending(resp: gateway_pb2.GetRecommendationsResponse) -> int:
     return sum(1 for it in resp.items if it.stylized_status == gateway_pb2.STYLIZED_PENDING)
-
-
-def load_purchases(limit: int, data_dir: Path) -> tuple[list[Purchase], str]:
-    online_retail = data_dir / "online-retail" / "online_retail.csv.gz"
-    if online_retail.exists():
-        purchases = sorted(read_online_retail(online_retail), key=lambda p: p.ts)
-        total = len(purchases)
-        if limit and limit < total:
-            purchases = purchases[-limit:]
-            return purchases, (
-                f"REAL data: the most recent {len(purchases):,} of {total:,} Online Retail purchases "
-                f"({online_retail}; subsampled so the demo fits a few minutes on a 2-core machine)"
-            )
-        return purchases, f"REAL data: all {total:,} Online Retail purchases ({online_retail})"
-    purchases = synthetic_purchases()
-    if limit:
-        purchases = purchases[-limit:]
-    return purchases, f"SYNTHETIC purchases ({online_retail} not found): generated shoppers and items, not real data"
 
 
 def main(argv: list[str] | None = None) -> int:

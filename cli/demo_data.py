@@ -91,3 +91,21 @@ def to_events(purchases: list[Purchase]) -> list[common_pb2.Event]:
         e.timestamp.FromNanoseconds(int(p.ts * 1e9))
         events.append(e)
     return events
+
+
+def load_purchases(limit: int, data_dir: Path) -> tuple[list[Purchase], str]:
+    online_retail = data_dir / "online-retail" / "online_retail.csv.gz"
+    if online_retail.exists():
+        purchases = sorted(read_online_retail(online_retail), key=lambda p: p.ts)
+        total = len(purchases)
+        if limit and limit < total:
+            purchases = purchases[-limit:]
+            return purchases, (
+                f"REAL data: the most recent {len(purchases):,} of {total:,} Online Retail purchases "
+                f"({online_retail}; subsampled so the demo fits a few minutes on a 2-core machine)"
+            )
+        return purchases, f"REAL data: all {total:,} Online Retail purchases ({online_retail})"
+    purchases = synthetic_purchases()
+    if limit:
+        purchases = purchases[-limit:]
+    return purchases, f"SYNTHETIC purchases ({online_retail} not found): generated shoppers and items, not real data"

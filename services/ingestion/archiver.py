@@ -25,6 +25,7 @@ from pymongo import UpdateOne
 from pymongo.database import Database
 from stylerec.v1 import common_pb2
 
+from libs.common.archive_progress import ProgressWriter
 from libs.common.kafka import Decoded, ProtoConsumerLoop, ProtoProducer, kafka_security
 from libs.common.metrics import STORE_ERRORS
 from libs.common.privacy import ForgottenUsers, UserRefs, redact_user_event
@@ -51,15 +52,16 @@ def archived_problem(event: common_pb2.Event) -> str | None:
     return None
 
 
-def event_document(event: common_pb2.Event) -> dict[str, Any]:
+def event_document(event: common_pb2.Event, archived_at: float | None = None) -> dict[str, Any]:
     """The ``events`` collection row (docs/contracts.md); ``_id`` is the event id.
 
-    ``archived_at`` (this process's clock at the write) is what scoring's archive sync tails:
+    ``archived_at`` (this process's clock at the write; one value per bulk write, taken from the
+    archive progress, libs/common/archive_progress.py) is what scoring's archive sync tails:
     an event can reach the archive long after its own ``ts`` (a lagging or crashed archiver,
     a backfill of old events), and a tail by ``ts`` alone would never see it.
     """
     return {
-        "archived_at": time.time(),
+        "archived_at": time.time() if archived_at is None else archived_at,
         "user_id": event.user_id,
         "item_id": event.item_id,
         "type": int(event.type),
@@ -80,9 +82,16 @@ class EventArchiver:
     # ForgetUser deletes by it. Without them MongoDB scans the whole archive for both.
     INDEXES = ("archived_at", "user_id")
 
-    def __init__(self, db: Database, collection: str, forgotten: ForgottenUsers | None = None) -> None:
+    def __init__(
+        self,
+        db: Database,
+        collection: str,
+        forgotten: ForgottenUsers | None = None,
+        progress: ProgressWriter | None = None,
+    ) -> None:
         self.collection = db[collection]
         self.forgotten = forgotten
+        self.progress = progress
         self._indexed = False
 
     def ensure_indexes(self) -> None:
@@ -107,8 +116,11 @@ class EventArchiver:
                 batch = [d for d in batch if d.message.user_id not in gone]
                 if not batch:
                     return
+        # One stamp for the batch, published as visible once the write returned: scoring's tail
+        # then re-reads at most the batch in flight instead of a window of time.
+        stamp = self.progress.begin() if self.progress is not None else None
         # Later records of the same id win within a batch; upserts make order irrelevant across batches.
-        docs = {d.message.event_id: event_document(d.message) for d in batch}
+        docs = {d.message.event_id: event_document(d.message, stamp) for d in batch}
         ops = [UpdateOne({"_id": eid}, {"$set": doc}, upsert=True) for eid, doc in docs.items()]
         start = time.perf_counter()
         try:
@@ -116,6 +128,9 @@ class EventArchiver:
         except Exception:
             STORE_ERRORS.labels("mongo", "archive_bulk_write").inc()
             raise
+        finally:
+            if self.progress is not None:
+                self.progress.done()
         metrics.ARCHIVE_WRITE_SECONDS.observe(time.perf_counter() - start)
         metrics.ARCHIVED.inc(len(ops))
 
@@ -151,6 +166,7 @@ class ArchiverRunner:
         self.forgotten = ForgottenUsers(db, refs) if refs is not None else None
         self.loop: ProtoConsumerLoop[common_pb2.Event] | None = None
         self.producer: ProtoProducer | None = None
+        self.progress = ProgressWriter(db, settings.archive_progress_collection)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._start_loop, name="archiver-start", daemon=True)
 
@@ -170,7 +186,7 @@ class ArchiverRunner:
                     group_id=s.archiver_group,
                     topics=[s.events_topic],
                     message_type=common_pb2.Event,
-                    handle=EventArchiver(self.db, s.events_collection, self.forgotten),
+                    handle=EventArchiver(self.db, s.events_collection, self.forgotten, self.progress),
                     producer=self.producer,
                     service="ingestion",
                     max_poll_records=s.archiver_max_poll_records,
@@ -180,6 +196,7 @@ class ArchiverRunner:
                     redact=redact_user_event,
                     security=kafka_security(s),
                 ).start()
+                self.progress.start()
                 log.info("archiver started", extra={"group": s.archiver_group, "topic": s.events_topic})
                 return
             except KafkaError as exc:
@@ -194,5 +211,6 @@ class ArchiverRunner:
         self._stop.set()
         if self.loop is not None:
             self.loop.stop()
+            self.progress.stop()
         if self.producer is not None:
             self.producer.close()

@@ -89,6 +89,11 @@ class IngestionSettings(ServiceSettings):
     # ---- archiver ----
     archiver_group: str = Field("archiver", min_length=1, description="Consumer group of the Mongo archiver.")
     events_collection: str = Field("events", min_length=1, description="MongoDB collection of archived events.")
+    archive_progress_collection: str = Field(
+        "archive_progress",
+        min_length=1,
+        description="MongoDB collection where each archiver publishes how far its writes are visible.",
+    )
     archiver_max_poll_records: int = Field(1000, ge=1, le=100_000, description="Records per archiver bulk write.")
 
     # ---- catalog ----

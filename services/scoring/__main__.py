@@ -147,6 +147,7 @@ def run_serving(settings: ScoringSettings) -> None:
         handle=skip_forgotten(applier, forgotten),
         producer=producer,
         service="scoring",
+        max_poll_records=settings.foldin_batch_max,
         max_poll_interval_ms=settings.kafka_max_poll_interval_ms,
         session_timeout_ms=settings.kafka_session_timeout_ms,
         validate=event_problem,

@@ -39,6 +39,15 @@ class ScoringSettings(ServiceSettings):
     weight_purchase: float = Field(10.0, ge=0, description="Weight of a PURCHASE event.")
     recs_ttl_s: int = Field(7 * 86400, ge=60, description="TTL of per-user keys in Redis.")
     recs_exclude_seen: bool = Field(True, description="Leave items the user already interacted with out of recs.")
+    foldin_batch_max: int = Field(
+        1000,
+        ge=1,
+        le=10000,
+        description=(
+            "Most user-events records one consumer poll hands to the fold-in (its micro-batch); a poll"
+            " never waits to fill it, so a quiet stream is folded in one event at a time."
+        ),
+    )
     popular_size: int = Field(200, ge=1, le=10000, description="Items kept in each popular zset.")
     popular_every_s: float = Field(1.0, ge=0, description="Minimum seconds between popularity rewrites.")
     new_item_slots: int = Field(2, ge=0, le=20, description="Top-N slots reserved for items newer than the model.")
@@ -57,6 +66,18 @@ class ScoringSettings(ServiceSettings):
             "The archive tail re-reads documents archived up to this many seconds before the newest"
             " one it read (bulk writes visible out of order, clock skew between archiver replicas)."
         ),
+    )
+    archive_tail: Literal["progress", "slack"] = Field(
+        "progress",
+        description=(
+            "How the archive sync chooses where each read starts: progress = from the bounds the"
+            " archivers publish (re-reads at most the batches in flight); slack = the last"
+            " archive_slack_s of documents every tick. progress falls back to slack while no"
+            " archiver publishes."
+        ),
+    )
+    archive_progress_collection: str = Field(
+        "archive_progress", description="MongoDB collection of the archivers' progress documents."
     )
     model_poll_s: float = Field(30.0, ge=0, description="Registry check for missed model-updates (0 = off).")
     profile_half_confidence_weight: float = Field(

@@ -23,7 +23,7 @@ import scipy.sparse as sp
 from libs.common import keys
 from services.scoring import metrics
 from services.scoring.interactions import InteractionState
-from services.scoring.models.base import top_k_indices
+from services.scoring.models.base import top_k_rows
 from services.scoring.registry import ServingModel
 
 POPULARITY_VERSION = "popularity-v1"
@@ -72,7 +72,15 @@ class Recs:
 
 
 class Recommender:
-    """Top-N for a user from the state and the current model; new items get reserved slots."""
+    """Top-N for users from the state and the current model; new items get reserved slots.
+
+    Every answer, one user's (TopN RPC) or a consumer batch's, goes through :meth:`top_n_many`:
+    the batch's history rows are scored with one model call (one sparse x dense product for
+    EASE), seen items are masked and the top-N taken for all rows at once, and what does not
+    depend on the user (the popularity ranking, the model's unknown items) is computed once per
+    batch. One user at a time, the product and the per-user popularity sort were most of
+    scoring's CPU under load (docs/scoring.md, "Fold-in").
+    """
 
     def __init__(
         self,
@@ -88,13 +96,31 @@ class Recommender:
         self.categories = categories or (lambda: {})
         self.arrivals = arrivals or (lambda: [])
 
-    def history_row(self, sm: ServingModel, history: dict[str, float]) -> sp.csr_matrix:
-        cols = [sm.item_index[i] for i in history if i in sm.item_index]
-        vals = [history[i] for i in history if i in sm.item_index]
+    @staticmethod
+    def history_rows(sm: ServingModel, histories: list[dict[str, float]]) -> sp.csr_matrix:
+        """CSR rows over the model's items: ``log1p`` of each known item's decayed weight."""
+        indptr = [0]
+        cols: list[int] = []
+        vals: list[float] = []
+        index = sm.item_index
+        for history in histories:
+            for i, w in history.items():
+                j = index.get(i)
+                if j is not None:
+                    cols.append(j)
+                    vals.append(w)
+            indptr.append(len(cols))
         data = np.log1p(np.asarray(vals, dtype=np.float64)).astype(np.float32)
         # A vanishingly decayed interaction is still an interaction: keep it visible to the model.
         data = np.maximum(data, np.float32(1e-6))
-        return sp.csr_matrix((data, ([0] * len(cols), cols)), shape=(1, len(sm.item_ids)), dtype=np.float32)
+        return sp.csr_matrix(
+            (data, np.asarray(cols, dtype=np.int32), np.asarray(indptr, dtype=np.int32)),
+            shape=(len(histories), len(sm.item_ids)),
+            dtype=np.float32,
+        )
+
+    def history_row(self, sm: ServingModel, history: dict[str, float]) -> sp.csr_matrix:
+        return self.history_rows(sm, [history])
 
     def _allowed(self, category: str) -> set[str] | None:
         if not category:
@@ -106,64 +132,104 @@ class Recommender:
         return self.state.popular(k, exclude, self._allowed(category))
 
     def top_n(self, user: str, k: int, exclude_seen: bool = True, category: str = "") -> Recs:
-        sm = self.holder.get()  # one reference for the whole request: atomic w.r.t. swaps
-        history = self.state.history(user) if user else {}
-        seen = set(history)
-        exclude = seen if exclude_seen else set()
+        return self.top_n_many([user] if user else [""], k, exclude_seen, category)[user if user else ""]
+
+    def top_n_many(
+        self, users: Iterable[str], k: int, exclude_seen: bool = True, category: str = ""
+    ) -> dict[str, Recs]:
+        """Each user's top-``k``; identical to asking for each user alone (tests/scoring/test_batched_foldin.py)."""
+        start = time.perf_counter()
+        sm = self.holder.get()  # one reference for the whole batch: atomic w.r.t. swaps
+        wanted = list(dict.fromkeys(users))
+        out = self._rank(sm, wanted, k, exclude_seen, category)
+        # Per user, the batch's time shared out: the histogram keeps meaning "cost of one user's
+        # fold-in" whatever the batch size, which the batch-size histogram shows beside it.
+        each = (time.perf_counter() - start) / max(1, len(wanted))
+        for recs in out.values():
+            metrics.FOLDIN_SECONDS.labels(recs.source).observe(each)
+        metrics.FOLDIN_BATCH_USERS.observe(len(wanted))
+        return out
+
+    def _rank(
+        self, sm: ServingModel | None, wanted: list[str], k: int, exclude_seen: bool, category: str
+    ) -> dict[str, Recs]:
+        histories = self.state.histories(u for u in wanted if u)
         allowed = self._allowed(category)
-        if sm is None or not any(i in sm.item_index for i in history):
-            items = self.state.popular(k, exclude, allowed)
-            return Recs(items, sm.version if sm else POPULARITY_VERSION, "popularity")
-        scores = sm.model.score(self.history_row(sm, history))[0].astype(np.float64)
-        if exclude:
-            for i in exclude:
-                j = sm.item_index.get(i)
-                if j is not None:
-                    scores[j] = -np.inf
+        out: dict[str, Recs] = {}
+        scored: list[str] = []
+        for u in wanted:
+            history = histories.get(u, {})
+            if sm is not None and any(i in sm.item_index for i in history):
+                scored.append(u)
+            else:
+                exclude = set(history) if exclude_seen else set()
+                items = self.state.popular(k, exclude, allowed)
+                out[u] = Recs(items, sm.version if sm else POPULARITY_VERSION, "popularity")
+        if sm is None or not scored:
+            return out
+        rows = self.history_rows(sm, [histories[u] for u in scored])
+        scores = np.asarray(sm.model.score(rows), dtype=np.float64)
+        if exclude_seen:
+            # The CSR structure is the seen set of each row: mask it in one fancy-index assignment.
+            scores[np.repeat(np.arange(len(scored)), np.diff(rows.indptr)), rows.indices] = -np.inf
         if allowed is not None:
-            mask = np.full(scores.shape[0], -np.inf)
-            for i in allowed:
-                j = sm.item_index.get(i)
-                if j is not None:
-                    mask[j] = 0.0
-            scores = scores + mask
-        idx = top_k_indices(scores, k)
-        items = [(sm.item_ids[j], float(scores[j])) for j in idx if np.isfinite(scores[j])]
-        items = self._with_new_items(sm, items, k, exclude, allowed)
-        return Recs(items, sm.version, "personalized")
+            mask = np.full(scores.shape[1], -np.inf)
+            cols = [j for j in (sm.item_index.get(i) for i in allowed) if j is not None]
+            mask[cols] = 0.0
+            scores += mask
+        top = top_k_rows(scores, k)
+        top_scores = np.take_along_axis(scores, top, axis=1)
+        finite = np.isfinite(top_scores)
+        fresh = self._fresh_candidates(sm, k, allowed)
+        ids = sm.item_ids
+        for r, u in enumerate(scored):
+            keep = finite[r]
+            items = [(ids[j], v) for j, v in zip(top[r][keep].tolist(), top_scores[r][keep].tolist(), strict=True)]
+            exclude = set(histories[u]) if exclude_seen else set()
+            out[u] = Recs(self._with_new_items(items, k, exclude, fresh), sm.version, "personalized")
+        return out
+
+    def _fresh_candidates(self, sm: ServingModel, k: int, allowed: set[str] | None) -> list[str]:
+        """Items the model has never seen (added after training), in the order they take the
+        reserved slots: first those already interacted with, by decayed popularity, then the
+        newest catalog arrivals created after the model was trained. The same for every user of a
+        batch; each user then skips the ones they have seen."""
+        slots = min(self.new_item_slots, k // 4)
+        if slots <= 0:
+            return []
+        index = sm.item_index
+        fresh = [i for i, _ in self.state.ranking() if i not in index and (allowed is None or i in allowed)]
+        known = set(fresh)
+        for item, created in self.arrivals():
+            if created <= sm.trained_at:
+                break
+            if item in index or item in known or (allowed is not None and item not in allowed):
+                continue
+            fresh.append(item)
+            known.add(item)
+        return fresh
 
     def _with_new_items(
-        self,
-        sm: ServingModel,
-        items: list[tuple[str, float]],
-        k: int,
-        exclude: set[str],
-        allowed: set[str] | None,
+        self, items: list[tuple[str, float]], k: int, exclude: set[str], fresh: list[str]
     ) -> list[tuple[str, float]]:
-        """Items the model has never seen (added after training) take the last few slots:
-        first those already interacted with, by decayed popularity, then the newest catalog
-        arrivals created after the model was trained; scored just below the lowest model score.
-        At most a quarter of the list: a short list (k < 4) is the model's alone, so unproven items
-        never push out every personalized answer."""
+        """Up to ``new_item_slots`` unseen items of ``fresh`` take the last slots, scored just below
+        the lowest model score. At most a quarter of the list: a short list (k < 4) is the model's
+        alone, so unproven items never push out every personalized answer."""
         slots = min(self.new_item_slots, k // 4)
         if slots <= 0:
             return items[:k]
-        skip = exclude | set(sm.item_index)
-        fresh = self.state.popular(slots, skip, allowed)
-        if len(fresh) < slots:
-            taken = {i for i, _ in fresh}
-            for item, created in self.arrivals():
-                if len(fresh) >= slots or created <= sm.trained_at:
-                    break
-                if item in skip or item in taken or (allowed is not None and item not in allowed):
-                    continue
-                fresh.append((item, 0.0))
-        if not fresh:
+        picked: list[str] = []
+        for item in fresh:
+            if len(picked) >= slots:
+                break
+            if item not in exclude:
+                picked.append(item)
+        if not picked:
             return items[:k]
-        kept = items[: k - len(fresh)]
+        kept = items[: k - len(picked)]
         floor = kept[-1][1] if kept else 0.0
         step = max(abs(floor) * 1e-3, 1e-6)
-        return kept + [(item, floor - step * (n + 1)) for n, (item, _) in enumerate(fresh)]
+        return kept + [(item, floor - step * (n + 1)) for n, item in enumerate(picked)]
 
     def score_items(self, user: str, item_ids: Iterable[str]) -> tuple[list[tuple[str, float]], str]:
         sm = self.holder.get()
@@ -187,27 +253,27 @@ class RecsWriter:
         self.ttl_s = ttl_s
         self.exclude_seen = exclude_seen
 
-    def write_users(self, users: Iterable[str]) -> int:
-        n = 0
-        pipe = self.redis.pipeline(transaction=True)
-        now = f"{time.time():.3f}"
-        for user in users:
-            start = time.perf_counter()
-            recs = self.engine.top_n(user, self.top_n, exclude_seen=self.exclude_seen)
-            metrics.FOLDIN_SECONDS.labels(recs.source).observe(time.perf_counter() - start)
-            seen = self.engine.state.seen(user)
-            pipe.delete(keys.recs(user))
-            if recs.items:
-                pipe.hset(keys.recs(user), mapping={i: f"{s:.6g}" for i, s in recs.items})
-                pipe.expire(keys.recs(user), self.ttl_s)
-            pipe.hset(keys.recs_meta(user), mapping={"model_version": recs.version, "updated_at": now})
-            pipe.expire(keys.recs_meta(user), self.ttl_s)
-            pipe.delete(keys.user_seen(user))
-            if seen:
-                pipe.sadd(keys.user_seen(user), *seen)
-                pipe.expire(keys.user_seen(user), self.ttl_s)
-            n += 1
-            if n % 200 == 0:
-                pipe.execute()
-        pipe.execute()
-        return n
+    def write_users(self, users: Iterable[str], chunk: int = 500) -> int:
+        """Per ``chunk`` users: one batched fold-in and one MULTI/EXEC (the gateway never reads a
+        half-written user, and a batch costs one Redis round trip instead of one per user)."""
+        wanted = list(dict.fromkeys(users))
+        for begin in range(0, len(wanted), chunk):
+            part = wanted[begin : begin + chunk]
+            recs = self.engine.top_n_many(part, self.top_n, exclude_seen=self.exclude_seen)
+            seen = self.engine.state.seen_many(part)
+            now = f"{time.time():.3f}"
+            pipe = self.redis.pipeline(transaction=True)
+            for user in part:
+                r = recs[user]
+                pipe.delete(keys.recs(user))
+                if r.items:
+                    pipe.hset(keys.recs(user), mapping={i: f"{s:.6g}" for i, s in r.items})
+                    pipe.expire(keys.recs(user), self.ttl_s)
+                pipe.hset(keys.recs_meta(user), mapping={"model_version": r.version, "updated_at": now})
+                pipe.expire(keys.recs_meta(user), self.ttl_s)
+                pipe.delete(keys.user_seen(user))
+                if seen[user]:
+                    pipe.sadd(keys.user_seen(user), *seen[user])
+                    pipe.expire(keys.user_seen(user), self.ttl_s)
+            pipe.execute()
+        return len(wanted)

@@ -152,6 +152,10 @@ class InteractionState:
         self._written: dict[str, tuple[int, str]] = {}
         self.watermark = 0.0  # newest event timestamp applied
         self.events = 0
+        # Items by stored popularity, best first (ties by id): rebuilt lazily after a change, so a
+        # batch of fold-ins sorts the catalog once instead of once per user (it was 95% of a
+        # user's fold-in time with a C-ordered EASE matrix: 2.3 of 2.4 ms on Online Retail).
+        self._ranking: list[tuple[str, float]] | None = None
         # Users whose events are never applied (the suppression list of forgotten users).
         self.exclude: Callable[[str], bool] | None = None
 
@@ -161,27 +165,44 @@ class InteractionState:
 
     def apply(self, ev: EventRecord) -> bool:
         """Add one event; False when its id was already applied (replays, archive + Kafka overlap)."""
-        if self.exclude is not None and self.exclude(ev.user_id):
-            return False
-        w = self.weights.get(ev.type, 0.0) * self._growth(ev.ts)
+        return self.apply_many([ev])[0]
+
+    def apply_many(self, events: Sequence[EventRecord]) -> list[bool]:
+        """Add a batch under one lock acquisition; per event, False when its id was already applied.
+
+        One acquisition per batch and not per event: the consumer, the archive sync and the gRPC
+        readers share this lock, and per-event locking made them hand it over thousands of times
+        a second under load.
+        """
+        exclude = self.exclude
+        out = [False] * len(events)
+        weighted = [
+            (n, ev, self.weights.get(ev.type, 0.0) * self._growth(ev.ts))
+            for n, ev in enumerate(events)
+            if exclude is None or not exclude(ev.user_id)
+        ]
         with self._lock:
-            if ev.event_id in self._applied:
-                return False
-            self._applied.add(ev.event_id, ev.ts, max(self.watermark, ev.ts))
-            # Interned: every (user, item) pair keeps its own key, and without this each pair held
-            # its own copy of the item id decoded from its first event.
-            user, item = sys.intern(ev.user_id), sys.intern(ev.item_id)
-            items = self._user_items[user]
-            old = items.get(item)
-            if old is None:
-                self._pairs += 1
-            items[item] = (old or 0.0) + w
-            self._item_score[item] += w
-            self._item_last_ts[item] = max(ev.ts, self._item_last_ts.get(item, 0.0))
-            self._user_events[user] += 1
-            self.watermark = max(self.watermark, ev.ts)
-            self.events += 1
-            return True
+            for n, ev, w in weighted:
+                if ev.event_id in self._applied:
+                    continue
+                self._applied.add(ev.event_id, ev.ts, max(self.watermark, ev.ts))
+                # Interned: every (user, item) pair keeps its own key, and without this each pair
+                # held its own copy of the item id decoded from its first event.
+                user, item = sys.intern(ev.user_id), sys.intern(ev.item_id)
+                items = self._user_items[user]
+                old = items.get(item)
+                if old is None:
+                    self._pairs += 1
+                items[item] = (old or 0.0) + w
+                self._item_score[item] += w
+                self._item_last_ts[item] = max(ev.ts, self._item_last_ts.get(item, 0.0))
+                self._user_events[user] += 1
+                self.watermark = max(self.watermark, ev.ts)
+                self.events += 1
+                out[n] = True
+            if any(out):
+                self._ranking = None
+        return out
 
     def forget(self, user: str) -> int:
         """Drop a user's row and take their weight out of item popularity; returns their event count.
@@ -206,6 +227,7 @@ class InteractionState:
                 else:
                     self._item_score[item] = left
             self.events -= n
+            self._ranking = None
             return n
 
     # ---------- what Redis already reflects ----------
@@ -226,8 +248,16 @@ class InteractionState:
         with self._lock:
             return self._written.get(user) != (self._user_events.get(user, 0), model_version)
 
-    def apply_all(self, events: Iterable[EventRecord]) -> int:
-        return sum(1 for ev in events if self.apply(ev))
+    def apply_all(self, events: Iterable[EventRecord], chunk: int = 2000) -> int:
+        """Apply a (possibly streamed) sequence in chunks; returns how many were new."""
+        n = 0
+        buf: list[EventRecord] = []
+        for ev in events:
+            buf.append(ev)
+            if len(buf) >= chunk:
+                n += sum(self.apply_many(buf))
+                buf = []
+        return n + sum(self.apply_many(buf))
 
     # ---------- reading ----------
     def scale(self, now: float | None = None) -> float:
@@ -247,9 +277,19 @@ class InteractionState:
         with self._lock:
             return {i: w * s for i, w in self._user_items.get(user, {}).items()}
 
+    def histories(self, users: Iterable[str], now: float | None = None) -> dict[str, dict[str, float]]:
+        """:meth:`history` of many users under one lock acquisition (one scale for all of them)."""
+        s = self.scale(now)
+        with self._lock:
+            return {u: {i: w * s for i, w in self._user_items.get(u, {}).items()} for u in users}
+
     def seen(self, user: str) -> set[str]:
         with self._lock:
             return set(self._user_items.get(user, {}))
+
+    def seen_many(self, users: Iterable[str]) -> dict[str, set[str]]:
+        with self._lock:
+            return {u: set(self._user_items.get(u, {})) for u in users}
 
     def knows(self, user: str) -> bool:
         with self._lock:
@@ -288,16 +328,28 @@ class InteractionState:
     ) -> list[tuple[str, float]]:
         """Top-k items by decayed popularity (ties by id, so every replica ranks identically)."""
         s = self.scale(now)
-        with self._lock:
-            ranked = sorted(self._item_score.items(), key=lambda kv: (-kv[1], kv[0]))
         out: list[tuple[str, float]] = []
-        for item, score in ranked:
+        for item, score in self.ranking():
             if item in exclude or (only is not None and item not in only):
                 continue
             out.append((item, score * s))
             if len(out) >= k:
                 break
         return out
+
+    def ranking(self) -> list[tuple[str, float]]:
+        """Every item with its stored (undecayed) popularity, best first, ties by id.
+
+        Shared, do not mutate: the list is cached until the next applied event or forget.
+        Stored sums and decayed ones rank identically (one common factor), so the cache does not
+        depend on the reference time.
+        """
+        with self._lock:
+            ranked = self._ranking
+            if ranked is None:
+                ranked = sorted(self._item_score.items(), key=lambda kv: (-kv[1], kv[0]))
+                self._ranking = ranked
+            return ranked
 
     def matrix(
         self, item_index: dict[str, int] | None = None, users: Sequence[str] | None = None, now: float | None = None

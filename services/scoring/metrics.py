@@ -11,9 +11,15 @@ EVENTS_APPLIED = Counter(
 )
 FOLDIN_SECONDS = Histogram(
     "stylerec_scoring_foldin_seconds",
-    "Time to recompute one user's top-N (fold-in) from their history, by source of the answer.",
+    "Time to recompute one user's top-N (fold-in) from their history, by source of the answer"
+    " (a batch's time divided by its users).",
     ["source"],
-    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+)
+FOLDIN_BATCH_USERS = Histogram(
+    "stylerec_scoring_foldin_batch_users",
+    "Users folded in together by one batched model call (a consumer poll's distinct users, a rewrite chunk).",
+    buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000),
 )
 FRESHNESS_SECONDS = Histogram(
     "stylerec_scoring_event_to_redis_seconds",
@@ -47,4 +53,10 @@ STATE_APPLIED_IDS = Gauge(
 )
 PROFILES_WRITTEN = Counter(
     "stylerec_scoring_style_profiles_written_total", "Style profiles written, by outcome (written, none).", ["outcome"]
+)
+ARCHIVE_SYNC_READ = Counter(
+    "stylerec_scoring_archive_sync_read_total",
+    "Documents the archive sync read back (new or already applied), by how the read chose its start"
+    " (progress: the archivers' published bounds; slack: the time-window fallback; full).",
+    ["mode"],
 )

@@ -208,10 +208,24 @@ class ProfileWriter:
     def update(self, user: str, history: dict[str, float]) -> StyleProfile | None:
         return self.update_many({user: history})[user]
 
-    def update_many(self, histories: dict[str, dict[str, float]]) -> dict[str, StyleProfile | None]:
-        """One embedding lookup for all users of a batch, one MULTI/EXEC per user."""
+    def lookup(self, histories: dict[str, dict[str, float]]) -> tuple[set[str], dict[str, np.ndarray]]:
+        """The embeddings a batch needs, fetched before the caller takes its write lock (the
+        lookup may fall back to MongoDB, and nothing that slow belongs under the lock the
+        consumer waits on): (items looked up, the embeddings found)."""
         items = {i for h in histories.values() for i in h}
-        embeddings = self.source.get(items)
+        return items, self.source.get(items)
+
+    def update_many(
+        self,
+        histories: dict[str, dict[str, float]],
+        prefetched: tuple[set[str], dict[str, np.ndarray]] | None = None,
+    ) -> dict[str, StyleProfile | None]:
+        """One embedding lookup for all users of a batch (only of items ``prefetched`` lacks: a
+        history may have grown since), one MULTI/EXEC for the batch."""
+        looked, embeddings = prefetched if prefetched is not None else (set(), {})
+        rest = {i for h in histories.values() for i in h} - looked
+        if rest:
+            embeddings = {**embeddings, **self.source.get(rest)}
         centroid = self.centroid.get() if self.centroid is not None else None
         out: dict[str, StyleProfile | None] = {}
         # One MULTI/EXEC for the batch: the gateway never sees a half-written profile.

@@ -1,10 +1,13 @@
 """The archive tail (services/scoring/consumer.py ArchiveSync) against the real Mongo-protocol
 server: it finds everything archived after its cursor (late events with old timestamps and
-writes that became visible out of order included) and re-reads only the slack window each
-tick, however large the archive; the Publisher it writes through is a recording fake."""
+writes that became visible out of order included). On the archivers' progress documents it
+re-reads only the batches in flight, whatever the write rate; on the slack fallback only the
+slack window each tick, however large the archive. The Publisher it writes through is a
+recording fake."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -14,6 +17,7 @@ from pymongo import MongoClient
 from pymongo.database import Database
 
 from cli.stack import Stack
+from libs.common.archive_progress import STALE_S, ProgressWriter, live_progress
 from services.scoring.config import ScoringSettings
 from services.scoring.consumer import ArchiveSync, CategoryCache, partition_of
 from services.scoring.interactions import InteractionState
@@ -58,9 +62,16 @@ def doc(n: int, archived_at: float, ts: float, tag: str = "old") -> dict[str, An
 
 
 def make_sync(
-    db: Database[dict[str, Any]], collection: str
+    db: Database[dict[str, Any]], collection: str, progress_collection: str = ""
 ) -> tuple[ArchiveSync, InteractionState, RecordingPublisher]:
-    settings = ScoringSettings(events_collection=collection, archive_slack_s=SLACK, archive_sync_s=1.0)
+    """A sync on the slack rule, or (``progress_collection`` given) on the archivers' progress."""
+    settings = ScoringSettings(
+        events_collection=collection,
+        archive_slack_s=SLACK,
+        archive_sync_s=1.0,
+        archive_tail="progress" if progress_collection else "slack",
+        archive_progress_collection=progress_collection or "archive_progress",
+    )
     state = InteractionState(WEIGHTS, 30 * 86400.0)
     pub = RecordingPublisher()
     sync = ArchiveSync(
@@ -136,3 +147,122 @@ def test_full_read_after_a_failed_rebuild(archive: tuple[Database[dict[str, Any]
     assert sync.sync_once() == 500
     assert sync.last_read == 500 and not sync.full_needed
     assert sync.sync_once() == 0 and sync.last_read <= SLACK + 1
+
+
+# ---------------------------------------------------------------- progress-driven tail
+class Archiver:
+    """Writes batches the way services/ingestion/archiver.py does: a ProgressWriter stamps the
+    batch, the bulk write lands, the progress is published."""
+
+    def __init__(self, db: Database[dict[str, Any]], events: str, progress: str, clock_offset_s: float = 0.0) -> None:
+        self.writer = ProgressWriter(db, progress, clock=lambda: time.time() + clock_offset_s)
+        self.db, self.events = db, events
+        self.n = 0
+
+    def stamp(self) -> float:
+        return self.writer.begin()
+
+    def write(self, stamp: float, count: int, tag: str) -> None:
+        self.db[self.events].insert_many(
+            [doc(self.n + k, stamp, stamp, f"{tag}-{self.writer.id}") for k in range(count)]
+        )
+        self.n += count
+
+    def batch(self, count: int, tag: str = "b") -> None:
+        stamp = self.stamp()
+        self.write(stamp, count, tag)
+        self.writer.done()
+
+
+@pytest.fixture
+def progress_name(archive: tuple[Database[dict[str, Any]], str]) -> Iterator[str]:
+    db, _ = archive
+    name = f"progress_{uuid.uuid4().hex[:8]}"
+    try:
+        yield name
+    finally:
+        db[name].drop()
+
+
+def test_progress_tail_rereads_only_what_was_in_flight_whatever_the_write_rate(
+    archive: tuple[Database[dict[str, Any]], str], progress_name: str
+) -> None:
+    db, name = archive
+    arch = Archiver(db, name, progress_name)
+    for _ in range(5):
+        arch.batch(400)  # history before the replica starts
+    sync, state, pub = make_sync(db, name, progress_name)
+    sync.begin()
+    assert state.apply_all(archive_events(db, name)) == 2000  # the start-up rebuild
+
+    # A heavy stream: 10 batches of 500 between two ticks. The slack rule would re-read all of
+    # them again next tick (they are seconds old); the progress tail reads each once.
+    for _ in range(10):
+        arch.batch(500)
+    assert sync.sync_once() == 5000 and sync.last_mode == "progress"
+    assert sync.last_read == 5000
+    assert sync.sync_once() == 0 and sync.last_read == 0
+
+    # A batch stamped before the tick but visible only after it (a bulk write in flight).
+    stamp = arch.stamp()
+    assert sync.sync_once() == 0
+    arch.write(stamp, 300, "slow")
+    arch.writer.done()
+    arch.batch(200)
+    assert sync.sync_once() == 500
+    assert sync.last_read == 500  # the in-flight batch and the next one, nothing older
+    assert state.events == 7500
+    assert pub.written and all(partition_of(u) in range(6) for u in pub.written)
+
+
+def test_progress_tail_finds_a_new_archiver_whose_clock_is_behind(
+    archive: tuple[Database[dict[str, Any]], str], progress_name: str
+) -> None:
+    db, name = archive
+    fast = Archiver(db, name, progress_name)
+    fast.batch(100)
+    sync, state, _ = make_sync(db, name, progress_name)
+    sync.begin()
+    state.apply_all(archive_events(db, name))
+    fast.batch(100)
+    assert sync.sync_once() == 100
+    # A second archiver starts whose clock runs 60 s behind: its stamps are older than anything
+    # the tail has read, and it is found because it is new (read from its own started_at).
+    slow = Archiver(db, name, progress_name, clock_offset_s=-60.0)
+    slow.batch(50, "slow")
+    fast.batch(10)
+    assert sync.sync_once() == 60
+    assert state.events == 260
+    # Next tick: both known, the bound is the slow archiver's, nothing re-read twice over.
+    assert sync.sync_once() == 0
+
+
+def test_a_dead_archiver_does_not_hold_the_tail_back(
+    archive: tuple[Database[dict[str, Any]], str], progress_name: str
+) -> None:
+    db, name = archive
+    alive = Archiver(db, name, progress_name)
+    alive.batch(100)
+    # A killed archiver leaves its document behind; its heartbeat stops.
+    db[progress_name].insert_one(
+        {"_id": "dead", "started_at": T0, "safe_before": T0, "heartbeat": time.time() - 10 * STALE_S}
+    )
+    sync, state, _ = make_sync(db, name, progress_name)
+    sync.begin()
+    state.apply_all(archive_events(db, name))
+    alive.batch(100)
+    assert sync.sync_once() == 100 and sync.last_read == 100
+    assert [p.archiver for p in live_progress(db, progress_name)] == [alive.writer.id]
+
+
+def test_without_progress_documents_the_tail_falls_back_to_the_slack_rule(
+    archive: tuple[Database[dict[str, Any]], str], progress_name: str
+) -> None:
+    db, name = archive
+    db[name].insert_many([doc(n, T0 + n, T0 + n) for n in range(100)])
+    sync, state, _ = make_sync(db, name, progress_name)  # progress mode, but no archiver publishes
+    sync.begin()
+    state.apply_all(archive_events(db, name))
+    db[name].insert_many([doc(n, T0 + 100 + n, T0 + 100 + n, "more") for n in range(5)])
+    assert sync.sync_once() == 5 and sync.last_mode == "slack"
+    assert sync.last_read == sum(1 for _ in db[name].find({"archived_at": {"$gte": T0 + 99 - SLACK}}))

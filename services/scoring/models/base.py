@@ -69,6 +69,18 @@ def top_k_indices(scores: np.ndarray, k: int) -> np.ndarray:
     return part[np.argsort(-scores[part], kind="stable")]
 
 
+def top_k_rows(scores: np.ndarray, k: int) -> np.ndarray:
+    """:func:`top_k_indices` of every row of a 2-d array at once (rows x min(k, n_items))."""
+    n_rows, n_items = scores.shape
+    k = min(k, n_items)
+    if k <= 0 or n_rows == 0:
+        return np.empty((n_rows, 0), dtype=np.int64)
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    vals = np.take_along_axis(scores, part, axis=1)
+    order = np.argsort(-vals, axis=1, kind="stable")
+    return np.take_along_axis(part, order, axis=1)
+
+
 def similar_from_vectors(vectors: np.ndarray, item: int, k: int) -> list[tuple[int, float]]:
     """Cosine neighbours of one row of ``vectors`` (item factors)."""
     norms = np.linalg.norm(vectors, axis=1) + 1e-9
