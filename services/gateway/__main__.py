@@ -95,11 +95,12 @@ def build_app(settings: GatewaySettings) -> GatewayApp:
     # One centroid cache for both users of style similarity (re-rank and similar items).
     centroid = StyleCentroid(ds, settings.style_centroid_near_cache_s)
     index = EmbeddingIndex(ds, settings.embedding_index_refresh_s, centroid)
+    catalog = ItemCatalog(ds, settings.item_cache_ttl_s, settings.item_near_cache_s)
     recommender = Recommender(
         settings,
         ds,
         pseudonymize,
-        ItemCatalog(ds, settings.item_cache_ttl_s, settings.item_near_cache_s),
+        catalog,
         CandidateSource(ds, settings.popular_near_cache_s),
         StylizedImages(settings, ds, publisher),
         ItemEmbeddings(ds, settings.embedding_cache_s),
@@ -108,7 +109,7 @@ def build_app(settings: GatewaySettings) -> GatewayApp:
     )
     similar = SimilarItems(ds, index, settings.style_lambda)
     servicer = GatewayServicer(settings, ds, pseudonymize, recommender, similar)
-    invalidator = ItemCacheInvalidator(settings, ds.redis)
+    invalidator = ItemCacheInvalidator(settings, ds.redis, catalog.near)
     return GatewayApp(settings, servicer, ds, publisher, mongo, scoring_channel, invalidator)
 
 

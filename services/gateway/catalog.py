@@ -1,8 +1,16 @@
-"""Item metadata for answers: Redis cache first, MongoDB ``items`` on a miss (then cached).
+"""Item metadata for answers: in-process cache, then Redis, then MongoDB ``items`` (then cached).
 
 Titles, prices and photo references change rarely and are read on every
-request, so the gateway keeps them in Redis (``keys.item_meta``, TTL) and only
-goes to the system of record for the ones it has not seen lately.
+request. Each replica keeps the ones it served in process (bounded, TTL
+``item_near_cache_s``) and evicts an item as soon as ``item-updates`` says it changed
+(services/gateway/invalidation.py), so the common answer needs no catalog round trip
+at all; Redis (``keys.item_meta``, TTL) is shared by the replicas, and the system of
+record is read only for what neither has, within what is left of the request's budget.
+
+When MongoDB cannot answer in time (the demo's bulk load keeps the Mongo-protocol
+server busy), an item whose photo reference this replica learnt from ``item-updates``
+is still returned as a *partial* entry (id and photo only, the answer marked degraded),
+so its stylized image is not lost; a partial entry never passes a category or price filter.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import redis
 from libs.common import keys
 from services.gateway.deadlines import Deadline, DependencyUnavailable
 from services.gateway.downstream import Degradation, Downstream
-from services.gateway.metrics import ITEM_CACHE
+from services.gateway.metrics import ITEM_CACHE, ITEM_CACHE_AGE, ITEM_CACHE_EVICTIONS
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +40,8 @@ class ItemMeta:
     brand: str = ""
     price: float = 0.0
     image_ref: str = ""
+    # Only id and photo are known (from item-updates, MongoDB unavailable): not filterable.
+    partial: bool = False
 
     @classmethod
     def from_redis(cls, item_id: str, h: dict[bytes, bytes]) -> ItemMeta:
@@ -71,30 +81,64 @@ class ItemMeta:
 
 
 class NearCache:
-    """A small in-process cache in front of Redis for hot item metadata.
+    """The in-process item-metadata cache of one replica.
 
-    Entries live ``ttl_s`` (seconds, default a few): a catalog change reaches
-    answers after at most that long, and the hottest items cost no round trip.
+    Entries live at most ``ttl_s`` (a bound for an update this replica missed, e.g. while the
+    broker was unreachable); ``evict`` drops an item the moment item-updates says it changed.
+    At ``max_items`` the oldest tenth goes (dicts keep insertion order), so the hot set stays.
+    ``photos`` remembers the photo reference item-updates announced per item (bounded the same
+    way): enough to draw an item whose metadata MongoDB cannot deliver in time.
     """
 
     def __init__(self, ttl_s: float, max_items: int = 20_000) -> None:
         self.ttl_s = ttl_s
         self.max_items = max_items
         self._items: dict[str, tuple[float, ItemMeta]] = {}
+        self.photos: dict[str, str] = {}
 
-    def get(self, item_id: str, now: float) -> ItemMeta | None:
+    def get(self, item_id: str, now: float) -> tuple[float, ItemMeta] | None:
+        """(time it was cached, entry), or None when absent or older than ttl_s."""
         hit = self._items.get(item_id)
-        if hit is None or now - hit[0] > self.ttl_s:
+        if hit is None:
             return None
-        return hit[1]
+        if now - hit[0] > self.ttl_s:
+            self._items.pop(item_id, None)
+            ITEM_CACHE_EVICTIONS.labels("expired").inc()
+            return None
+        return hit
 
     def put(self, metas: list[ItemMeta], now: float) -> None:
-        if self.ttl_s <= 0:
+        if self.ttl_s <= 0 or not metas:
             return
         if len(self._items) + len(metas) > self.max_items:
-            self._items.clear()  # crude but bounded; refills from Redis within one request
+            self._trim(self._items, len(metas))
         for m in metas:
             self._items[m.item_id] = (now, m)
+
+    def _trim(self, d: dict[str, Any], incoming: int) -> None:
+        drop = max(incoming, self.max_items // 10)
+        for key in list(d)[:drop]:
+            del d[key]
+        if d is self._items:
+            ITEM_CACHE_EVICTIONS.labels("full").inc(drop)
+
+    def evict(self, item_ids: list[str]) -> int:
+        """Drop changed items (called from the item-updates listener's thread)."""
+        n = 0
+        for i in item_ids:
+            if self._items.pop(i, None) is not None:
+                n += 1
+        if n:
+            ITEM_CACHE_EVICTIONS.labels("update").inc(n)
+        return n
+
+    def learn_photo(self, item_id: str, image_ref: str) -> None:
+        if not image_ref:
+            self.photos.pop(item_id, None)
+            return
+        if len(self.photos) >= self.max_items:
+            self._trim(self.photos, 1)
+        self.photos[item_id] = image_ref
 
 
 class ItemCatalog:
@@ -109,11 +153,18 @@ class ItemCatalog:
             return {}
         now = time.monotonic()
         found: dict[str, ItemMeta] = {}
+        oldest = now
+        near = self.near
         for item_id in item_ids:
-            hit = self.near.get(item_id, now)
+            hit = near.get(item_id, now)
             if hit is not None:
-                found[item_id] = hit
-        ITEM_CACHE.labels("near_hit").inc(len(found))
+                found[item_id] = hit[1]
+                if hit[0] < oldest:
+                    oldest = hit[0]
+        if found:
+            ITEM_CACHE.labels("near_hit").inc(len(found))
+            # Staleness: one observation per lookup, the age of the oldest entry it served.
+            ITEM_CACHE_AGE.observe(now - oldest)
         if len(found) == len(item_ids):
             return found
         wanted = [i for i in item_ids if i not in found]
@@ -147,6 +198,11 @@ class ItemCatalog:
             )
         except DependencyUnavailable as exc:
             degradation.add(exc)
+            photos = self.near.photos
+            for item_id in misses:
+                ref = photos.get(item_id)
+                if ref:
+                    found[item_id] = ItemMeta(item_id, image_ref=ref, partial=True)
             return found
         filled = [ItemMeta.from_mongo(d) for d in docs]
         ITEM_CACHE.labels("miss").inc(len(filled))

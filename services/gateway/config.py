@@ -72,8 +72,13 @@ class GatewaySettings(ServiceSettings):
     item_updates_group: str = Field(
         "gateway-item-cache", min_length=1, description="Consumer group that invalidates item_meta on item-updates."
     )
+    # Each replica evicts an item from its in-process copy as soon as item-updates says it changed
+    # (services/gateway/invalidation.py); the lifetime only bounds an update this replica missed.
     item_near_cache_s: float = Field(
-        5.0, ge=0, le=300, description="In-process item-metadata cache lifetime (0 = off): staleness bound."
+        300.0,
+        ge=0,
+        le=3600,
+        description="In-process item-metadata cache lifetime (0 = off); item-updates evict changed items at once.",
     )
     popular_near_cache_s: float = Field(
         2.0, ge=0, le=300, description="In-process popularity-list cache lifetime (0 = off)."

@@ -25,6 +25,16 @@ ITEM_CACHE = Counter(
     "Item-metadata lookups, by result (near_hit in process, hit in Redis, miss filled from MongoDB, absent).",
     ["result"],
 )
+ITEM_CACHE_AGE = Histogram(
+    "stylerec_gateway_item_cache_age_seconds",
+    "Staleness of the in-process item-metadata cache: per lookup, the age of the oldest entry it served.",
+    buckets=(1, 5, 15, 30, 60, 120, 300, 600),
+)
+ITEM_CACHE_EVICTIONS = Counter(
+    "stylerec_gateway_item_cache_evictions_total",
+    "In-process item-metadata entries dropped, by reason (update from item-updates, expired, full).",
+    ["reason"],
+)
 STYLIZE_JOBS = Counter(
     "stylerec_gateway_stylize_jobs_total",
     "Stylized-image requests, by outcome (ready, enqueued, deduplicated, rate_limited, no_photo, failed).",
