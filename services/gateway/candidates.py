@@ -134,6 +134,9 @@ def queue_recs(pipe: Any, user: str) -> None:
 
 def parse_recs(replies: list[Any]) -> tuple[list[tuple[str, float]], str]:
     recs_raw, version, global_version = replies
-    ranked = sorted(((i.decode(), float(s)) for i, s in recs_raw.items()), key=lambda kv: (-kv[1], kv[0]))
+    # Best first, ties by item id: sorting (-score, id) tuples natively is the same order as a
+    # key function and about half the cost per answer.
+    order = sorted([(-float(s), i.decode()) for i, s in recs_raw.items()])
+    ranked = [(i, -neg) for neg, i in order]
     v = version or global_version
     return ranked, v.decode() if v else ""

@@ -33,6 +33,27 @@ from services.gateway.similar import EmbeddingIndex
 from services.gateway.style import StyleProfile, normalize_cf, rerank_scored
 from services.gateway.stylized import StylizedImages
 
+# The common answer's whole Redis read as ONE command: profile, seen items, recs, their model
+# version and the global one. A 5-command pipeline cost ~125 us of client CPU per answer in
+# redis-py (packing and parsing each reply), the script ~70 us (docs/gateway.md, "Profile").
+# KEYS = [style_profile, user_seen, recs, recs_meta, model_version]. Like the stylize script,
+# in Redis Cluster these keys would need a common hash tag; the embedded/compose Redis is one node.
+USER_STATE_LUA = """
+return {
+  redis.call('HGETALL', KEYS[1]),
+  redis.call('SMEMBERS', KEYS[2]),
+  redis.call('HGETALL', KEYS[3]),
+  redis.call('HGET', KEYS[4], 'model_version'),
+  redis.call('GET', KEYS[5]),
+}
+"""
+
+
+def pairs(flat: list[Any]) -> dict[Any, Any]:
+    """A Lua HGETALL reply (flat [field, value, ...]) as the dict redis-py's HGETALL gives."""
+    it = iter(flat or [])
+    return dict(zip(it, it, strict=True))
+
 
 @dataclass
 class Ranked:
@@ -64,6 +85,8 @@ class Recommender:
         self.embeddings = embeddings
         self.index = index
         self.centroid = centroid
+        self._user_state = downstream.redis.register_script(USER_STATE_LUA)
+        self._model_version_key = keys.model_version()
 
     def user_state(
         self, user: str, deadline: Deadline, deg: Degradation, with_recs: bool = False
@@ -71,6 +94,16 @@ class Recommender:
         """Style profile, seen items and (optionally) CF recs of a user in one Redis round trip."""
 
         def read(r: redis.Redis) -> list[Any]:
+            if with_recs:
+                names = [
+                    keys.style_profile(user),
+                    keys.user_seen(user),
+                    keys.recs(user),
+                    keys.recs_meta(user),
+                    self._model_version_key,
+                ]
+                out = self._user_state(names, [])
+                return [pairs(out[0]), out[1], pairs(out[2]), out[3] or None, out[4] or None]
             pipe = r.pipeline(transaction=False)
             pipe.hgetall(keys.style_profile(user))
             pipe.smembers(keys.user_seen(user))
@@ -172,7 +205,16 @@ class Recommender:
         extra: list[str] = []
         if cands.source == CF and s.style_popular_pool:
             extra += [i for i, _ in self.candidates.popular(s.style_popular_pool, category, deadline, deg).items]
-        if s.style_neighbour_pool and self.index is not None:
+        # With the embedding cache on, vectors come from the in-process index (one matrix product
+        # gives the neighbour pool and the affinities); the per-item cache only for items it lacks.
+        view = (
+            self.index.for_profile(profile.vector, profile.centred, s.style_neighbour_pool, deadline, deg)
+            if self.index is not None and s.embedding_cache_s > 0
+            else None
+        )
+        if s.style_neighbour_pool and view is not None:
+            extra += view.neighbours
+        elif s.style_neighbour_pool and self.index is not None:
             extra += [
                 i
                 for i, _ in self.index.nearest(
@@ -189,10 +231,17 @@ class Recommender:
         ids = [i for i, _ in items]
         known: list[float | None] = []
         try:
-            # Scoring wrote the profile in the space of the centroid it published; score the
-            # items in the same space (the uncentred one for a profile written without it).
-            centroid = self.centroid.get(deadline, deg) if self.centroid is not None and profile.centred else None
-            known = affinities(profile.vector, self.embeddings.get_many(ids, deadline), centroid)
+            if view is not None:
+                known, lacking = view.affinities(ids)
+                if lacking:
+                    vecs = self.embeddings.get_many([ids[n] for n in lacking], deadline)
+                    for n, a in zip(lacking, affinities(profile.vector, vecs, view.centroid), strict=True):
+                        known[n] = a
+            else:
+                # Scoring wrote the profile in the space of the centroid it published; score the
+                # items in the same space (the uncentred one for a profile written without it).
+                centroid = self.centroid.get(deadline, deg) if self.centroid is not None and profile.centred else None
+                known = affinities(profile.vector, self.embeddings.get_many(ids, deadline), centroid)
         except DependencyUnavailable as exc:
             deg.add(exc)
         if not any(a is not None for a in known):
@@ -222,10 +271,10 @@ class Recommender:
             metas = self.catalog.get_many([r.item_id for r in part], deadline, deg)
             for r in part:
                 meta = metas.get(r.item_id)
-                if meta is None:
+                if meta is None or meta.partial:
                     if needs_meta:
                         continue  # cannot prove it passes the filter
-                    meta = ItemMeta(r.item_id)
+                    meta = meta or ItemMeta(r.item_id)
                 if f.category and meta.category != f.category:
                     continue
                 if f.min_price > 0 and meta.price < f.min_price:

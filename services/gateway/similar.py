@@ -37,19 +37,33 @@ class EmbeddingIndex:
         self.refresh_s = refresh_s
         self.centroid = centroid
         self._ids: list[str] = []
+        self._pos: dict[str, int] = {}  # item id -> row, built once per reload (not per request)
         self._matrix = np.zeros((0, 100), dtype=np.float32)  # unit rows as stored
         self._centred = self._matrix  # rows centred on self._centred_on
         self._centred_on: np.ndarray | None = None
+        self._plain: np.ndarray | None = None  # unit(rows), for profiles scoring wrote uncentred
+        # Neighbour pools per (profile bytes, centred, n), valid for one centred matrix object.
+        self._neighbours: dict[tuple[bytes, bool, int], list[str]] = {}
+        self._neighbours_of: np.ndarray | None = None
         self._loaded_at = 0.0
         self._lock = threading.Lock()
 
     def snapshot(self, deadline: Deadline, deg: Degradation) -> tuple[list[str], np.ndarray, np.ndarray | None]:
         """(ids, centred unit rows, the centroid they are centred on — None = uncentred)."""
+        ids, _, _, centred, c = self._state(deadline, deg)
+        return ids, centred, c
+
+    def _state(
+        self, deadline: Deadline, deg: Degradation
+    ) -> tuple[list[str], dict[str, int], np.ndarray, np.ndarray, np.ndarray | None]:
+        """(ids, id -> row, plain unit rows, centred rows, centroid), all from one reload."""
         if time.monotonic() - self._loaded_at > self.refresh_s:
             try:
                 ids, matrix = self.ds.redis_call("embeddings_scan", self._load, deadline)
                 with self._lock:
                     self._ids, self._matrix, self._loaded_at = ids, matrix, time.monotonic()
+                    self._pos = {i: n for n, i in enumerate(ids)}
+                    self._plain = None
                     self._centred_on = None
                     self._centred = matrix
             except DependencyUnavailable as exc:
@@ -58,7 +72,10 @@ class EmbeddingIndex:
         with self._lock:
             if c is not self._centred_on:
                 self._centred, self._centred_on = centre(self._matrix, c), c
-            return self._ids, self._centred, self._centred_on
+            if self._plain is None:
+                # The plain-cosine space of style_math.affinities(centroid=None): unit(unit rows).
+                self._plain = centre(self._matrix, None)
+            return self._ids, self._pos, self._plain, self._centred, self._centred_on
 
     def nearest(
         self,
@@ -85,6 +102,46 @@ class EmbeddingIndex:
         top = top[np.argsort(-sims[top], kind="stable")]
         return [(ids[k], float(sims[k])) for k in top if ids[k] != exclude][:n]
 
+    def for_profile(
+        self, profile: np.ndarray, centred_profile: bool, n_neighbours: int, deadline: Deadline, deg: Degradation
+    ) -> ProfileScores:
+        """The style path's two uses of the catalog, without a pass over it per request.
+
+        WHY: the re-rank needs the profile's affinity with ~180 candidates and the neighbour pool
+        its closest looks in the whole catalog. The candidates' rows are gathered from this
+        in-memory matrix (no per-item cache lookups and stacking, the largest Python cost of a
+        style answer in the py-spy profile, docs/gateway.md), and the neighbour pool depends only
+        on the profile and the matrix, so it is computed once per (profile, reload) and reused
+        until either changes, instead of a catalog-wide product and partition on every request.
+
+        The neighbours rank exactly as :meth:`nearest` does; the affinities are
+        :func:`libs.common.style_math.affinities` of the stored unit rows (centred and mapped
+        to 0..1 for a centred profile with a centroid, the plain cosine otherwise).
+        """
+        ids, pos, plain_rows, centred_rows, c = self._state(deadline, deg)
+        mapped = centred_profile and c is not None
+        aff_rows = centred_rows if mapped else plain_rows
+        neighbours: list[str] = []
+        if ids and n_neighbours > 0:
+            key = (profile.tobytes(), centred_profile, n_neighbours)
+            with self._lock:
+                memo = self._neighbours if self._neighbours_of is centred_rows else None
+                cached = memo.get(key) if memo is not None else None
+            if cached is None:
+                cached = [
+                    i for i, _ in self.nearest(profile, n_neighbours, deadline, deg, raw_query=not centred_profile)
+                ]
+                with self._lock:
+                    if self._neighbours_of is not centred_rows:
+                        self._neighbours, self._neighbours_of = {}, centred_rows
+                    if len(self._neighbours) >= 50_000:
+                        self._neighbours.clear()
+                    self._neighbours[key] = cached
+            neighbours = cached
+        return ProfileScores(
+            neighbours, pos, aff_rows, profile, mapped, c if mapped or (centred_profile and not ids) else None
+        )
+
     def invalidate(self) -> None:
         self._loaded_at = 0.0
 
@@ -102,6 +159,46 @@ class EmbeddingIndex:
                     rows.append(vec)
         matrix = np.stack(rows) if rows else np.zeros((0, 100), dtype=np.float32)
         return ids, matrix
+
+
+class ProfileScores:
+    """One profile's view of the index: its closest looks and its affinity with any indexed item."""
+
+    def __init__(
+        self,
+        neighbours: list[str],
+        pos: dict[str, int],
+        rows: np.ndarray,
+        profile: np.ndarray,
+        mapped: bool,
+        centroid: np.ndarray | None,
+    ) -> None:
+        self.neighbours = neighbours
+        self._pos = pos
+        self._rows = rows
+        self._profile = np.asarray(profile, dtype=np.float32)
+        self._mapped = mapped
+        # The centroid the affinities are computed with: items the index lacks must be scored
+        # with the same one (None = plain cosine).
+        self.centroid = centroid
+
+    def _scores(self, rows: list[int]) -> list[float]:
+        cos = self._rows[rows] @ self._profile
+        return list((affinity01(cos) if self._mapped else cos.astype(np.float32)).tolist())
+
+    def affinities(self, item_ids: list[str]) -> tuple[list[float | None], list[int]]:
+        """(affinity per item, None where the index has no row; positions of those items)."""
+        pos = self._pos
+        rows = [pos.get(i, -1) for i in item_ids]
+        if -1 not in rows:  # the common case: every candidate is indexed
+            return (list(self._scores(rows)) if rows else []), []
+        out: list[float | None] = [None] * len(item_ids)
+        lacking = [n for n, row in enumerate(rows) if row < 0]
+        present_at = [n for n, row in enumerate(rows) if row >= 0]
+        if present_at:
+            for n, a in zip(present_at, self._scores([rows[n] for n in present_at]), strict=True):
+                out[n] = float(a)
+        return out, lacking
 
 
 class SimilarItems:
