@@ -254,6 +254,9 @@ def finish(report: BulkReport, args: argparse.Namespace, extra: dict[str, Any] |
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
+    if args.k < 1:
+        # The gateway reads k=0 as "its default", which is not what `-k 0` asks for.
+        raise UsageError("-k must be 1 or more")
     addr = service_addr("gateway", args.addr)
     with env_channel(addr) as channel:
         stub = gateway_pb2_grpc.GatewayServiceStub(channel)

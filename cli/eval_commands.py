@@ -18,6 +18,19 @@ from cli.errors import UsageError
 
 REPO = Path(__file__).resolve().parent.parent
 OUT_DIR = REPO / "out" / "eval"
+DATASETS = ["ml-100k", "online-retail", "csv", "synthetic"]
+# Options that belong to one data set: giving one implies it, giving it to another is refused.
+CSV_OPTIONS = {
+    "interactions": "--interactions",
+    "user_col": "--user-col",
+    "item_col": "--item-col",
+    "time_col": "--time-col",
+    "rating_col": "--rating-col",
+    "sep": "--sep",
+}
+RETAIL_OPTIONS = {"path": "--path"}
+# Protocols that order each user's interactions by time.
+TIME_PROTOCOLS = ("temporal", "leave-last-out")
 
 
 def register(sub: Any) -> None:
@@ -25,17 +38,16 @@ def register(sub: Any) -> None:
     p.add_argument(
         "dataset",
         nargs="?",
-        default="ml-100k",
-        choices=["ml-100k", "online-retail", "csv", "synthetic"],
-        help="data set (csv needs --interactions and the column options)",
+        choices=DATASETS,
+        help="data set (default ml-100k; --interactions implies csv, --path implies online-retail)",
     )
     p.add_argument("--path", type=Path, help="online-retail file (default ../shared/data/online-retail/...)")
-    p.add_argument("--interactions", type=Path, help="CSV/TSV file of interactions (dataset csv)")
+    p.add_argument("--interactions", type=Path, help="CSV/TSV file of interactions (implies dataset csv)")
     p.add_argument("--user-col")
     p.add_argument("--item-col")
     p.add_argument("--time-col")
     p.add_argument("--rating-col")
-    p.add_argument("--sep", default=",", help="field separator (use '\\t' for tabs)")
+    p.add_argument("--sep", help="field separator of --interactions (default ','; use '\\t' for tabs)")
     p.add_argument(
         "--protocol",
         choices=["stratified-item", "temporal", "leave-last-out"],
@@ -48,6 +60,33 @@ def register(sub: Any) -> None:
     p.add_argument("--out", type=Path, help="JSON output file (default out/eval/<dataset>-<protocol>.json)")
     p.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
     p.set_defaults(func=cmd_eval)
+
+
+def resolve_dataset(args: argparse.Namespace) -> str:
+    """The data set the options mean, or UsageError when they contradict each other.
+
+    Without this, `stylerec eval --interactions F --user-col u ...` (no word
+    `csv`) silently evaluated ML-100K and reported its numbers as if they were F's.
+    """
+    csv_given = [flag for name, flag in CSV_OPTIONS.items() if getattr(args, name) is not None]
+    retail_given = [flag for name, flag in RETAIL_OPTIONS.items() if getattr(args, name) is not None]
+    if csv_given and retail_given:
+        raise UsageError(
+            f"{', '.join(retail_given)} (online-retail) and {', '.join(csv_given)} (csv) name two different data "
+            "sets: pass one of them"
+        )
+    implied = "csv" if csv_given else "online-retail" if retail_given else None
+    given = args.dataset
+    if given is not None and implied is not None and given != implied:
+        flags = ", ".join(csv_given or retail_given)
+        raise UsageError(f"data set {given} contradicts {flags}, which only the {implied} data set uses")
+    dataset = given or implied or "ml-100k"
+    if dataset == "csv":
+        if args.interactions is None or args.user_col is None or args.item_col is None:
+            raise UsageError("dataset csv needs --interactions FILE --user-col C --item-col C")
+        if not args.interactions.is_file():
+            raise UsageError(f"--interactions {args.interactions}: no such file")
+    return dataset
 
 
 def load_dataset(args: argparse.Namespace) -> Any:
@@ -66,9 +105,7 @@ def load_dataset(args: argparse.Namespace) -> Any:
                 return datasets.synthetic()
             return datasets.online_retail(path)
         if args.dataset == "csv":
-            if not (args.interactions and args.user_col and args.item_col):
-                raise UsageError("dataset csv needs --interactions FILE --user-col C --item-col C")
-            sep = "\t" if args.sep in ("\\t", "tab") else args.sep
+            sep = "," if args.sep is None else "\t" if args.sep in ("\\t", "tab") else args.sep
             return datasets.csv_interactions(
                 args.interactions, args.user_col, args.item_col, args.time_col, args.rating_col, sep
             )
@@ -87,9 +124,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UsageError(f"unknown algorithm(s) {unknown}; known: {', '.join(sorted(ALGORITHMS))}")
     if not 1 <= args.k <= 1000:
         raise UsageError("-k must be between 1 and 1000")
+    args.dataset = resolve_dataset(args)
     protocol = args.protocol or ("temporal" if args.dataset == "online-retail" else "stratified-item")
-    if protocol == "temporal" and args.dataset == "csv" and not args.time_col:
-        raise UsageError("protocol temporal needs --time-col")
+    if protocol in TIME_PROTOCOLS and args.dataset == "csv" and not args.time_col:
+        raise UsageError(f"protocol {protocol} orders interactions by time: pass --time-col (the column with times)")
     data = load_dataset(args)
     steps = len(dict.fromkeys(["popularity", *algorithms]))
     with tqdm(total=steps, desc=f"eval {data.name}", unit="algo", file=sys.stderr) as bar:

@@ -21,7 +21,11 @@ def register(sub: Any) -> None:
     exp = sub.add_parser("experiment", help="offline experiments (synthetic benchmarks)")
     esub = exp.add_subparsers(dest="experiment", required=True)
     p = esub.add_parser("style-lambda", help="choose the gateway's λ and confidence threshold (SYNTHETIC users)")
-    p.add_argument("--images-dir", type=Path, default=DEFAULT_IMAGES, help="folder with products/ and styles/")
+    p.add_argument(
+        "--images-dir",
+        type=Path,
+        help=f"folder with products/ and styles/ (default {DEFAULT_IMAGES}; generated images when that is missing)",
+    )
     p.add_argument("--users", type=int, default=3000, help="simulated users per population (half choose, half report)")
     p.add_argument("--seed", type=int, default=42, help="first seed")
     p.add_argument("--seeds", type=int, default=5, help="independent populations averaged over")
@@ -38,8 +42,8 @@ def register(sub: Any) -> None:
 
 
 def cmd_style_lambda(args: argparse.Namespace) -> int:
+    from cli.errors import UsageError
     from cli.experiment_style_lambda import run_experiment
-    from cli.main import UsageError
 
     if args.users < 20:
         raise UsageError("--users must be at least 20")
@@ -49,7 +53,11 @@ def cmd_style_lambda(args: argparse.Namespace) -> int:
         raise UsageError("--style-share must be between 0 and 1")
     if args.half_weight <= 0:
         raise UsageError("--half-weight must be positive")
-    images = args.images_dir if args.images_dir.exists() else None
+    if args.images_dir is not None and not args.images_dir.is_dir():
+        # An explicit folder that is missing must not quietly become the generated catalog.
+        raise UsageError(f"--images-dir {args.images_dir}: not a folder")
+    images_dir = args.images_dir or DEFAULT_IMAGES
+    images = images_dir if images_dir.exists() else None
     result = run_experiment(
         images,
         args.out_dir,
