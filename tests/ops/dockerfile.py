@@ -2,7 +2,9 @@
 
 There is no Docker engine on the dev and CI machines, so the tests check what
 a build would need statically: instructions per stage, COPY sources against the
-build context as .dockerignore filters it, and the entry point.
+build context as .dockerignore filters it, and the entry point. The services
+share one multi-target Dockerfile, so :func:`image` resolves a target through
+the stages it is built ``FROM`` into what the image ends up with.
 """
 
 from __future__ import annotations
@@ -84,6 +86,25 @@ def parse(path: Path) -> tuple[dict[str, str], list[Stage]]:
             continue
         stages[-1].instructions.append(Instruction(keyword, rest, n))
     return args, stages
+
+
+def image(stages: list[Stage], target: str) -> Stage:
+    """What ``docker build --target TARGET`` produces: the instructions of every stage in its
+    ``FROM`` chain, oldest first, and the external image at the root of that chain as ``base``."""
+    by_name = {s.name: s for s in stages}
+    if target not in by_name:
+        raise KeyError(f"no stage named {target!r} (stages: {', '.join(by_name)})")
+    chain: list[Stage] = []
+    stage = by_name[target]
+    while True:
+        chain.append(stage)
+        if stage.base not in by_name or len(chain) > len(stages):
+            break
+        stage = by_name[stage.base]
+    merged = Stage(base=chain[-1].base, name=target)
+    for st in reversed(chain):
+        merged.instructions.extend(st.instructions)
+    return merged
 
 
 def stage_arg(stage: Stage, name: str) -> str:

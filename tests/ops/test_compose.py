@@ -102,19 +102,31 @@ def test_services_are_hardened(compose: dict[str, Any]) -> None:
 
 
 def test_builds_point_at_existing_dockerfiles(compose: dict[str, Any]) -> None:
+    from tests.ops.dockerfile import parse
+
+    built = set()
     for name, svc in compose["services"].items():
         build = svc.get("build")
         if not build:
             continue
         context = REPO / build["context"]
         assert context.is_dir(), name
-        assert (context / build["dockerfile"]).is_file(), f"{name}: {build['dockerfile']} missing"
+        dockerfile = context / build["dockerfile"]
+        assert dockerfile.is_file(), f"{name}: {build['dockerfile']} missing"
+        # One Dockerfile for every service; the target picks the image.
+        assert build["dockerfile"] == "deploy/docker/service.Dockerfile", f"{name}: {build['dockerfile']}"
+        stages = {s.name for s in parse(dockerfile)[1]}
+        assert build.get("target") in stages, f"{name}: target {build.get('target')!r} is not a stage of {dockerfile}"
+        # The image name says which target it was built from (kafka-init reuses the ingestion image).
+        assert svc["image"].split(":")[0] == f"stylerec/{build['target']}", f"{name}: {svc['image']}"
+        built.add(build["target"])
+    assert built == {"ingestion", "scoring", "style-worker", "style-worker-gpu", "gateway"}
 
 
 def test_gpu_profile(compose: dict[str, Any]) -> None:
     gpu = compose["services"]["style-worker-gpu"]
     assert gpu["profiles"] == ["gpu"]
-    assert gpu["build"]["dockerfile"].endswith("Dockerfile.gpu")
+    assert gpu["build"]["target"] == "style-worker-gpu"
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
     assert "style-worker" in gpu["networks"]["default"]["aliases"]

@@ -1,10 +1,12 @@
 """Container images, checked without a Docker engine (there is none on dev or CI machines).
 
-What a ``docker build`` from the repository root would need is checked statically:
-multi-stage with a slim final stage, a non-root user, no build tools or tests in the
-final stage, a gRPC HEALTHCHECK, every COPY source present in the build context after
-.dockerignore, the entry point module shipped, and nothing the service imports left
-out of the image's requirement set.
+The four services (and the GPU style worker) are targets of one Dockerfile,
+deploy/docker/service.Dockerfile. What ``docker build --target T`` from the
+repository root would need and produce is checked statically: a slim final base
+reached only through the runtime stages, a non-root user, no build tools or
+tests in the image, a gRPC HEALTHCHECK, MALLOC_ARENA_MAX=2, every COPY source
+present in the build context after .dockerignore, the entry point module
+shipped, and nothing the service imports left out of the image's requirement set.
 """
 
 from __future__ import annotations
@@ -18,27 +20,44 @@ from pathlib import Path
 
 import pytest
 
-from tests.ops.dockerfile import DockerIgnore, Stage, copy_sources, parse, stage_arg
+from tests.ops.dockerfile import DockerIgnore, Stage, copy_sources, image, parse, stage_arg
 
 REPO = Path(__file__).resolve().parents[2]
+DOCKERFILE = REPO / "deploy" / "docker" / "service.Dockerfile"
+# target -> (service package, requirement set, the build ARG that cuts the set)
+TARGETS = {
+    "ingestion": ("ingestion", "light", "DROP_LIGHT"),
+    "scoring": ("scoring", "scoring", "DROP_SCORING"),
+    "style-worker": ("style_worker", "style", "DROP_STYLE"),
+    "style-worker-gpu": ("style_worker", "style", "DROP_STYLE"),
+    "gateway": ("gateway", "light", "DROP_LIGHT"),
+}
 SERVICES = ["ingestion", "scoring", "style_worker", "gateway"]
-DOCKERFILES = [REPO / "services" / s / "Dockerfile" for s in SERVICES] + [REPO / "services/style_worker/Dockerfile.gpu"]
 BUILD_TOOLS = re.compile(
     r"\b(gcc|g\+\+|build-essential|make|cmake|python3-dev|python3-pip|python3-venv|git|curl|wget)\b"
 )
 FIRST_PARTY = {"libs", "services", "cli", "tests", "scripts", "stylerec", "gen"}
 
 
-def ids(paths: list[Path]) -> list[str]:
-    return [str(p.relative_to(REPO)) for p in paths]
+def stages() -> list[Stage]:
+    return parse(DOCKERFILE)[1]
 
 
-def service_of(path: Path) -> str:
-    return path.parent.name
+def by_name(name: str) -> Stage:
+    return {s.name: s for s in stages()}[name]
 
 
-def final_stage(path: Path) -> Stage:
-    return parse(path)[1][-1]
+def final_stage(target: str) -> Stage:
+    return image(stages(), target)
+
+
+def venv_stage(target: str) -> str:
+    """The stage the image's /opt/venv is copied from."""
+    own = by_name(target)
+    froms = [copy_sources(i) for i in own.all("COPY") if "from" in copy_sources(i)[2]]
+    venvs = [flags["from"] for srcs, _dest, flags in froms if srcs == ["/opt/venv"]]
+    assert len(venvs) == 1, f"{target}: expected one COPY --from=<deps> /opt/venv, got {venvs}"
+    return venvs[0]
 
 
 def context_files() -> list[str]:
@@ -58,6 +77,17 @@ def dockerignore() -> DockerIgnore:
     return DockerIgnore((REPO / ".dockerignore").read_text())
 
 
+def test_one_dockerfile_for_every_service() -> None:
+    # A per-service copy would drift from the shared shape again: there must be none.
+    leftovers = sorted(str(p.relative_to(REPO)) for p in (REPO / "services").glob("*/Dockerfile*"))
+    assert not leftovers, f"per-service Dockerfiles are back: {leftovers} (use deploy/docker/service.Dockerfile)"
+    names = [s.name for s in stages()]
+    assert len(names) == len(set(names)), f"duplicate stage names: {names}"
+    assert set(TARGETS) <= set(names)
+    for svc in SERVICES:
+        assert svc in {pkg for pkg, _set, _arg in TARGETS.values()}, f"no image target for services/{svc}"
+
+
 def test_dockerignore_keeps_local_state_out(dockerignore: DockerIgnore) -> None:
     for path in [".venv/bin/python", "gen/stylerec/v1/common_pb2.py", ".git/HEAD", "tests/conftest.py", "out/x.json"]:
         assert dockerignore.excluded(path), f"{path} would be sent to the Docker build context"
@@ -66,26 +96,29 @@ def test_dockerignore_keeps_local_state_out(dockerignore: DockerIgnore) -> None:
     assert dockerignore.excluded("libs/common/__pycache__/server.cpython-311.pyc")
 
 
-@pytest.mark.parametrize("path", DOCKERFILES, ids=ids(DOCKERFILES))
-def test_multistage_slim_nonroot(path: Path) -> None:
-    _args, stages = parse(path)
-    assert len(stages) >= 2, "the image must be multi-stage (build stage + runtime stage)"
-    final = stages[-1]
-    if path.name == "Dockerfile":
-        assert re.fullmatch(r"python:3\.11-slim(-[a-z]+)?", final.base), f"final stage base {final.base}"
-    else:
+@pytest.mark.parametrize("target", TARGETS)
+def test_multistage_slim_nonroot(target: str) -> None:
+    final = final_stage(target)
+    if target.endswith("-gpu"):
         assert final.base.startswith("nvidia/cuda:") and "cudnn-runtime" in final.base, final.base
+    else:
+        assert re.fullmatch(r"python:3\.11-slim(-[a-z]+)?", final.base), f"final stage base {final.base}"
+    # Multi-stage: the packages come from a deps stage, never installed into the image's own chain.
+    assert venv_stage(target).startswith("deps-"), venv_stage(target)
     users = final.all("USER")
     assert users, "the final stage must switch to a non-root USER"
     user = users[-1].args.split(":")[0]
     assert user not in ("root", "0"), f"USER {user} is root"
     assert user.isdigit(), "a numeric USER lets Kubernetes verify runAsNonRoot"
     assert int(user) == 10001, "k8s manifests and compose run as uid 10001"
+    env = " ".join(i.args for i in final.all("ENV"))
+    # glibc's default arenas let the gRPC servers' RSS creep under load (docs/load.md).
+    assert re.search(r"\bMALLOC_ARENA_MAX=2\b", env), f"{target}: MALLOC_ARENA_MAX=2 missing"
 
 
-@pytest.mark.parametrize("path", DOCKERFILES, ids=ids(DOCKERFILES))
-def test_final_stage_has_no_build_tools_or_tests(path: Path) -> None:
-    final = final_stage(path)
+@pytest.mark.parametrize("target", TARGETS)
+def test_final_stage_has_no_build_tools_or_tests(target: str) -> None:
+    final = final_stage(target)
     for ins in final.all("RUN"):
         installs = re.findall(r"apt-get install[^&;]*", ins.args)
         for cmd in installs:
@@ -106,28 +139,27 @@ def test_final_stage_has_no_build_tools_or_tests(path: Path) -> None:
     assert all("/opt/tools" not in src for srcs in copied_from_build for src in srcs)
 
 
-@pytest.mark.parametrize("path", DOCKERFILES, ids=ids(DOCKERFILES))
-def test_copy_sources_exist_in_build_context(path: Path, dockerignore: DockerIgnore) -> None:
+def test_copy_sources_exist_in_build_context(dockerignore: DockerIgnore) -> None:
     files = context_files()
-    _args, stages = parse(path)
-    for stage in stages:
+    all_stages = stages()
+    for stage in all_stages:
         for ins in stage.all("COPY") + stage.all("ADD"):
             sources, _dest, flags = copy_sources(ins)
             if "from" in flags:
-                assert flags["from"] in {s.name for s in stages}, f"line {ins.line}: unknown stage {flags['from']}"
+                assert flags["from"] in {s.name for s in all_stages}, f"line {ins.line}: unknown stage {flags['from']}"
                 continue
             for src in sources:
                 src = src.rstrip("/")
                 under = [f for f in files if f == src or f.startswith(src + "/")]
-                assert under, f"{path.name} line {ins.line}: COPY source {src!r} does not exist in the repository"
+                assert under, f"line {ins.line}: COPY source {src!r} does not exist in the repository"
                 sent = [f for f in under if not dockerignore.excluded(f)]
-                assert sent, f"{path.name} line {ins.line}: COPY source {src!r} is excluded by .dockerignore"
+                assert sent, f"line {ins.line}: COPY source {src!r} is excluded by .dockerignore"
 
 
-@pytest.mark.parametrize("path", DOCKERFILES, ids=ids(DOCKERFILES))
-def test_entrypoint_and_healthcheck_modules_are_shipped(path: Path) -> None:
-    final = final_stage(path)
-    svc = service_of(path)
+@pytest.mark.parametrize("target", TARGETS)
+def test_entrypoint_and_healthcheck_modules_are_shipped(target: str) -> None:
+    final = final_stage(target)
+    svc = TARGETS[target][0]
     entry = final.all("ENTRYPOINT")[-1].exec_form()
     assert entry == ["python", "-m", f"services.{svc}"], entry
     assert (REPO / "services" / svc / "__main__.py").exists()
@@ -138,6 +170,8 @@ def test_entrypoint_and_healthcheck_modules_are_shipped(path: Path) -> None:
     assert (REPO / "libs/common/healthcheck.py").exists()
     copied = {copy_sources(i)[0][0].rstrip("/") for i in final.all("COPY") if "from" not in copy_sources(i)[2]}
     assert {"libs", f"services/{svc}", "services/__init__.py"} <= copied
+    others = {f"services/{s}" for s in SERVICES if s != svc}
+    assert not copied & others, f"{target} ships another service's code: {copied & others}"
     env = " ".join(i.args for i in final.all("ENV"))
     ports = dict(re.findall(r"STYLEREC_(GRPC_PORT|METRICS_PORT)=(\d+)", env))
     exposed = set(" ".join(i.args for i in final.all("EXPOSE")).split())
@@ -156,16 +190,20 @@ def test_entrypoint_and_healthcheck_modules_are_shipped(path: Path) -> None:
 
 
 def test_gpu_variant_uses_onnxruntime_gpu_and_cuda_base() -> None:
-    path = REPO / "services/style_worker/Dockerfile.gpu"
-    _args, stages = parse(path)
-    assert all("cudnn" in s.base for s in stages), "build and runtime must share the CUDA base (same python)"
-    assert "onnxruntime-gpu" not in stage_arg(stages[0], "DROP_PACKAGES").split()
+    deps = by_name(venv_stage("style-worker-gpu"))
+    assert "cudnn" in deps.base and "cudnn" in final_stage("style-worker-gpu").base, (
+        "build and runtime of the GPU image must share the CUDA base (same python)"
+    )
+    build = by_name("build")
+    dropped = (stage_arg(build, "DROP_ALWAYS") + " " + stage_arg(build, "DROP_STYLE")).split()
+    assert "onnxruntime-gpu" not in dropped
     assert "onnxruntime-gpu==" in (REPO / "requirements.txt").read_text()
     assert not re.search(r"^onnxruntime==", (REPO / "requirements.txt").read_text(), re.M)
 
 
 def test_scoring_torch_is_the_pinned_cpu_wheel() -> None:
-    text = (REPO / "services/scoring/Dockerfile").read_text()
+    deps = by_name(venv_stage("scoring"))
+    text = " ".join(i.args for i in deps.instructions)
     assert "download.pytorch.org/whl/cpu" in text
     assert "grep -iE '^torch==' requirements.txt" in text
     assert re.search(r"^torch==2\.13\.0$", (REPO / "requirements.txt").read_text(), re.M)
@@ -218,17 +256,23 @@ def _closure(dists: set[str]) -> set[str]:
     return seen
 
 
-@pytest.mark.parametrize("path", DOCKERFILES, ids=ids(DOCKERFILES))
-def test_every_import_of_the_service_is_installed_in_its_image(path: Path) -> None:
-    svc = service_of(path)
-    stage = parse(path)[1][0]
-    dropped = {_norm(p) for p in stage_arg(stage, "DROP_PACKAGES").split()}
-    try:
-        kept_nodeps = {_norm(p) for p in stage_arg(stage, "KEEP_NODEPS").split()}
-    except KeyError:
-        kept_nodeps = set()
+@pytest.mark.parametrize("target", TARGETS)
+def test_every_import_of_the_service_is_installed_in_its_image(target: str) -> None:
+    svc, req_set, drop_arg = TARGETS[target]
+    build = by_name("build")
+    # The wiring this test relies on: the image's venv comes from the deps stage that installs
+    # requirements.<set>.txt, which the build stage cuts with <drop_arg>.
+    cut = " ".join(i.args for i in build.all("RUN"))
+    assert f'cut_set "${{{drop_arg}}}" > requirements.{req_set}.txt' in cut, f"build stage does not cut {req_set}"
+    deps = by_name(venv_stage(target))
+    installs = " ".join(i.args for i in deps.all("RUN") + deps.all("COPY"))
+    assert f"requirements.{req_set}.txt" in installs, f"{deps.name} does not install requirements.{req_set}.txt"
+    dropped = {_norm(p) for p in (stage_arg(build, "DROP_ALWAYS") + " " + stage_arg(build, drop_arg)).split()}
+    kept_nodeps: set[str] = set()
+    if "requirements.nodeps.txt" in installs:
+        kept_nodeps = {_norm(p) for p in stage_arg(build, "KEEP_NODEPS").split()}
     runtime = (_requirement_names(REPO / "requirements.txt") - dropped) | kept_nodeps
-    if svc == "scoring":
+    if "whl/cpu" in installs:
         runtime.add("torch")
     installed = _closure(runtime)
     dist_of = {k: [_norm(d) for d in v] for k, v in md.packages_distributions().items()}
@@ -259,8 +303,9 @@ def test_every_import_of_the_service_is_installed_in_its_image(path: Path) -> No
 
 
 def test_drop_list_is_parsed_like_the_shell_does() -> None:
-    # Guard the test's own reading of the ARG: the RUN line turns it into a grep alternation.
-    stage = parse(REPO / "services/gateway/Dockerfile")[1][0]
-    run = [i.args for i in stage.all("RUN") if "DROP_PACKAGES" in i.args]
+    # Guard the test's own reading of the ARGs: the RUN line turns them into a grep alternation.
+    build = by_name("build")
+    run = [i.args for i in build.all("RUN") if "DROP_ALWAYS" in i.args]
     assert run and "tr ' ' '|'" in run[0]
-    assert "torch" in stage_arg(stage, "DROP_PACKAGES").split()
+    assert "torch" in stage_arg(build, "DROP_LIGHT").split()
+    assert "pytest" in stage_arg(build, "DROP_ALWAYS").split()
