@@ -236,7 +236,8 @@ def test_cli_ingest_items_with_images_dir(
     ]
     path = tmp_path / "items.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    assert cli_main(["ingest", "items", str(path), "--images", str(images), "--addr", ing.addr, "--json"]) == 0
+    # One item refused by the service: exit 1 (bulk ingest, docs/ingestion.md).
+    assert cli_main(["ingest", "items", str(path), "--images", str(images), "--addr", ing.addr, "--json"]) == 1
     out = json.loads(capsys.readouterr().out)
     assert (out["upserted"], out["rejected"]) == (2, 1)
     assert out["rejected_items"][0]["index"] == 2 and "not a readable" in out["rejected_items"][0]["reason"]
@@ -245,10 +246,20 @@ def test_cli_ingest_items_with_images_dir(
     assert dict(_get(ing, f"cli-{unique}-2").attributes) == {"size": "38"}
 
 
+def test_cli_ingest_items_sends_the_readable_rows(
+    ing: Ingestion, tmp_path: Path, capsys: pytest.CaptureFixture[str], unique: str
+) -> None:
+    path = tmp_path / "items.jsonl"
+    path.write_text(f'{{"item_id": "ok-{unique}", "title": "t"}}\n{{broken\n')
+    assert cli_main(["ingest", "items", str(path), "--addr", ing.addr]) == 1
+    out = capsys.readouterr().out
+    assert "upserted 1" in out and f"{path}:2: not valid JSON" in out
+
+
+# A file without one readable row cannot be used at all: exit 2, the first bad line named.
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ('{"item_id": "a", "title": "t"}\n{broken\n', ":2: not valid JSON"),
         ('["a", "b"]\n', "expected a JSON object"),
         ('{"item_id": "a", "title": "t", "image": "nope.jpg"}\n', "not found"),
         ('{"item_id": "a", "title": "t", "image": "../../etc/passwd"}\n', "outside the images folder"),
