@@ -198,7 +198,7 @@ class Recommender:
         if slots <= 0:
             return []
         index = sm.item_index
-        fresh = [i for i, _ in self.state.ranking() if i not in index and (allowed is None or i in allowed)]
+        fresh = [i for i, _ in self.state.ranked_among(lambda i: i not in index and (allowed is None or i in allowed))]
         known = set(fresh)
         for item, created in self.arrivals():
             if created <= sm.trained_at:

@@ -351,6 +351,17 @@ class InteractionState:
                 self._ranking = ranked
             return ranked
 
+    def ranked_among(self, keep: Callable[[str], bool]) -> list[tuple[str, float]]:
+        """The :meth:`ranking` of the items ``keep`` accepts, without sorting the rest: the fold-in
+        asks for the few items its model does not know once per batch, and a full sort of the
+        catalog after every applied batch cost more than the batch's matrix product."""
+        with self._lock:
+            ranked = self._ranking
+            if ranked is None:
+                chosen = [(i, v) for i, v in self._item_score.items() if keep(i)]
+                return sorted(chosen, key=lambda kv: (-kv[1], kv[0]))
+        return [(i, v) for i, v in ranked if keep(i)]
+
     def matrix(
         self, item_index: dict[str, int] | None = None, users: Sequence[str] | None = None, now: float | None = None
     ) -> tuple[sp.csr_matrix, list[str], list[str]]:
