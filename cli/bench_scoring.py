@@ -39,6 +39,7 @@ from pymongo import MongoClient
 from stylerec.v1 import common_pb2, ingestion_pb2, ingestion_pb2_grpc, scoring_pb2, scoring_pb2_grpc
 from tqdm import tqdm
 
+from cli.bench_scoring_apply import bench_apply
 from cli.errors import UsageError
 from cli.stack import REPO, Stack, StackError, metric_sum
 from libs.common import keys
@@ -46,14 +47,21 @@ from libs.common.kafka import ensure_topics
 from libs.common.pseudonym import Pseudonymizer
 from libs.common.settings import DEV_PSEUDONYM_SECRET
 
-FULL = {"history_events": 6000, "users": 400, "items": 300, "topn_calls": 1000, "probes": 60}
-QUICK = {"history_events": 2000, "users": 150, "items": 120, "topn_calls": 200, "probes": 20}
+FULL = {"history_events": 6000, "users": 400, "items": 300, "topn_calls": 1000, "probes": 60, "apply_events": 200_000}
+QUICK = {"history_events": 2000, "users": 150, "items": 120, "topn_calls": 200, "probes": 20, "apply_events": 30_000}
 
 
 def register_bench(bsub: Any) -> None:
     p = bsub.add_parser("scoring", help="scoring training time, TopN latency and event-to-Redis freshness")
     p.add_argument("--quick", action="store_true", help="smaller run (about a minute)")
     p.add_argument("--skip-training", action="store_true", help="only the live-stack part")
+    p.add_argument("--skip-apply", action="store_true", help="leave out the apply-throughput part")
+    p.add_argument(
+        "--apply-events",
+        type=int,
+        help=f"events pre-filled for the apply-throughput part (default {FULL['apply_events']:,}, --quick "
+        f"{QUICK['apply_events']:,})",
+    )
     p.add_argument("--json", action="store_true", help="print the result JSON on stdout")
     p.add_argument("--out", type=Path, default=REPO / "out" / "bench" / "scoring.json")
     p.set_defaults(func=cmd_bench_scoring)
@@ -299,12 +307,18 @@ def cmd_bench_scoring(args: argparse.Namespace) -> int:
         },
         "quick": bool(args.quick),
     }
-    steps = (0 if args.skip_training else 2) + 4
+    apply_events = args.apply_events if args.apply_events is not None else sizes["apply_events"]
+    if apply_events < 1000 and not args.skip_apply:
+        raise UsageError(f"--apply-events must be at least 1000, got {apply_events}")
+    steps = (0 if args.skip_training else 2) + 4 + (0 if args.skip_apply else 5)
     with tqdm(total=steps, desc="bench scoring", file=sys.stderr) as bar:
         if not args.skip_training:
             result["training"] = bench_training(bar)
         try:
             result["live"] = bench_stack(sizes, bar)
+            if not args.skip_apply:
+                result["apply"] = bench_apply(apply_events, bar)
+                result["apply"]["vs_ingest_stream"] = versus_ingest(args.out.parent / "ingest.json", result["apply"])
         except StackError as exc:
             raise UsageError(f"could not run the live part: {exc}") from exc
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -315,6 +329,28 @@ def cmd_bench_scoring(args: argparse.Namespace) -> int:
         print(human(result))
         print(f"\nreport: {args.out}")
     return 0
+
+
+def versus_ingest(ingest_json: Path, apply: dict[str, Any]) -> dict[str, Any]:
+    """The apply rate against the ingestion stream rate `stylerec bench ingest` measured (its JSON
+    next to this one, with its write time: the comparison holds for one session on one box)."""
+    if not ingest_json.exists():
+        return {"note": f"{ingest_json} not found: run `stylerec bench ingest` first"}
+    try:
+        data = json.loads(ingest_json.read_text())
+        stream = float(data["service"]["stream"]["events_per_s"])
+    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
+        return {"note": f"{ingest_json}: no stream rate ({type(exc).__name__})"}
+    rate = float(apply["scoring"]["events_per_s"])
+    return {
+        "ingest_json": str(ingest_json.relative_to(REPO)) if ingest_json.is_relative_to(REPO) else str(ingest_json),
+        "ingest_written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ingest_json.stat().st_mtime)),
+        "ingest_stream_events_per_s": stream,
+        "apply_events_per_s": rate,
+        "ratio": round(rate / stream, 3) if stream else None,
+        "goal": "apply >= ingest stream",
+        "met": rate >= stream,
+    }
 
 
 def human(result: dict[str, Any]) -> str:
@@ -333,4 +369,19 @@ def human(result: dict[str, Any]) -> str:
         f"freshness p50 {f['service']['p50_ms']} ms p95 {f['service']['p95_ms']} ms "
         f"(bare Kafka hop p50 {f['baseline_bare_kafka_hop']['p50_ms']} ms, x{f['ratio_p50']})"
     )
+    a = result.get("apply")
+    if a:
+        per = a["foldin_per_user_ms"]
+        lines.append(
+            f"apply {a['scoring']['events_per_s']:,.0f} events/s from a pre-filled topic of {a['events']:,}"
+            f" (bare consumer {a['baseline_bare_consumer_events_per_s']:,.0f}/s, x{a['ratio_vs_bare_consumer']};"
+            f" state + fold-in alone {a['state_and_foldin_events_per_s']:,.0f}/s, x{a['ratio_vs_state_and_foldin']})"
+        )
+        lines.append(
+            f"fold-in per user {per['one_at_a_time']} ms one at a time, {per['batched_500']} ms batched"
+            f" (x{per['ratio_batched_vs_single']})"
+        )
+        vs = a.get("vs_ingest_stream", {})
+        if "ratio" in vs:
+            lines.append(f"apply vs ingest stream {vs['ingest_stream_events_per_s']:,.0f}/s: x{vs['ratio']}")
     return "\n".join(lines)

@@ -155,7 +155,7 @@ class Stack:
 
     def service_env(self, name: str, grpc_port: int, metrics_port: int) -> dict[str, str]:
         env = dict(os.environ)
-        # As the images set it (services/*/Dockerfile): fewer glibc arenas, flat RSS under load.
+        # As the images set it (deploy/docker/service.Dockerfile): fewer glibc arenas, flat RSS under load.
         env.setdefault("MALLOC_ARENA_MAX", "2")
         env.update(
             {

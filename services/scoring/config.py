@@ -40,7 +40,7 @@ class ScoringSettings(ServiceSettings):
     recs_ttl_s: int = Field(7 * 86400, ge=60, description="TTL of per-user keys in Redis.")
     recs_exclude_seen: bool = Field(True, description="Leave items the user already interacted with out of recs.")
     foldin_batch_max: int = Field(
-        1000,
+        5000,
         ge=1,
         le=10000,
         description=(

@@ -160,17 +160,19 @@ class Publisher:
         prefetched = None
         if profiles:
             try:
-                prefetched = self.profiles.lookup(self.state.histories(users))
+                prefetched = self.profiles.lookup(self.state.seen_many(users))
             except redis.RedisError:
                 STORE_ERRORS.labels("redis", "style_profile").inc()
                 raise
         with self._write_lock:
             marks = self.state.write_marks(users, self.engine.holder.version)
-            self.recs.write_users(users)
+            # Read once under the lock: recs, seen sets and profiles all come from this state.
+            histories = self.state.histories(users)
+            self.recs.write_users(users, histories=histories)
             if not profiles:
                 return
             try:
-                written = self.profiles.update_many(self.state.histories(users), prefetched)
+                written = self.profiles.update_many(histories, prefetched)
             except redis.RedisError:
                 STORE_ERRORS.labels("redis", "style_profile").inc()
                 raise

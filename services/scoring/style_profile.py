@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -208,7 +208,7 @@ class ProfileWriter:
     def update(self, user: str, history: dict[str, float]) -> StyleProfile | None:
         return self.update_many({user: history})[user]
 
-    def lookup(self, histories: dict[str, dict[str, float]]) -> tuple[set[str], dict[str, np.ndarray]]:
+    def lookup(self, histories: Mapping[str, Iterable[str]]) -> tuple[set[str], dict[str, np.ndarray]]:
         """The embeddings a batch needs, fetched before the caller takes its write lock (the
         lookup may fall back to MongoDB, and nothing that slow belongs under the lock the
         consumer waits on): (items looked up, the embeddings found)."""
