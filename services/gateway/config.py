@@ -83,6 +83,12 @@ class GatewaySettings(ServiceSettings):
     popular_near_cache_s: float = Field(
         2.0, ge=0, le=300, description="In-process popularity-list cache lifetime (0 = off)."
     )
+    parse_memo_entries: int = Field(
+        4096,
+        ge=0,
+        le=1_000_000,
+        description="Parsed style profiles / recs lists kept per kind, keyed by the raw Redis reply (0 = off).",
+    )
 
     # --- stylized images -------------------------------------------------------------------------
     stylize_top_n: int = Field(

@@ -71,6 +71,8 @@ class Downstream:
         self.gridfs = GridFSBucket(db) if db is not None else None
         self.scoring = scoring_pb2_grpc.ScoringServiceStub(scoring_channel) if scoring_channel is not None else None
         self.breakers = {name: Breaker(name, settings.breaker_open_s) for name in (REDIS, MONGO, SCORING)}
+        # Labelled histogram children looked up once per (dependency, operation), not per call.
+        self._timers: dict[tuple[str, str], Any] = {}
 
     def call(
         self,
@@ -88,7 +90,10 @@ class Downstream:
                 STORE_ERRORS.labels(dependency, operation).inc()
             raise
         finally:
-            DOWNSTREAM_SECONDS.labels(dependency, operation).observe(time.perf_counter() - start)
+            timer = self._timers.get((dependency, operation))
+            if timer is None:
+                timer = self._timers[(dependency, operation)] = DOWNSTREAM_SECONDS.labels(dependency, operation)
+            timer.observe(time.perf_counter() - start)
 
     def redis_call(self, operation: str, fn: Callable[[redis.Redis], T], deadline: Deadline) -> T:
         return self.call(REDIS, operation, lambda: fn(self.redis), deadline)

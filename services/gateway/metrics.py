@@ -44,3 +44,8 @@ STYLIZED_BYTES = Counter(
     "stylerec_gateway_stylized_image_bytes_total",
     "Bytes of stylized images streamed to callers.",
 )
+PARSE_MEMO = Counter(
+    "stylerec_gateway_parse_memo_total",
+    "Parsed Redis replies (style profile, recs) served from the content-addressed memo, by kind and result.",
+    ["kind", "result"],
+)

@@ -28,6 +28,7 @@ from services.gateway.config import GatewaySettings
 from services.gateway.deadlines import Deadline, DependencyUnavailable
 from services.gateway.downstream import Degradation, Downstream
 from services.gateway.embeddings import ItemEmbeddings, StyleCentroid, affinities
+from services.gateway.memo import ParseMemo
 from services.gateway.metrics import RECOMMENDATIONS
 from services.gateway.similar import EmbeddingIndex
 from services.gateway.style import StyleProfile, normalize_cf, rerank_scored
@@ -87,6 +88,10 @@ class Recommender:
         self.centroid = centroid
         self._user_state = downstream.redis.register_script(USER_STATE_LUA)
         self._model_version_key = keys.model_version()
+        self._profiles: ParseMemo[StyleProfile | None] = ParseMemo("style_profile", settings.parse_memo_entries)
+        self._recs: ParseMemo[tuple[list[tuple[str, float]], str]] = ParseMemo("recs", settings.parse_memo_entries)
+        # Labelled children looked up once, not per answer (.labels() hashes and locks).
+        self._answers: dict[tuple[int, bool], Any] = {}
 
     def user_state(
         self, user: str, deadline: Deadline, deg: Degradation, with_recs: bool = False
@@ -102,8 +107,7 @@ class Recommender:
                     keys.recs_meta(user),
                     self._model_version_key,
                 ]
-                out = self._user_state(names, [])
-                return [pairs(out[0]), out[1], pairs(out[2]), out[3] or None, out[4] or None]
+                return list(self._user_state(names, []))
             pipe = r.pipeline(transaction=False)
             pipe.hgetall(keys.style_profile(user))
             pipe.smembers(keys.user_seen(user))
@@ -116,8 +120,14 @@ class Recommender:
         except DependencyUnavailable as exc:
             deg.add(exc)
             return None, set(), None
-        recs = parse_recs(replies[2:]) if with_recs else None
-        return StyleProfile.from_redis(replies[0]), {s.decode() for s in replies[1]}, recs
+        if with_recs:
+            # Parsed once per distinct reply (content-addressed memo: a changed hash is a new key).
+            raw_profile, raw_recs = replies[0] or [], replies[2] or []
+            rv, gv = replies[3] or None, replies[4] or None
+            profile = self._profiles.get(tuple(raw_profile), lambda: StyleProfile.from_redis(pairs(raw_profile)))
+            recs = self._recs.get((tuple(raw_recs), rv, gv), lambda: parse_recs([pairs(raw_recs), rv, gv]))
+            return profile, {s.decode() for s in replies[1]}, recs
+        return StyleProfile.from_redis(replies[0]), {s.decode() for s in replies[1]}, None
 
     def recommend(
         self, request: gateway_pb2.GetRecommendationsRequest, deadline: Deadline
@@ -178,7 +188,11 @@ class Recommender:
             )
         resp.degraded = deg.degraded
         resp.degraded_reason = deg.reason()
-        RECOMMENDATIONS.labels(gateway_pb2.Strategy.Name(resp.strategy), str(resp.degraded).lower()).inc()
+        counter = self._answers.get((resp.strategy, resp.degraded))
+        if counter is None:
+            counter = RECOMMENDATIONS.labels(gateway_pb2.Strategy.Name(resp.strategy), str(resp.degraded).lower())
+            self._answers[(resp.strategy, resp.degraded)] = counter
+        counter.inc()
         return resp
 
     @staticmethod
