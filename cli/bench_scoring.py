@@ -39,6 +39,7 @@ from pymongo import MongoClient
 from stylerec.v1 import common_pb2, ingestion_pb2, ingestion_pb2_grpc, scoring_pb2, scoring_pb2_grpc
 from tqdm import tqdm
 
+from cli.bench_common import scoring_bench_env
 from cli.bench_scoring_apply import bench_apply
 from cli.errors import UsageError
 from cli.stack import REPO, Stack, StackError, metric_sum
@@ -185,13 +186,7 @@ def bench_stack(sizes: dict[str, int], progress: tqdm) -> dict[str, Any]:
     pseudo = Pseudonymizer(DEV_PSEUDONYM_SECRET)
     with tempfile.TemporaryDirectory(prefix="stylerec-bench-scoring-") as tmp:
         stack = Stack(dir=Path(tmp))
-        stack.env_overrides = {
-            "STYLEREC_PSEUDONYM_SECRET": DEV_PSEUDONYM_SECRET,
-            "STYLEREC_KAFKA_SESSION_TIMEOUT_MS": "6000",
-            "STYLEREC_KAFKA_MAX_POLL_INTERVAL_MS": "10000",
-            "STYLEREC_TRAIN_ON_START": "false",
-            "STYLEREC_LOG_LEVEL": "WARNING",
-        }
+        stack.env_overrides = scoring_bench_env(train_on_start=False, max_poll_interval_ms=10000)
         try:
             stack.start_infra()
             stack.start_service("ingestion")

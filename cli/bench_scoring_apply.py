@@ -32,6 +32,7 @@ from pymongo import MongoClient
 from stylerec.v1 import common_pb2
 from tqdm import tqdm
 
+from cli.bench_common import scoring_bench_env
 from cli.demo_data import SHARED_DATA, load_purchases
 from cli.load_driver import Mix, Workload
 from cli.stack import Stack, StackError, metric_sum
@@ -224,13 +225,7 @@ def bench_apply(n_events: int, bar: tqdm, data_dir: Path = SHARED_DATA) -> dict[
     purchases, label = load_purchases(HISTORY_PURCHASES, data_dir)
     with tempfile.TemporaryDirectory(prefix="stylerec-bench-apply-") as tmp:
         stack = Stack(dir=Path(tmp))
-        stack.env_overrides = {
-            "STYLEREC_PSEUDONYM_SECRET": DEV_PSEUDONYM_SECRET,
-            "STYLEREC_KAFKA_SESSION_TIMEOUT_MS": "6000",
-            "STYLEREC_KAFKA_MAX_POLL_INTERVAL_MS": "30000",
-            "STYLEREC_TRAIN_ON_START": "true",
-            "STYLEREC_LOG_LEVEL": "WARNING",
-        }
+        stack.env_overrides = scoring_bench_env(train_on_start=True, max_poll_interval_ms=30000)
         try:
             stack.start_infra()
             t0 = time.perf_counter()
