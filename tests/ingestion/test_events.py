@@ -196,7 +196,6 @@ def _write(path: Path, text: str) -> Path:
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ('{"user_id": "u1", "item_id": "i1", "type": "VIEW", "timestamp": 1}\n{not json\n', ":2:"),
         ('{"user_id": "u1", "item_id": "i1", "type": "LIKE", "timestamp": 1}\n', "unknown type"),
         ('{"user_id": "u1", "type": "VIEW", "timestamp": 1}\n', "missing item_id"),
         ("user_id,item_id,type\nu1,i1,VIEW\n", "CSV header lacks timestamp"),
@@ -211,6 +210,18 @@ def test_cli_ingest_events_bad_files_exit_2(
     assert message in capsys.readouterr().err
 
 
+def test_cli_ingest_events_file_with_a_refused_and_an_unreadable_row_exits_1(
+    ing: Ingestion, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file with one readable row is usable (exit 1, not 2): the row is sent, and both rejects are listed by line."""
+    path = _write(tmp_path / "events.jsonl", '{"user_id": "u1", "item_id": "i1", "type": "VIEW", "timestamp": 1}\n{not json\n')
+    assert cli_main(["ingest", "events", str(path), "--addr", ing.addr]) == 1
+    out = capsys.readouterr().out
+    assert "rejected 2 (1 unreadable, 1 refused by the server)" in out
+    assert f"{path}:1: timestamp is older than" in out
+    assert f"{path}:2: not valid JSON" in out
+
+
 def test_cli_ingest_events_reports_per_event_rejections(
     ing: Ingestion, tmp_path: Path, capsys: pytest.CaptureFixture[str], unique: str
 ) -> None:
@@ -221,12 +232,15 @@ def test_cli_ingest_events_reports_per_event_rejections(
         {"user_id": f"c-{unique}", "item_id": "i3", "type": "PURCHASE", "timestamp": now + 86400 * 3},
     ]
     path = _write(tmp_path / "events.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n")
-    assert cli_main(["ingest", "events", str(path), "--addr", ing.addr, "--json"]) == 0
+    # Some rows refused by the server: exit 1, each reject named by its line and the server's reason.
+    assert cli_main(["ingest", "events", str(path), "--addr", ing.addr, "--json"]) == 1
     out = json.loads(capsys.readouterr().out)
     assert (out["accepted"], out["duplicates"], out["rejected"]) == (1, 0, 2)
-    assert [r["index"] for r in out["rejected_events"]] == [1, 2]
-    assert cli_main(["ingest", "events", str(path), "--addr", ing.addr, "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["duplicates"] == 1
+    assert [(r["line"], r["source"]) for r in out["first_rejects"]] == [(2, "server"), (3, "server")]
+    assert "user_id" in out["first_rejects"][0]["reason"] and "future" in out["first_rejects"][1]["reason"]
+    assert cli_main(["ingest", "events", str(path), "--addr", ing.addr, "--json"]) == 1
+    again = json.loads(capsys.readouterr().out)
+    assert (again["accepted"], again["duplicates"], again["rejected"]) == (0, 1, 2)
 
 
 # ---------- property test against the real service ----------
