@@ -11,12 +11,15 @@
    ``--p99-limit-ms``; the ramp stops at the first failing step or after two steps that add
    less than 5% over the best.
 4. Phase b, soak: open-loop Poisson arrivals at ``--rate-fraction`` (0.7) x max for ``--minutes``;
-   latency counts from each request's scheduled time, so queueing shows.
+   latency counts from each request's scheduled time, so queueing shows. Beside it, one freshness
+   probe a second (cli/load_freshness.py): a known customer's purchase through ingestion, timed until
+   scoring has written it to that user's answer in Redis (event -> recommendations under load).
 5. RSS of every component's process group sampled from /proc throughout; a memory verdict over
    the soak (cli/load_report.py); ``load.json``, ``rss.png`` and ``latency.png`` in ``--out-dir``.
 
-Exit 1 when the soak had any error, the memory of a service was not flat, or no step qualified as
-a maximum; the reason is printed. Nothing is asserted about speed: the numbers go to JSON.
+Exit 1 when the soak had any error, the memory of a service was not flat, scoring fell behind, the
+freshness p95 under load was over ``--freshness-p95-ms``, or no step qualified as a maximum; the
+reason is printed. Nothing is asserted about speed: the numbers go to JSON.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from typing import Any
 from cli.bench_common import OtherLoad, machine_info, rss_by_group, snapshot
 from cli.errors import UsageError
 from cli.load_driver import KINDS, Client, Mix, OpenLoopState, Workload, closed_loop, open_loop
+from cli.load_freshness import GOAL_P95_S, FreshnessProbe, stack_pseudonymizer
 from cli.load_report import (
     MAX_GROWTH_PCT,
     MAX_SLOPE_MIB_PER_MIN,
@@ -52,6 +56,7 @@ from cli.load_state import (
     PipelineWatch,
     adjusted_series,
     measure_entry_costs,
+    pipeline_applied,
     scrape_scoring,
     state_growth,
 )
@@ -92,6 +97,19 @@ def register_bench(bsub: Any) -> None:
     p.add_argument("--p99-limit-ms", type=float, default=300.0, help="a max-search step qualifies under this p99")
     p.add_argument("--seed-purchases", type=int, default=20_000, help="Online Retail purchases seeded first")
     p.add_argument("--max-inflight", type=int, default=2000, help="open-loop cap on outstanding requests")
+    p.add_argument("--probe-interval", type=float, default=1.0, help="seconds between freshness probes during the soak")
+    p.add_argument(
+        "--freshness-p95-ms",
+        type=float,
+        default=GOAL_P95_S * 1000,
+        help="the soak fails when event -> recommendations in Redis p95 is above this (default 1000)",
+    )
+    p.add_argument(
+        "--scoring-replicas",
+        type=int,
+        default=1,
+        help="scoring replicas sharing user-events' partitions (needs --stack own; the scale-out figure)",
+    )
     p.add_argument("--max-slope", type=float, default=MAX_SLOPE_MIB_PER_MIN, help="flat: RSS slope, MiB/min")
     p.add_argument("--max-growth-pct", type=float, default=MAX_GROWTH_PCT, help="flat: quarter-to-quarter growth, %%")
     p.add_argument(
@@ -133,6 +151,10 @@ def validate(args: argparse.Namespace) -> None:
         (args.p99_limit_ms > 0, "--p99-limit-ms must be > 0"),
         (args.seed_purchases >= 100, "--seed-purchases must be at least 100"),
         (args.max_inflight >= 1, "--max-inflight must be at least 1"),
+        (0.05 <= args.probe_interval <= 60, "--probe-interval must be in [0.05, 60] seconds"),
+        (args.freshness_p95_ms > 0, "--freshness-p95-ms must be > 0"),
+        (1 <= args.scoring_replicas <= 4, "--scoring-replicas must be in [1, 4]"),
+        (args.scoring_replicas == 1 or args.stack == "own", "--scoring-replicas above 1 needs --stack own"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -151,6 +173,12 @@ def running_stack() -> Stack | None:
     return stack
 
 
+def scoring_metrics_addrs(stack: Stack) -> list[str]:
+    """/metrics of every scoring replica of the stack (``scoring``, ``scoring-2``, ...)."""
+    names = [n for n in stack.components if n == "scoring" or n.startswith("scoring-")]
+    return [a for a in (stack.metrics_addr_of(n) for n in names) if a]
+
+
 def seed(stack: Stack, n_purchases: int, mix: Mix) -> tuple[Workload, dict[str, Any]]:
     """Catalog + purchases through ingestion, one training run; returns the workload over those users/items."""
     from cli.demo import ingest, train_model, upsert
@@ -161,8 +189,8 @@ def seed(stack: Stack, n_purchases: int, mix: Mix) -> tuple[Workload, dict[str, 
     purchases, label = load_purchases(n_purchases, SHARED_DATA)
     progress(label)
     upserted, rejected_items = upsert(stack, gift_items(purchases), "load catalog", 500)
-    scoring_metrics = stack.metrics_addr_of("scoring")
-    applied_before = scrape_scoring(scoring_metrics)[APPLIED] if scoring_metrics else 0.0
+    replicas = scoring_metrics_addrs(stack)
+    applied_before = pipeline_applied(replicas) if replicas else 0.0
     accepted, dups, rejected = ingest(stack, to_events(purchases), "load seed purchases")
     progress(f"seeded {upserted} items, {accepted} purchases ({dups} duplicates, {rejected} rejected); training ...")
     version = train_model(stack, accepted)
@@ -197,6 +225,7 @@ class RssSampler:
         self.scoring_metrics = stack.metrics_addr_of("scoring")
         self.gauges: list[tuple[float, dict[str, float]]] = []  # scoring's state-size gauges and applied count
         self.accepted: Callable[[], int] = lambda: 0  # the load client's accepted-event count, once it exists
+        self.applied: Callable[[], float] | None = None  # the pipeline's applied count, when it differs from APPLIED
 
     def sample_once(self, t: float) -> None:
         snap = snapshot()
@@ -209,7 +238,9 @@ class RssSampler:
             # Restarting or busy: the adjusted series pairs each RSS sample with the nearest gauge sample.
             with contextlib.suppress(OSError):
                 accepted = self.accepted()
-                self.gauges.append((t, {**scrape_scoring(self.scoring_metrics), "accepted": accepted}))
+                gauges = scrape_scoring(self.scoring_metrics)
+                applied = self.applied() if self.applied is not None else gauges[APPLIED]
+                self.gauges.append((t, {**gauges, "accepted": accepted, "pipeline_applied": applied}))
 
     async def run(self, clock: Any) -> None:
         while True:
@@ -300,6 +331,7 @@ async def soak(
     args: argparse.Namespace,
     sampler: RssSampler,
     watch: PipelineWatch | None,
+    probe: FreshnessProbe,
 ) -> Any:
     state = OpenLoopState()
     every = max(5.0, min(30.0, seconds / 10))
@@ -313,18 +345,23 @@ async def soak(
             ok = state.rec.count()
             rss = " ".join(f"{n} {m:.0f}" for n, m in sampler.latest().items())
             lag = f", scoring backlog {await asyncio.to_thread(watch.backlog)}" if watch is not None else ""
+            recent = sorted(probe.results.latencies_s[-30:])
+            fresh = f", freshness last {len(recent)} p50 {recent[len(recent) // 2] * 1000:.0f} ms" if recent else ""
             progress(
                 f"soak {t / 60:5.2f}/{seconds / 60:.2f} min: offered {rate:.1f}/s, "
                 f"ok {(ok - last_ok) / (t - last_t):.1f}/s, in flight {state.inflight}, "
-                f"errors {state.rec.error_count()}{lag}; RSS MiB: {rss}"
+                f"errors {state.rec.error_count()}{lag}{fresh} (timeouts {probe.results.timeouts}); RSS MiB: {rss}"
             )
             last_ok, last_t = ok, t
 
     reporter = asyncio.create_task(report())
+    probing = asyncio.create_task(probe.run(seconds))
     try:
         await open_loop(client, rate, seconds, args.max_inflight, seed=7, state=state)
+        await probing  # the last probes are in flight at most probe.timeout_s more
     finally:
         reporter.cancel()
+        probing.cancel()
     return state
 
 
@@ -343,9 +380,12 @@ async def drive(
         time.time,
     )
     watch = None
-    if sampler.scoring_metrics:
-        watch = PipelineWatch(sampler.scoring_metrics, lambda: client.events_accepted)
+    replicas = scoring_metrics_addrs(stack)
+    if replicas:
+        watch = PipelineWatch(replicas, lambda: client.events_accepted)
         sampler.accepted = watch.accepted
+        if len(replicas) > 1:
+            sampler.applied = watch.applied
     pipeline: dict[str, Any] = {"keep_up_s": KEEP_UP_S, "max_backlog_s": MAX_BACKLOG_S, "drain_timeout_s": DRAIN_S}
     try:
         if watch is not None:
@@ -367,9 +407,21 @@ async def drive(
         if watch is not None:
             pipeline["search_drained_after_s"] = await asyncio.to_thread(watch.drain, DRAIN_S)
             watch.mark()
-        progress(f"phase b: open-loop soak at {rate:.1f} req/s for {args.minutes} min")
+        progress(
+            f"phase b: open-loop soak at {rate:.1f} req/s for {args.minutes} min, "
+            f"a freshness probe every {args.probe_interval:g} s"
+        )
+        probe = FreshnessProbe(
+            client,
+            stack.redis_url,
+            stack_pseudonymizer(stack.env_overrides),
+            workload.users,
+            workload.items,
+            workload.run_id,
+            interval_s=args.probe_interval,
+        )
         soak_start = loop.time() - origin["t"]
-        state = await soak(client, rate, soak_s, args, sampler, watch)
+        state = await soak(client, rate, soak_s, args, sampler, watch, probe)
         await asyncio.to_thread(sampler.sample_once, loop.time() - origin["t"])
         if watch is not None:
             pipeline.update(await asyncio.to_thread(soak_pipeline, watch, soak_s, sampler))
@@ -393,6 +445,7 @@ async def drive(
             "timeline_window_s": window,
             "timeline": state.rec.timeline(soak_s, window),
             "pipeline": pipeline if watch is not None else {"note": "scoring's metrics were not reachable"},
+            "freshness": probe.results.summary(probe.timeout_s, args.freshness_p95_ms / 1000),
         },
         "rss": series,
         "scoring_gauges": gauges,
@@ -405,9 +458,9 @@ def soak_pipeline(watch: PipelineWatch, soak_s: float, sampler: RssSampler) -> d
     backlog = watch.backlog()
     # The backlog at every RSS sample of the soak (the sampler read both counts together).
     during = [
-        int((g["accepted"] - watch.base_accepted) - (g[APPLIED] - watch.base_applied))
+        int((g["accepted"] - watch.base_accepted) - (g["pipeline_applied"] - watch.base_applied))
         for _t, g in sampler.gauges
-        if "accepted" in g and g["accepted"] >= watch.base_accepted and g[APPLIED] >= watch.base_applied
+        if "accepted" in g and g["accepted"] >= watch.base_accepted and g["pipeline_applied"] >= watch.base_applied
     ]
     accepted = watch.accepted() - watch.base_accepted
     per_s = max(1.0, accepted / soak_s)  # the soak's write rate in events/s, for backlogs in seconds of writes
@@ -415,6 +468,12 @@ def soak_pipeline(watch: PipelineWatch, soak_s: float, sampler: RssSampler) -> d
     backlog_s = round(backlog / per_s, 1)
     ok, why = keeps_up(backlog, drained, backlog_s)
     return {
+        "scoring_replicas": len(watch.metrics_addrs),
+        "applied_counts": (
+            "events applied (stylerec_scoring_events_applied_total, outcome=new)"
+            if len(watch.metrics_addrs) == 1
+            else "records the replicas' Kafka consumers took (source=kafka, new or duplicate), summed"
+        ),
         "events_accepted": accepted,
         "events_applied_by_scoring_at_end": accepted - backlog,
         "backlog_at_end_events": backlog,
@@ -479,6 +538,15 @@ def build_report(
     pipe = soak_part.get("pipeline", {}) if soak_part else {}
     if pipe.get("kept_up") is False:
         failures.append(f"{pipe['why_not']} (soak end; drained after {pipe['drained_after_s']} s)")
+    fresh = soak_part.get("freshness") if soak_part else None
+    if fresh is not None and not fresh["met"]:
+        failures.append(
+            f"freshness under load: event -> recommendations in Redis p95 "
+            f"{'timed out' if fresh['p95_ms'] is None else str(fresh['p95_ms']) + ' ms'} > {fresh['goal_p95_ms']:g} ms "
+            f"({fresh['probes_measured']} measured, {fresh['timeouts']} timeouts)"
+        )
+    if fresh is not None and fresh["not_accepted"]:
+        failures.append(f"{fresh['not_accepted']} freshness probes were not accepted by ingestion")
     if memory["verdict"] == "NOT flat":
         failures.append(f"memory not flat: {memory['reason']}")
     other = sampler.other.summary()
@@ -513,6 +581,9 @@ def build_report(
             "step_seconds": args.step_seconds,
             "p99_limit_ms": args.p99_limit_ms,
             "max_inflight": args.max_inflight,
+            "probe_interval_s": args.probe_interval,
+            "scoring_replicas": args.scoring_replicas,
+            "freshness_p95_goal_ms": args.freshness_p95_ms,
             "rss_sample_interval_s": sampler.interval_s,
         },
         "seed": seed_info,
@@ -551,6 +622,16 @@ def cmd_bench_load(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     stack, own, source = acquire_stack(args.stack, out)
     progress(f"using {source}")
+    if args.scoring_replicas > 1:
+        replicas = [f"scoring-{n}" for n in range(2, args.scoring_replicas + 1)]
+        for name in replicas:
+            stack.start_service("scoring", name)
+        try:
+            stack.wait_serving(replicas)
+        except StackError as exc:
+            stack.down()
+            raise UsageError(f"could not start the extra scoring replicas: {exc}") from exc
+        source += f", with {args.scoring_replicas} scoring replicas sharing user-events"
     # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so an own stack is stopped, not orphaned.
     signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(143))
     try:
@@ -611,6 +692,13 @@ def human(report: dict[str, Any], out: Path) -> str:
                 f"{pipe['events_applied_by_scoring_at_end']} of {pipe['events_accepted']} accepted events by the "
                 f"soak's end (backlog {pipe['backlog_at_end_events']}, {pipe['backlog_at_end_seconds_of_writes']} s "
                 f"of writes); drained after {pipe['drained_after_s']} s"
+            )
+        fr = soak_part.get("freshness")
+        if fr:
+            lines.append(
+                f"freshness under load (event -> recs in Redis, {fr['probes_measured']} probes, "
+                f"{fr['timeouts']} timeouts): p50 {fr['p50_ms']} ms  p95 {fr['p95_ms']} ms  p99 {fr['p99_ms']} ms  "
+                f"max {fr['max_ms']} ms  ({'met' if fr['met'] else 'NOT met'}: p95 <= {fr['goal_p95_ms']:g} ms)"
             )
     mem = report["memory"]
     lines.append(f"memory: {mem['verdict']} ({mem['reason']})")

@@ -323,6 +323,20 @@ def load_rows(d: dict[str, Any], label: str) -> list[Row]:
                 note=str(pipe.get("why_not", "")),
             )
         )
+    fresh = soak.get("freshness") or {}
+    if fresh:
+        p95 = fresh.get("p95_ms")
+        out.append(row(b, "soak freshness p50 ms (event -> recs in Redis, under load)", fresh.get("p50_ms")))
+        out.append(
+            row(
+                b,
+                "soak freshness p95 ms (event -> recs in Redis, under load)",
+                p95 if p95 is not None else "timed out",
+                goal=f"<= {fresh.get('goal_p95_ms', 1000):g} ms",
+                met=bool(fresh.get("met")),
+                note=f"{fresh.get('probes_measured')} probes, {fresh.get('timeouts')} timeouts",
+            )
+        )
     mem = d.get("memory") or {}
     verdict = mem.get("verdict")
     out.append(

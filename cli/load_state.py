@@ -15,7 +15,7 @@ from __future__ import annotations
 import gc
 import time
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -39,6 +39,18 @@ def scrape_scoring(metrics_addr: str, timeout_s: float = 2.0) -> dict[str, float
         IDS: metric_sum(samples, IDS),
         APPLIED: metric_sum(samples, APPLIED, outcome="new"),
     }
+
+
+def pipeline_applied(metrics_addrs: Sequence[str]) -> float:
+    """How far scoring has got through what ingestion accepted. One replica: the events it applied
+    (each is "new" exactly once, from Kafka or the archive sync). Several replicas: the records
+    their Kafka consumers took from user-events (new or duplicate), summed. Each event reaches
+    exactly one replica's consumer, the owner of its user, which is the one that writes that
+    user's recommendations; every replica also applies the others' events from the archive, so a
+    sum of "new" would count each event once per replica."""
+    if len(metrics_addrs) == 1:
+        return scrape_scoring(metrics_addrs[0])[APPLIED]
+    return sum(metric_sum(scrape_metrics(a, 2.0), APPLIED, source="kafka") for a in metrics_addrs)
 
 
 def measure_entry_costs(workload: Workload, events: int = 200_000, checkpoints: int = 20) -> dict[str, Any]:
@@ -126,14 +138,14 @@ class PipelineWatch:
     ``mark()``. Answers alone cannot show this: ingestion acknowledges once Kafka has an event,
     and a scorer that falls behind keeps every RPC green while recommendations go stale."""
 
-    def __init__(self, metrics_addr: str, accepted: Callable[[], int]) -> None:
-        self.metrics_addr = metrics_addr
+    def __init__(self, metrics_addrs: Sequence[str], accepted: Callable[[], int]) -> None:
+        self.metrics_addrs = list(metrics_addrs)  # one per scoring replica
         self.accepted = accepted
         self.base_applied = 0.0
         self.base_accepted = 0
 
     def applied(self) -> float:
-        return scrape_scoring(self.metrics_addr)[APPLIED]
+        return pipeline_applied(self.metrics_addrs)
 
     def mark(self) -> None:
         self.base_applied, self.base_accepted = self.applied(), self.accepted()

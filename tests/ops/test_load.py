@@ -7,10 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from cli.bench_load import keeps_up
 from cli.load_driver import KINDS, Mix, Workload
+from cli.load_freshness import ProbeResults
 from cli.load_report import memory_verdict
 from cli.load_state import IDS, MIB, PAIRS, adjusted_series, measure_entry_costs, state_growth
+from cli.main import main as cli_main
 from cli.stack import REPO, SERVICES
 
 
@@ -70,6 +74,22 @@ def test_scoring_keeps_up_when_its_backlog_drains_within_thirty_seconds() -> Non
     assert not ok and "93.1 s of writes" in why
 
 
+def test_freshness_timeouts_rank_above_every_measured_probe() -> None:
+    r = ProbeResults(sent=20, latencies_s=[0.01 * n for n in range(1, 20)], at_s=[float(n) for n in range(19)])
+    r.timeouts = 1
+    fresh = r.summary(timeout_s=30.0, goal_p95_s=1.0)
+    assert (fresh["probes_measured"], fresh["timeouts"]) == (19, 1)
+    # 20 ranks: p95 is rank 19 (the slowest measured, 190 ms), p99 and max are the timeout.
+    assert (fresh["p50_ms"], fresh["p95_ms"], fresh["p99_ms"], fresh["max_ms"]) == (100.0, 190.0, None, None)
+    assert fresh["met"] is True and fresh["series"][0] == [0.0, 10.0]
+    r.timeouts = 2  # now the p95 rank is a timeout: not met, whatever the measured ones say
+    fresh = r.summary(timeout_s=30.0, goal_p95_s=1.0)
+    assert fresh["p95_ms"] is None and fresh["met"] is False
+    slow = ProbeResults(sent=2, latencies_s=[0.5, 1.5], at_s=[0.0, 1.0]).summary(30.0, 1.0)
+    assert slow["p95_ms"] == 1500.0 and slow["met"] is False
+    assert ProbeResults().summary(30.0, 1.0)["met"] is False  # no probe measured proves nothing
+
+
 def test_entry_costs_are_measured_on_the_real_state() -> None:
     users, items = [f"u{n}" for n in range(200)], [f"i{n}" for n in range(500)]
     w = Workload(users, [1.0] * 200, items, [1.0] * 500, Mix(), "t")
@@ -88,6 +108,7 @@ def test_bench_load_end_to_end(tmp_path: Path) -> None:
             "--minutes", "0.2", "--stack", "own", "--seed-purchases", "2000",
             "--concurrency", "1,4", "--step-seconds", "2", "--p99-limit-ms", "10000",
             "--rate-fraction", "0.3", "--out-dir", str(out), "--json",
+            "--probe-interval", "0.5", "--freshness-p95-ms", "20000",
         ],
         cwd=REPO,
         capture_output=True,
@@ -121,6 +142,13 @@ def test_bench_load_end_to_end(tmp_path: Path) -> None:
     assert pipe["events_accepted"] > 0 and pipe["kept_up"] is True, pipe
     assert pipe["drained_after_s"] is not None and pipe["seed_drained_after_s"] is not None, pipe
     assert all(isinstance(s["scoring_backlog_events"], int) for s in steps)
+    # Freshness under load: probes sent during the soak, each seen in the user's answer in Redis.
+    fresh = soak["freshness"]
+    assert fresh["probes_sent"] >= 10 and fresh["probes_measured"] == fresh["probes_sent"], fresh
+    assert fresh["timeouts"] == 0 and fresh["not_accepted"] == 0, fresh
+    assert 0 < fresh["p50_ms"] <= fresh["p95_ms"] <= fresh["max_ms"], fresh
+    assert len(fresh["series"]) == fresh["probes_measured"]
+    assert pipe["events_accepted"] >= fresh["probes_sent"]  # probes count as accepted writes: keep-up balances
 
     for name in SERVICES:
         assert report["rss_mib"][name], name
@@ -135,3 +163,17 @@ def test_bench_load_end_to_end(tmp_path: Path) -> None:
     assert report["passed"] is True and report["failures"] == []
     for png in ("rss.png", "latency.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--scoring-replicas", "2"], "--scoring-replicas above 1 needs --stack own"),
+        (["--scoring-replicas", "0", "--stack", "own"], "--scoring-replicas must be in [1, 4]"),
+        (["--probe-interval", "0"], "--probe-interval must be in [0.05, 60] seconds"),
+        (["--freshness-p95-ms", "-1"], "--freshness-p95-ms must be > 0"),
+    ],
+)
+def test_bench_load_bad_options_exit_2(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["bench", "load", *args]) == 2  # refused before any stack is touched
+    assert message in capsys.readouterr().err
