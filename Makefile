@@ -27,7 +27,7 @@ demo: setup
 
 # Re-check out/demo/index.html (links, stylized images) and re-take out/demo/screenshot.png.
 demo-check: setup
-	$(PY) -m cli.demo_check
+	$(PY) -m cli.demo.check
 
 test: setup
 	$(PY) -m pytest -q -ra --durations=15

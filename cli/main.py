@@ -14,13 +14,13 @@ from cli.errors import UsageError
 
 # Modules contributing sub-commands. Each exposes register(subparsers).
 COMMAND_MODULES = [
-    "cli.stack_commands",
-    "cli.client_commands",
-    "cli.eval_commands",
-    "cli.style_commands",
-    "cli.bench_commands",
-    "cli.experiment_commands",
-    "cli.forget_commands",
+    "cli.localstack.stack_commands",
+    "cli.client.commands",
+    "cli.evaluation.eval_commands",
+    "cli.evaluation.style_commands",
+    "cli.bench.commands",
+    "cli.evaluation.experiment_commands",
+    "cli.client.forget_commands",
 ]
 
 

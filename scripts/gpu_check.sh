@@ -2,7 +2,7 @@
 # The one prepared style-worker check for a GPU machine (run from the repository root):
 #   1. show the card and driver (nvidia-smi),
 #   2. verify that CUDAExecutionProvider actually loads in onnxruntime-gpu (the worker's own probe),
-#   3. run `stylerec bench style --provider cuda --json` (as `python -m cli.bench_style`, which needs
+#   3. run `stylerec bench style --provider cuda --json` (as `python -m cli.bench.style`, which needs
 #      fewer packages than the whole CLI): worker vs bare ORT loop, batch 1/2/4/8.
 # Results land in ${OUT:-out}/gpu/ : nvidia-smi.txt, probe.json, style-cuda.json, bench.log.
 # Exit codes: 0 ok, 3 no GPU / provider does not load (probe.json says why), 4 missing packages,
@@ -90,7 +90,7 @@ if [ "$rc" != 0 ]; then
 fi
 
 echo "== bench (CUDA provider)"
-"$PY" -m cli.bench_style --provider cuda --json \
+"$PY" -m cli.bench.style --provider cuda --json \
   --images "${STYLE_GPU_IMAGES:-32}" --repeats "${STYLE_GPU_REPEATS:-3}" \
   --out "$DEST/style-cuda.json" > "$DEST/bench.log" 2>&1 || { tail -40 "$DEST/bench.log" >&2; exit 1; }
 "$PY" - "$DEST/style-cuda.json" <<'PYEOF'

@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cli.stack import SERVICES, Stack
+from cli.localstack.stack import SERVICES, Stack
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 from stylerec.v1 import common_pb2
 
-from cli.eventfile import (
+from cli.client.eventfile import (
     BulkReport,
     EventFileError,
     Outcome,
@@ -32,7 +32,7 @@ from cli.eventfile import (
     require_readable,
     run_bulk,
 )
-from cli.stack import Stack
+from cli.localstack.stack import Stack
 
 STYLEREC = [sys.executable, "-m", "cli.main"]
 HEADER = "user_id,item_id,type,timestamp,event_id\n"
@@ -219,7 +219,7 @@ def test_rejects_file_format_follows_the_suffix(tmp_path: Path) -> None:
     with pytest.raises(EventFileError, match=r"name it \.csv or \.jsonl"):
         RejectsWriter(tmp_path / "rejects.txt")
     w = RejectsWriter(tmp_path / "r.csv")
-    from cli.eventfile import Reject
+    from cli.client.eventfile import Reject
 
     w.write([Reject(7, "server", "user_id longer than 128 characters", 'a,"b,c"', 5)])
     w.close()

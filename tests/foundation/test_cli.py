@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from cli.stack import pid_alive
+from cli.localstack.stack import pid_alive
 
 STYLEREC = [sys.executable, "-m", "cli.main"]
 

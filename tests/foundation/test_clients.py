@@ -12,7 +12,7 @@ from pymongo import UpdateOne
 from pymongo.errors import ServerSelectionTimeoutError
 from stylerec.v1 import common_pb2
 
-from cli.stack import Stack, free_port
+from cli.localstack.stack import Stack, free_port
 from libs.common.kafka import Decoded, ProtoConsumerLoop, ProtoProducer, dead_letter_topic, ensure_topics
 from libs.common.stores import make_mongo, make_redis, with_retries
 

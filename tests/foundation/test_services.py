@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from stylerec.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, ingestion_pb2, ingestion_pb2_grpc
 
-from cli.stack import SERVICES, Stack, free_port, grpc_serving, pid_alive
+from cli.localstack.stack import SERVICES, Stack, free_port, grpc_serving, pid_alive
 from libs.common.errors import violations_of
 
 EXPECTED_SERVICE = {

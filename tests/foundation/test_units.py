@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from cli.eventfile import EventFileError, read_events
+from cli.client.eventfile import EventFileError, read_events
 from libs.common.logging import JsonFormatter
 from libs.common.pseudonym import Pseudonymizer
 from libs.common.settings import DEV_PSEUDONYM_SECRET, ServiceSettings

@@ -26,7 +26,7 @@ from PIL import Image
 from pymongo import MongoClient
 from stylerec.v1 import gateway_pb2_grpc
 
-from cli.stack import Component, Stack, free_port, redis_binary, terminate_group
+from cli.localstack.stack import Component, Stack, free_port, redis_binary, terminate_group
 from libs.common import keys
 from libs.common.pseudonym import Pseudonymizer
 from services.gateway.style import encode_embedding

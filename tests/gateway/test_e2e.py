@@ -22,8 +22,8 @@ import pytest
 from PIL import Image
 from stylerec.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, ingestion_pb2, ingestion_pb2_grpc
 
-from cli.demo_page import PageData, RecRow, ShopperView, Tile, check_page, screenshot, write_page
-from cli.stack import REPO, Stack
+from cli.demo.page import PageData, RecRow, ShopperView, Tile, check_page, screenshot, write_page
+from cli.localstack.stack import REPO, Stack
 from tests.conftest import SHARED_DATA
 
 pytestmark = [pytest.mark.e2e]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cli.experiment_style_lambda import run_experiment
+from cli.evaluation.experiment_style_lambda import run_experiment
 from cli.main import main
 
 

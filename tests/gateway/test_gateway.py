@@ -14,7 +14,7 @@ from kafka import KafkaConsumer
 from PIL import Image
 from stylerec.v1 import common_pb2, gateway_pb2, style_pb2
 
-from cli.stack import Stack
+from cli.localstack.stack import Stack
 from libs.common import keys
 from libs.common.errors import violations_of
 from libs.common.kafka import STYLE_JOBS

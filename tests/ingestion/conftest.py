@@ -21,7 +21,7 @@ from pymongo import MongoClient
 from pymongo.database import Database
 from stylerec.v1 import common_pb2, ingestion_pb2_grpc
 
-from cli.stack import Stack
+from cli.localstack.stack import Stack
 from libs.common.kafka import ensure_topics
 
 LIMITS_ENV = {

@@ -17,7 +17,7 @@ from kafka import KafkaProducer
 from pymongo.database import Database
 from stylerec.v1 import common_pb2, ingestion_pb2
 
-from cli.stack import Stack, pid_alive
+from cli.localstack.stack import Stack, pid_alive
 from libs.common.kafka import dead_letter_topic, ensure_topics
 from services.ingestion.validation import PSEUDONYM_RE
 from tests.ingestion.conftest import make_event, read_records, start_ingestion, wait_until

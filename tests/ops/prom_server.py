@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from cli.stack import free_port, terminate_group
+from cli.localstack.stack import free_port, terminate_group
 
 REPO = Path(__file__).resolve().parents[2]
 JOB_OF = {

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cli.bench_summary import MISSING, build_summary, markdown
+from cli.bench.summary import MISSING, build_summary, markdown
 from cli.main import main
 
 INGEST = {

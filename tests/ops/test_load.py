@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from cli.bench_load import keeps_up
-from cli.load_driver import KINDS, Mix, Workload
-from cli.load_freshness import ProbeResults
-from cli.load_report import memory_verdict
-from cli.load_state import IDS, MIB, PAIRS, adjusted_series, measure_entry_costs, state_growth
+from cli.load.commands import keeps_up
+from cli.load.driver import KINDS, Mix, Workload
+from cli.load.freshness import ProbeResults
+from cli.load.report import memory_verdict
+from cli.load.state import IDS, MIB, PAIRS, adjusted_series, measure_entry_costs, state_growth
+from cli.localstack.stack import REPO, SERVICES
 from cli.main import main as cli_main
-from cli.stack import REPO, SERVICES
 
 
 def series(start: float, mib_per_min: float, minutes: float, every_s: float = 5.0) -> list[tuple[float, float]]:

@@ -39,7 +39,7 @@ from stylerec.v1 import (
     style_pb2_grpc,
 )
 
-from cli.stack import SERVICES, Component, Stack, free_port
+from cli.localstack.stack import SERVICES, Component, Stack, free_port
 from libs.common import keys
 from libs.common.kafka import USER_EVENTS
 from tests.ops.prom_server import JOB_OF, prometheus_for

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from kafka import KafkaAdminClient
 
-from cli.stack import Stack, free_port, tansu_binary, terminate_group
+from cli.localstack.stack import Stack, free_port, tansu_binary, terminate_group
 from libs.common.kafka import TOPICS
 
 pytestmark = pytest.mark.integration

@@ -31,7 +31,7 @@ from pymongo import MongoClient
 from pymongo.database import Database
 from stylerec.v1 import common_pb2, ingestion_pb2, ingestion_pb2_grpc
 
-from cli.stack import Stack
+from cli.localstack.stack import Stack
 from libs.common.pseudonym import Pseudonymizer
 from services.scoring.interactions import EPOCH
 

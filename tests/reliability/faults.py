@@ -20,7 +20,7 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from stylerec.v1 import common_pb2
 
-from cli.stack import Samples, Stack, metric_sum
+from cli.localstack.stack import Samples, Stack, metric_sum
 from libs.common.kafka import dead_letter_topic
 
 T = TypeVar("T")

@@ -16,7 +16,7 @@ import pytest
 from pymongo import MongoClient
 from stylerec.v1 import common_pb2
 
-from cli.stack import Stack
+from cli.localstack.stack import Stack
 from tests.reliability.conftest import (
     PSEUDONYMIZE,
     EventSender,

@@ -41,7 +41,7 @@ import yaml
 from pymongo import MongoClient
 from stylerec.v1 import common_pb2
 
-from cli.stack import REPO, Stack
+from cli.localstack.stack import REPO, Stack
 from libs.common.kafka import USER_EVENTS, ProtoProducer
 from tests.reliability.faults import private_stack, scrape, tail, wait_for
 

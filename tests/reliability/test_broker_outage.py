@@ -35,7 +35,7 @@ import pytest
 from pymongo import MongoClient
 from stylerec.v1 import ingestion_pb2, ingestion_pb2_grpc
 
-from cli.stack import REPO, Stack
+from cli.localstack.stack import REPO, Stack
 from tests.ingestion.conftest import LIMITS_ENV, make_event
 from tests.reliability.faults import private_stack, rss_kib, tail, wait_for
 

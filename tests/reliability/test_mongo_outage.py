@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from pymongo import MongoClient
 
-from cli.stack import Stack, pid_alive
+from cli.localstack.stack import Stack, pid_alive
 from tests.reliability.conftest import (
     EventSender,
     archived_ids,

@@ -41,7 +41,7 @@ import redis
 from pymongo import MongoClient
 from stylerec.v1 import admin_pb2, common_pb2, scoring_pb2, style_pb2
 
-from cli.stack import SERVICES, Stack
+from cli.localstack.stack import SERVICES, Stack
 from libs.common import keys
 from libs.common.kafka import ITEM_UPDATES, MODEL_UPDATES, STYLE_JOBS, USER_EVENTS, USER_FORGET, ProtoProducer
 from libs.common.privacy import UserRefs

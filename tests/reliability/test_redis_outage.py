@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pymongo import MongoClient
 from stylerec.v1 import gateway_pb2, gateway_pb2_grpc, scoring_pb2, scoring_pb2_grpc
 
-from cli.stack import Stack
+from cli.localstack.stack import Stack
 from libs.common import keys
 from tests.reliability.conftest import (
     PSEUDONYMIZE,

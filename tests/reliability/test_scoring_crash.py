@@ -35,7 +35,7 @@ from kafka import KafkaAdminClient, TopicPartition
 from pymongo import MongoClient
 from stylerec.v1 import scoring_pb2, scoring_pb2_grpc
 
-from cli.stack import Stack
+from cli.localstack.stack import Stack
 from libs.common.kafka import TOPICS, USER_EVENTS
 from services.scoring.consumer import partition_of
 from tests.reliability.conftest import (

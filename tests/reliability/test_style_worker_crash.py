@@ -4,7 +4,7 @@ A private stack and one style-worker process consume the real ``style-jobs`` top
 publish 12 stylize jobs (12 content photos x 3 style images) and 12 embed jobs (12 more
 photos), interleaved, then kill the worker as soon as some results are stored and recorded
 as sent while the rest of the batch is still in inference, and restart it on the same port with the same environment
-(:meth:`cli.stack.Stack.restart_component`). The uncommitted jobs come back.
+(:meth:`cli.localstack.stack.Stack.restart_component`). The uncommitted jobs come back.
 
 What "exactly one result" means here is what docs/style_worker.md defines:
 
@@ -32,7 +32,7 @@ import redis
 from pymongo import MongoClient
 from stylerec.v1 import style_pb2
 
-from cli.stack import Stack
+from cli.localstack.stack import Stack
 from libs.common import keys
 from libs.common.kafka import STYLE_JOBS, STYLE_RESULTS, ProtoProducer
 from tests.reliability.faults import private_stack, read_topic, tail, wait_for

@@ -19,7 +19,7 @@ from pymongo import MongoClient
 from pymongo.database import Database
 from stylerec.v1 import common_pb2, scoring_pb2, scoring_pb2_grpc
 
-from cli.stack import Component, Stack
+from cli.localstack.stack import Component, Stack
 from libs.common.kafka import USER_EVENTS, ProtoProducer
 
 SCORING_REDIS_DB = 5

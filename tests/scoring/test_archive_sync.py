@@ -16,7 +16,7 @@ import pytest
 from pymongo import MongoClient
 from pymongo.database import Database
 
-from cli.stack import Stack
+from cli.localstack.stack import Stack
 from libs.common.archive_progress import STALE_S, ProgressWriter, live_progress
 from services.scoring.config import ScoringSettings
 from services.scoring.consumer import ArchiveSync, CategoryCache, partition_of

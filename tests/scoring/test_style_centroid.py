@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import redis
 
-from cli.stack import Stack
+from cli.localstack.stack import Stack
 from libs.common import keys
 from libs.common.style_math import (
     MIN_CENTROID_ITEMS,

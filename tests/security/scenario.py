@@ -36,7 +36,7 @@ from stylerec.v1 import (
     scoring_pb2_grpc,
 )
 
-from cli.stack import SERVICES, Stack
+from cli.localstack.stack import SERVICES, Stack
 from libs.common.pseudonym import Pseudonymizer
 
 T = TypeVar("T")

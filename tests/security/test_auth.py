@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import SecretStr
 from stylerec.v1 import gateway_pb2, gateway_pb2_grpc
 
-from cli.stack import REPO, Stack
+from cli.localstack.stack import REPO, Stack
 from libs.common import authz
 from libs.common.auth import ANONYMOUS, current_caller
 from libs.common.authz import PERMISSIONS, AuthInterceptor, Authorizer, Denial, token_digest

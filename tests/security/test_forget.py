@@ -23,8 +23,8 @@ import grpc
 import pytest
 from stylerec.v1 import admin_pb2, common_pb2, gateway_pb2, ingestion_pb2, scoring_pb2, scoring_pb2_grpc
 
+from cli.localstack.stack import Stack
 from cli.main import main as cli_main
-from cli.stack import Stack
 from libs.common import keys
 from libs.common.errors import violations_of
 from libs.common.privacy import UserRefs

@@ -20,7 +20,7 @@ from PIL import Image
 from pydantic import ValidationError
 from stylerec.v1 import gateway_pb2, gateway_pb2_grpc, ingestion_pb2, ingestion_pb2_grpc, style_pb2
 
-from cli.stack import Stack
+from cli.localstack.stack import Stack
 from libs.common.errors import violations_of
 from services.gateway.config import GatewaySettings
 from services.ingestion.config import IngestionSettings

@@ -23,7 +23,7 @@ from kafka import KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
 from stylerec.v1 import common_pb2
 
-from cli.stack import Stack
+from cli.localstack.stack import Stack
 from libs.common.kafka import USER_EVENTS, dead_letter_topic
 from libs.common.privacy import PSEUDONYM_RE, redact_user_event
 from services.ingestion.events import mentions, scrub_user_mentions

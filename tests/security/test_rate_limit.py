@@ -14,7 +14,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from stylerec.v1 import common_pb2, ingestion_pb2, ingestion_pb2_grpc
 
-from cli.stack import Stack
+from cli.localstack.stack import Stack
 from libs.common.authz import token_digest
 from libs.common.errors import violations_of
 from libs.common.kafka import ensure_topics

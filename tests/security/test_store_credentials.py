@@ -32,7 +32,7 @@ from stylerec.v1 import ingestion_pb2, ingestion_pb2_grpc
 
 import libs.common.create_topics as create_topics
 import libs.common.kafka as kafka_mod
-from cli.stack import Stack, free_port, grpc_serving, terminate_group
+from cli.localstack.stack import Stack, free_port, grpc_serving, terminate_group
 from libs.common.kafka import ProtoConsumerLoop, ProtoProducer, ensure_topics, kafka_security
 from libs.common.settings import ServiceSettings
 from libs.common.stores import make_mongo, make_redis, mongo_client_options, redact_url

@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import SecretStr
 from stylerec.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, ingestion_pb2, ingestion_pb2_grpc
 
-from cli.stack import REPO, Stack
+from cli.localstack.stack import REPO, Stack
 from libs.common.channels import ClientSecurity, make_channel
 from libs.common.healthcheck import check
 from libs.common.settings import ServiceSettings

@@ -26,7 +26,7 @@ from PIL import Image
 from pymongo import MongoClient
 from stylerec.v1 import common_pb2
 
-from cli.stack import Stack
+from cli.localstack.stack import Stack
 from libs.common.kafka import ProtoProducer, dead_letter_topic, ensure_topics
 from services.style_worker.config import StyleWorkerSettings
 from services.style_worker.engine import StyleEngine

@@ -81,7 +81,7 @@ def test_bench_style_refuses_a_provider_that_does_not_load(tmp_path: Path) -> No
 def test_style_eval_without_shared_data_uses_labelled_synthetic_images(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import cli.style_commands as sc
+    import cli.evaluation.style_commands as sc
 
     monkeypatch.setattr(sc, "SHARED_IMAGES", tmp_path / "no-shared-data")
     args = argparse.Namespace(products=None, styles=None, out=tmp_path / "out", limit=2, json=True)

@@ -20,7 +20,7 @@ from PIL import Image
 from pymongo import MongoClient
 from stylerec.v1 import style_pb2
 
-from cli.stack import Stack
+from cli.localstack.stack import Stack
 from libs.common import keys
 from libs.common.kafka import Decoded, ProtoProducer, ensure_topics
 from services.style_worker.config import StyleWorkerSettings

@@ -1,0 +1,1 @@
+"""Clients of a running stack: `stylerec ingest events|items`, `recommend`, `forget`, and the bulk-file readers."""

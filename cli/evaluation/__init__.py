@@ -1,0 +1,1 @@
+"""Offline evaluation: `stylerec eval` (recommenders), `style-eval` (style transfer), `experiment` (λ choice)."""

@@ -1,0 +1,165 @@
+"""Telling the scorer's designed growth from a leak during a load run.
+
+Scoring holds one entry per (user, item) pair it has seen and the ids of recently applied
+events (docs/scoring.md): both grow with a soak's writes by design, and a real shop's stream keeps
+adding pairs (new visitors, new items). So its RSS is judged after taking out what those two
+entries account for: their counts come from the service's own gauges, sampled with its RSS, and
+their cost in bytes is measured in this process, in the same run, on the same ``InteractionState``
+code fed by the same workload generator. Whatever scoring keeps beyond them (a cache that never
+evicts, a per-event list) still counts against it. Both the raw and the adjusted series are
+reported.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+import tracemalloc
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from cli.load.driver import Workload
+from cli.localstack.stack import metric_sum, scrape_metrics
+from services.scoring.interactions import EventRecord, InteractionState
+
+PAIRS = "stylerec_scoring_state_pairs"
+IDS = "stylerec_scoring_state_applied_ids"
+APPLIED = "stylerec_scoring_events_applied_total"  # summed over sources, outcome="new" only
+MIB = 1024.0 * 1024.0
+
+
+def scrape_scoring(metrics_addr: str, timeout_s: float = 2.0) -> dict[str, float]:
+    """The state-size gauges and the count of events applied (each event is "new" exactly once,
+    whether Kafka or the archive sync brought it) from scoring's Prometheus endpoint."""
+    samples = scrape_metrics(metrics_addr, timeout_s)
+    return {
+        PAIRS: metric_sum(samples, PAIRS),
+        IDS: metric_sum(samples, IDS),
+        APPLIED: metric_sum(samples, APPLIED, outcome="new"),
+    }
+
+
+def pipeline_applied(metrics_addrs: Sequence[str]) -> float:
+    """How far scoring has got through what ingestion accepted. One replica: the events it applied
+    (each is "new" exactly once, from Kafka or the archive sync). Several replicas: the records
+    their Kafka consumers took from user-events (new or duplicate), summed. Each event reaches
+    exactly one replica's consumer, the owner of its user, which is the one that writes that
+    user's recommendations; every replica also applies the others' events from the archive, so a
+    sum of "new" would count each event once per replica."""
+    if len(metrics_addrs) == 1:
+        return scrape_scoring(metrics_addrs[0])[APPLIED]
+    return sum(metric_sum(scrape_metrics(a, 2.0), APPLIED, source="kafka") for a in metrics_addrs)
+
+
+def measure_entry_costs(workload: Workload, events: int = 200_000, checkpoints: int = 20) -> dict[str, Any]:
+    """Bytes per pair and per applied id of a fresh ``InteractionState``, by least squares over
+    checkpoints of two phases: the workload's own events (pairs and ids grow together), then the
+    same events again under new ids (ids grow alone), which is what separates the two costs.
+    ``workload`` is consumed (its generator state advances)."""
+    weights = {1: 1.0, 2: 2.0, 3: 4.0, 4: 6.0, 5: 10.0}
+    evs: list[tuple[str, str, int]] = []
+    while len(evs) < events:
+        evs.extend((e.user_id, e.item_id, int(e.type)) for e in workload.write(0.0).events)
+    state = InteractionState(weights, half_life_s=30 * 86400.0)
+    rows: list[tuple[int, int, int]] = []
+    step = max(1, events // checkpoints)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for phase in ("c", "r"):
+            for n, (u, i, t) in enumerate(evs, 1):
+                state.apply(EventRecord(f"{phase}{n}", u, i, t, 1.8e9))
+                if n % step == 0:
+                    rows.append((state.n_pairs, state.n_applied_ids, tracemalloc.get_traced_memory()[0] - base))
+    finally:
+        tracemalloc.stop()
+    a = np.array([[p, i, 1.0] for p, i, _b in rows])
+    b = np.array([float(x) for _p, _i, x in rows])
+    (per_pair, per_id, _c), *_ = np.linalg.lstsq(a, b, rcond=None)
+    return {
+        "bytes_per_pair": round(float(per_pair), 1),
+        "bytes_per_applied_id": round(float(per_id), 1),
+        "measured_with": (
+            f"tracemalloc over a fresh InteractionState in the load process: {events} workload events, then "
+            f"the same {len(evs)} again under new ids; least squares over {len(rows)} checkpoints"
+        ),
+        "pairs_measured": rows[-1][0],
+    }
+
+
+def _complete(gauges: list[tuple[float, dict[str, float]]]) -> list[tuple[float, dict[str, float]]]:
+    return [(t, g) for t, g in gauges if PAIRS in g and IDS in g]
+
+
+def adjusted_series(
+    rss: list[tuple[float, float]], gauges: list[tuple[float, dict[str, float]]], costs: dict[str, Any]
+) -> list[tuple[float, float]]:
+    """RSS (MiB) minus the MiB the state's pairs and ids added since the first gauge sample.
+
+    Each RSS sample is paired with the gauge sample nearest in time; RSS samples before the
+    first complete gauge sample are dropped."""
+    full = _complete(gauges)
+    if not full:
+        return []
+    t_g = np.array([t for t, _g in full])
+    p0, i0 = full[0][1][PAIRS], full[0][1][IDS]
+    out = []
+    for t, mib in rss:
+        if t < t_g[0]:
+            continue
+        g = full[int(np.abs(t_g - t).argmin())][1]
+        designed = (g[PAIRS] - p0) * costs["bytes_per_pair"] + (g[IDS] - i0) * costs["bytes_per_applied_id"]
+        out.append((t, round(mib - designed / MIB, 2)))
+    return out
+
+
+def state_growth(gauges: list[tuple[float, dict[str, float]]], soak_s: float) -> dict[str, Any]:
+    """Pairs and ids at the soak's start and end (gauge samples nearest 0 and ``soak_s``)."""
+    full = _complete(gauges)
+    if not full:
+        return {"samples": 0}
+    start = min(full, key=lambda x: abs(x[0]))[1]
+    end = min(full, key=lambda x: abs(x[0] - soak_s))[1]
+    return {
+        "samples": len(full),
+        "pairs_start": int(start[PAIRS]),
+        "pairs_end": int(end[PAIRS]),
+        "applied_ids_start": int(start[IDS]),
+        "applied_ids_end": int(end[IDS]),
+    }
+
+
+class PipelineWatch:
+    """Whether scoring keeps up with the writes: events ingestion accepted (counted by the load
+    client from its answers) against events scoring applied (its own counter), both since
+    ``mark()``. Answers alone cannot show this: ingestion acknowledges once Kafka has an event,
+    and a scorer that falls behind keeps every RPC green while recommendations go stale."""
+
+    def __init__(self, metrics_addrs: Sequence[str], accepted: Callable[[], int]) -> None:
+        self.metrics_addrs = list(metrics_addrs)  # one per scoring replica
+        self.accepted = accepted
+        self.base_applied = 0.0
+        self.base_accepted = 0
+
+    def applied(self) -> float:
+        return pipeline_applied(self.metrics_addrs)
+
+    def mark(self) -> None:
+        self.base_applied, self.base_accepted = self.applied(), self.accepted()
+
+    def backlog(self) -> int:
+        """Events accepted since ``mark()`` that scoring has not applied yet."""
+        return int((self.accepted() - self.base_accepted) - (self.applied() - self.base_applied))
+
+    def drain(self, timeout_s: float, poll_s: float = 0.5) -> float | None:
+        """Seconds until the backlog reached 0; None when it did not within ``timeout_s``."""
+        t0 = time.monotonic()
+        while True:
+            if self.backlog() <= 0:
+                return round(time.monotonic() - t0, 2)
+            if time.monotonic() - t0 > timeout_s:
+                return None
+            time.sleep(poll_s)

@@ -1,0 +1,1 @@
+"""The local stack: start, inspect and stop the embedded broker, stores and services (`stylerec up|status|down`)."""
