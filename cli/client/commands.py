@@ -33,8 +33,7 @@ from cli.client.eventfile import (
 )
 from cli.client.ingest_items import register_items
 from cli.errors import UsageError
-from cli.localstack.stack import Stack
-from cli.localstack.stack_commands import stack_dir
+from cli.localstack.stack import Stack, stack_dir
 from libs.common.channels import describe_rpc_error, env_channel
 from libs.common.errors import violations_of
 from services.ingestion.validation import EventLimits, validate_event

@@ -59,7 +59,7 @@ from cli.load.state import (
     scrape_scoring,
     state_growth,
 )
-from cli.localstack.stack import REPO, Stack, StackError, pid_alive
+from cli.localstack.stack import REPO, Stack, StackError, pid_alive, stack_dir
 from cli.measure.machine import OtherLoad, machine_info, rss_by_group, snapshot
 
 OUT = REPO / "out" / "load"
@@ -163,8 +163,6 @@ def validate(args: argparse.Namespace) -> None:
 
 def running_stack() -> Stack | None:
     """The `stylerec up` stack, when every component of it is alive and healthy."""
-    from cli.localstack.stack_commands import stack_dir
-
     stack = Stack.load(stack_dir())
     if not stack.components or not all(pid_alive(c.pid) for c in stack.components.values()):
         return None

@@ -33,6 +33,13 @@ from libs.common.settings import ServiceSettings
 REPO = Path(__file__).resolve().parents[2]  # cli/<package>/<module>.py -> the repository
 DEFAULT_DIR = REPO / "out" / "stack"
 INFRA = ("kafka", "redis", "mongo")
+
+
+def stack_dir() -> Path:
+    """Where the `stylerec up` stack keeps its state and logs: $STYLEREC_STACK_DIR, else out/stack."""
+    return Path(os.environ.get("STYLEREC_STACK_DIR", str(DEFAULT_DIR)))
+
+
 # One scrape of a /metrics endpoint: (sample name, labels) -> value.
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

@@ -4,17 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
-from pathlib import Path
 from typing import Any
 
 from cli.errors import UsageError
-from cli.localstack.stack import DEFAULT_DIR, Stack, StackError
-
-
-def stack_dir() -> Path:
-    return Path(os.environ.get("STYLEREC_STACK_DIR", str(DEFAULT_DIR)))
+from cli.localstack.stack import Stack, StackError, stack_dir
 
 
 def register(sub: Any) -> None:
