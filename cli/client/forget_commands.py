@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 from stylerec.v1 import admin_pb2, admin_pb2_grpc
 
-from cli.client.commands import service_addr
+from cli.client.addresses import service_addr
 from cli.errors import UsageError
 from libs.common.channels import describe_rpc_error, env_channel
 

@@ -24,6 +24,15 @@ from typing import Any
 import grpc
 from stylerec.v1 import common_pb2, ingestion_pb2, ingestion_pb2_grpc
 
+from cli.client.addresses import service_addr
+from cli.client.bulk_ingest import (
+    add_bulk_options,
+    batch_refused,
+    check_bulk_args,
+    finish,
+    refused_outcome,
+    rpc_failure,
+)
 from cli.client.eventfile import (
     BulkReport,
     EventFileError,
@@ -54,8 +63,6 @@ class ItemFileError(ValueError):
 
 def register_items(isub: Any) -> None:
     """Adds ``items`` under the existing ``stylerec ingest`` parser."""
-    from cli.client.commands import add_bulk_options
-
     p = isub.add_parser(
         "items",
         help="JSONL catalog items (item_id,title,category,brand,price,attributes,image)",
@@ -151,7 +158,6 @@ def read_items(path: Path, images_dir: Path | None) -> Iterator[common_pb2.Item]
 
 def send_items(stub: ingestion_pb2_grpc.IngestionServiceStub, addr: str) -> Callable[[list[common_pb2.Item]], Outcome]:
     """One UpsertItems call per batch (an upsert: sending an item again is harmless)."""
-    from cli.client.commands import batch_refused, refused_outcome, rpc_failure
 
     def send(items: list[common_pb2.Item]) -> Outcome:
         try:
@@ -166,7 +172,6 @@ def send_items(stub: ingestion_pb2_grpc.IngestionServiceStub, addr: str) -> Call
 
 
 def cmd_ingest_items(args: argparse.Namespace) -> int:
-    from cli.client.commands import check_bulk_args, service_addr
     from services.ingestion.validation import ItemLimits, validate_item
 
     check_bulk_args(args, MAX_BATCH_ITEMS)
@@ -208,7 +213,5 @@ def cmd_ingest_items(args: argparse.Namespace) -> int:
 
 def finish_items(report: BulkReport, args: argparse.Namespace) -> int:
     """Like ingest events' summary; the JSON keeps ``rejected_items`` (index = position among the items)."""
-    from cli.client.commands import finish
-
     items = [{"index": r.index, "line": r.line, "source": r.source, "reason": r.reason} for r in report.first_rejects]
     return finish(report, args, extra={"rejected_items": items})
