@@ -21,11 +21,9 @@ Without ``../shared/data`` it runs on generated purchases and pictures, labelled
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -37,55 +35,19 @@ from cli.datasets.retail import SHARED_DATA, load_purchases, to_events
 from cli.demo.catalog import DemoPictures, gift_items, load_pictures, picture_items
 from cli.demo.page import PageData, RecRow, ShopperView, Tile, check_page, screenshot, write_page
 from cli.demo.shoppers import gallery_visitors, scripted_shoppers, shopper_events
+from cli.localstack.seeding import ingest, train_model, upsert, wait_for
 from cli.localstack.stack import REPO, Stack
 from libs.common import keys
 from libs.common.pseudonym import Pseudonymizer
 from libs.common.settings import DEV_PSEUDONYM_SECRET
 
-CHUNK = 2000
 DEFAULT_LIMIT = 60_000
 OUT = REPO / "out" / "demo"
 STATUS = {v: k for k, v in gateway_pb2.StylizedStatus.items()}
 
 
-def ingest(stack: Stack, events: list[common_pb2.Event], label: str) -> tuple[int, int, int]:
-    accepted = duplicates = rejected = 0
-    with stack.channel("ingestion") as channel:
-        stub = ingestion_pb2_grpc.IngestionServiceStub(channel)
-        for start in tqdm(range(0, len(events), CHUNK), desc=f"ingest {label}", unit="batch"):
-            resp = stub.IngestEvents(
-                ingestion_pb2.IngestEventsRequest(events=events[start : start + CHUNK]), timeout=60
-            )
-            accepted += resp.accepted
-            duplicates += resp.duplicates
-            rejected += len(resp.rejected)
-    return accepted, duplicates, rejected
-
-
-def upsert(stack: Stack, items: list[common_pb2.Item], label: str, chunk: int) -> tuple[int, int]:
-    upserted = rejected = 0
-    with stack.channel("ingestion") as channel:
-        stub = ingestion_pb2_grpc.IngestionServiceStub(channel)
-        for start in tqdm(range(0, len(items), chunk), desc=f"catalog {label}", unit="batch"):
-            resp = stub.UpsertItems(ingestion_pb2.UpsertItemsRequest(items=items[start : start + chunk]), timeout=60)
-            upserted += resp.upserted
-            rejected += len(resp.rejected)
-            for r in resp.rejected[:3]:
-                print(f"  rejected item {r.item_id}: {r.reason}")
-    return upserted, rejected
-
-
 def text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value or "")
-
-
-def wait_for(what: str, check: Callable[[], bool], timeout_s: float) -> float:
-    t0 = time.monotonic()
-    while not check():
-        if time.monotonic() - t0 > timeout_s:
-            raise RuntimeError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-        time.sleep(0.5)
-    return time.monotonic() - t0
 
 
 def wait_applied(stack: Stack, users: list[str], timeout_s: float = 120) -> float:
@@ -111,48 +73,6 @@ def print_recs(resp: gateway_pb2.GetRecommendationsResponse, user: str, titles: 
             f"cf {item.cf_score:.3f} style {item.style_affinity:.3f} final {item.final_score:.3f}"
             + (f"  [{STATUS.get(item.stylized_status, '')}]" if item.stylized_status > 1 else "")
         )
-
-
-def train_model(stack: Stack, n_events: int, timeout_s: float = 240) -> str:
-    """Train once from the archive (``services.scoring --role trainer --once``); wait until serving loads it.
-
-    The stack's scoring replica serves popularity until a model exists. The trainer
-    trains the configured algorithm on the MongoDB archive, registers it and publishes
-    it on ``model-updates``; the serving replica hot-swaps it and rewrites its users' recs.
-    """
-    from pymongo import MongoClient
-    from stylerec.v1 import scoring_pb2, scoring_pb2_grpc
-
-    from cli.localstack.stack import free_port
-
-    mongo: MongoClient = MongoClient(stack.mongo_uri)
-    try:
-        events = mongo["stylerec"]["events"]
-        wait_for("the archiver to store every event", lambda: events.estimated_document_count() >= n_events, 180)
-    finally:
-        mongo.close()
-    env = stack.service_env("scoring", free_port(), free_port())
-    with open(stack.dir / "scoring-trainer.log", "ab") as log:
-        proc = subprocess.run(
-            [sys.executable, "-m", "services.scoring", "--role", "trainer", "--once"],
-            cwd=str(REPO),
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            timeout=timeout_s,
-            check=False,
-        )
-    if proc.returncode != 0:
-        raise RuntimeError(f"training failed (exit {proc.returncode}); see {stack.dir / 'scoring-trainer.log'}")
-    with stack.channel("scoring") as channel:
-        stub = scoring_pb2_grpc.ScoringServiceStub(channel)
-
-        def loaded() -> bool:
-            info = stub.ModelInfo(scoring_pb2.ModelInfoRequest(), timeout=10)
-            return info.algorithm != "popularity" and bool(info.model_version)
-
-        wait_for("the serving replica to load the trained model", loaded, 60)
-        return str(stub.ModelInfo(scoring_pb2.ModelInfoRequest(), timeout=10).model_version)
 
 
 class Demo:

@@ -59,6 +59,7 @@ from cli.load.state import (
     scrape_scoring,
     state_growth,
 )
+from cli.localstack.seeding import ingest, train_model, upsert
 from cli.localstack.stack import REPO, Stack, StackError, pid_alive, stack_dir
 from cli.measure.machine import OtherLoad, machine_info, rss_by_group, snapshot
 
@@ -181,7 +182,6 @@ def seed(stack: Stack, n_purchases: int, mix: Mix) -> tuple[Workload, dict[str, 
     """Catalog + purchases through ingestion, one training run; returns the workload over those users/items."""
     from cli.datasets.retail import SHARED_DATA, load_purchases, to_events
     from cli.demo.catalog import gift_items
-    from cli.demo.run import ingest, train_model, upsert
 
     t0 = time.monotonic()
     purchases, label = load_purchases(n_purchases, SHARED_DATA)
