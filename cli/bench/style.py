@@ -75,7 +75,7 @@ def _inputs(n: int, kind: str, seed: int = 3) -> tuple[list[np.ndarray], list[np
                 photos.append(decode_image(f.read_bytes(), ImageLimits()))
     source = f"{len(photos)} product photos from {SHARED_PRODUCTS}"
     if not photos:
-        from cli.evaluation.style_commands import synthetic_images
+        from cli.datasets.images import synthetic_images
 
         photos = [img for _, img in synthetic_images("products", 4, seed)]
         source = "SYNTHETIC generated images (../shared/data not found)"

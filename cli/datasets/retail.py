@@ -1,12 +1,15 @@
-"""Demo inputs: the real Online Retail purchases when ../shared/data is present,
-otherwise a generated sample that is clearly labelled synthetic."""
+"""Online Retail purchases (the demo's, the load test's and the scoring bench's input) when
+../shared/data is present, otherwise a generated sample that is clearly labelled synthetic;
+and the gift shop's catalog those purchases imply."""
 
 from __future__ import annotations
 
 import csv
 import gzip
 import random
-from collections.abc import Iterator
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -109,3 +112,23 @@ def load_purchases(limit: int, data_dir: Path) -> tuple[list[Purchase], str]:
     if limit:
         purchases = purchases[-limit:]
     return purchases, f"SYNTHETIC purchases ({online_retail} not found): generated shoppers and items, not real data"
+
+
+def gift_items(purchases: Iterable[Purchase]) -> list[common_pb2.Item]:
+    """The gift shop's catalog: one item per stock code seen in the purchases, titled by its description
+    and priced at its median unit price (no photo: the shop has none)."""
+    prices: dict[str, list[float]] = defaultdict(list)
+    titles: dict[str, str] = {}
+    for p in purchases:
+        prices[p.stock_code].append(p.price)
+        titles.setdefault(p.stock_code, p.description or p.stock_code)
+    return [
+        common_pb2.Item(
+            item_id=code,
+            title=titles[code][:200],
+            category="gift",
+            brand="online-retail",
+            price=round(max(0.0, statistics.median(ps)), 2),
+        )
+        for code, ps in prices.items()
+    ]

@@ -1,8 +1,7 @@
 """The demo catalog: the gift shop's products, plus art prints and photo prints with real pictures.
 
-* gift products: every Online Retail stock code in the ingested sample (title =
-  its description, price = its median unit price; the shop has no photos, so
-  they carry none and can never be stylized);
+* gift products: every Online Retail stock code in the ingested sample
+  (:func:`cli.datasets.retail.gift_items`; no photos, so they can never be stylized);
 * art prints: one item per style image in ``../shared/data/images/styles``
   (van Gogh, Munch, Turner, Matisse, and three textures);
 * photo prints: one item per photo in ``images/products``.
@@ -14,16 +13,14 @@ says "(generated)".
 from __future__ import annotations
 
 import io
-import statistics
-from collections import defaultdict
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 from stylerec.v1 import common_pb2
 
-from cli.datasets.retail import SHARED_DATA, Purchase
+from cli.datasets.images import find_images
+from cli.datasets.retail import SHARED_DATA
 
 IMAGES = SHARED_DATA / "images"
 MAX_SIDE = 640
@@ -77,8 +74,6 @@ def _jpeg(img: Image.Image) -> bytes:
 
 
 def load_pictures(images_dir: Path = IMAGES) -> DemoPictures:
-    from cli.evaluation.experiment_style_lambda import find_images
-
     products, styles, source = find_images(images_dir if images_dir.exists() else None)
     real = images_dir.exists() and not source.startswith("GENERATED")
     suffix = "" if real else " (generated)"
@@ -91,25 +86,6 @@ def load_pictures(images_dir: Path = IMAGES) -> DemoPictures:
         for stem, img in products.items()
     ]
     return DemoPictures(prints, photos, source, real)
-
-
-def gift_items(purchases: Iterable[Purchase]) -> list[common_pb2.Item]:
-    """One catalog item per stock code seen in the purchases (no photo: the shop has none)."""
-    prices: dict[str, list[float]] = defaultdict(list)
-    titles: dict[str, str] = {}
-    for p in purchases:
-        prices[p.stock_code].append(p.price)
-        titles.setdefault(p.stock_code, p.description or p.stock_code)
-    return [
-        common_pb2.Item(
-            item_id=code,
-            title=titles[code][:200],
-            category="gift",
-            brand="online-retail",
-            price=round(max(0.0, statistics.median(ps)), 2),
-        )
-        for code, ps in prices.items()
-    ]
 
 
 def picture_items(pictures: DemoPictures) -> list[common_pb2.Item]:

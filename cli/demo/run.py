@@ -31,8 +31,8 @@ import redis
 from stylerec.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, ingestion_pb2, ingestion_pb2_grpc
 from tqdm import tqdm
 
-from cli.datasets.retail import SHARED_DATA, load_purchases, to_events
-from cli.demo.catalog import DemoPictures, gift_items, load_pictures, picture_items
+from cli.datasets.retail import SHARED_DATA, gift_items, load_purchases, to_events
+from cli.demo.catalog import DemoPictures, load_pictures, picture_items
 from cli.demo.page import PageData, RecRow, ShopperView, Tile, check_page, screenshot, write_page
 from cli.demo.shoppers import gallery_visitors, scripted_shoppers, shopper_events
 from cli.localstack.seeding import ingest, train_model, upsert, wait_for

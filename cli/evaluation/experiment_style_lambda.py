@@ -33,61 +33,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 from tqdm import tqdm
 
+from cli.datasets.images import find_images
 from libs.common.style_math import catalog_centroid
 from services.gateway.style import rerank
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 EVENT_TYPES = (("purchase", 10.0, 0.4), ("favorite", 4.0, 0.3), ("view", 1.0, 0.3))
-
-
-# --------------------------------------------------------------------------------------------- images
-def _load(path: Path) -> Image.Image:
-    return Image.open(path).convert("RGB")
-
-
-def synthetic_images(seed: int = 7) -> tuple[dict[str, Image.Image], dict[str, Image.Image]]:
-    """Generated 'product photos' (shapes on backgrounds) and 'styles' (textures). SYNTHETIC."""
-    rng = np.random.default_rng(seed)
-    products: dict[str, Image.Image] = {}
-    colors = [(200, 40, 40), (40, 160, 60), (40, 80, 200), (220, 180, 30), (150, 60, 170), (30, 170, 170)]
-    for n, c in enumerate(colors):
-        img = Image.new("RGB", (320, 320), (235, 235, 230))
-        d = ImageDraw.Draw(img)
-        if n % 3 == 0:
-            d.ellipse((60, 60, 260, 260), fill=c)
-        elif n % 3 == 1:
-            d.rectangle((70, 50, 250, 270), fill=c)
-        else:
-            d.polygon([(160, 40), (280, 270), (40, 270)], fill=c)
-        products[f"synthetic-product-{n}"] = img
-    styles: dict[str, Image.Image] = {}
-    yy, xx = np.mgrid[0:256, 0:256]
-    patterns = {
-        "stripes": (np.sin(xx / 6.0) > 0)[..., None] * np.array([30, 30, 120]) + 100,
-        "checker": (((xx // 32) + (yy // 32)) % 2)[..., None] * np.array([180, 90, 20]) + 40,
-        "swirl": (np.sin(np.hypot(xx - 128, yy - 128) / 5.0) * 0.5 + 0.5)[..., None] * np.array([60, 200, 120]),
-        "noise": rng.integers(0, 255, size=(256, 256, 3)),
-        "waves": (np.sin(xx / 9.0 + np.sin(yy / 13.0) * 3) * 0.5 + 0.5)[..., None] * np.array([230, 120, 200]),
-    }
-    for name, arr in patterns.items():
-        styles[f"synthetic-{name}"] = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
-    return products, styles
-
-
-def find_images(images_dir: Path | None) -> tuple[dict[str, Image.Image], dict[str, Image.Image], str]:
-    """(products, styles, source label)."""
-    if images_dir is not None:
-        prod_dir, style_dir = images_dir / "products", images_dir / "styles"
-        if prod_dir.is_dir() and style_dir.is_dir():
-            products = {p.stem: _load(p) for p in sorted(prod_dir.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
-            styles = {p.stem: _load(p) for p in sorted(style_dir.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
-            if products and styles:
-                return products, styles, f"real photos and style images from {images_dir}"
-    products, styles = synthetic_images()
-    return products, styles, "GENERATED images (../shared/data not found): synthetic photos and textures"
 
 
 # --------------------------------------------------------------------------------------------- models

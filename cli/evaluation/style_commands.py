@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from cli.datasets.images import synthetic_images
 from cli.errors import UsageError
 
 REPO = Path(__file__).resolve().parents[2]  # cli/<package>/<module>.py -> the repository
@@ -42,38 +43,6 @@ def register(sub: Any) -> None:
 
 def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def synthetic_images(kind: str, n: int, seed: int = 7) -> list[tuple[str, Image.Image]]:
-    """Generated stand-ins (labelled synthetic) for a machine without ../shared/data.
-
-    Products: a smooth background with a few solid shapes (object-like
-    structure). Styles: strongly coloured stroke textures.
-    """
-    rng = np.random.default_rng(seed + (0 if kind == "products" else 1000))
-    out = []
-    for i in range(n):
-        if kind == "products":
-            h, w = 320, 400
-            yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
-            base = np.stack([0.6 + 0.3 * xx, 0.5 + 0.3 * yy, 0.7 - 0.2 * xx], axis=-1)
-            img = Image.fromarray((np.clip(base, 0, 1) * 255).astype(np.uint8))
-            draw = ImageDraw.Draw(img)
-            for _ in range(4):
-                x0, y0 = int(rng.integers(0, w - 80)), int(rng.integers(0, h - 80))
-                colour = tuple(int(c) for c in rng.integers(0, 255, 3))
-                draw.ellipse([x0, y0, x0 + int(rng.integers(40, 160)), y0 + int(rng.integers(40, 160))], fill=colour)
-        else:
-            size = 256
-            freq = rng.uniform(4, 20, 3)
-            yy, xx = np.mgrid[0:size, 0:size] / size
-            angle = rng.uniform(0, np.pi)
-            t = np.cos(angle) * xx + np.sin(angle) * yy
-            noise = rng.random((size, size))
-            arr = np.stack([0.5 + 0.5 * np.sin(2 * np.pi * f * t + 3 * noise) for f in freq], axis=-1)
-            img = Image.fromarray((arr * 255).astype(np.uint8))
-        out.append((f"synthetic-{kind}-{i}", img))
-    return out
 
 
 def _load(folder: Path | None, kind: str, engine: Any) -> tuple[list[tuple[str, Image.Image]], str]:

@@ -180,8 +180,7 @@ def scoring_metrics_addrs(stack: Stack) -> list[str]:
 
 def seed(stack: Stack, n_purchases: int, mix: Mix) -> tuple[Workload, dict[str, Any]]:
     """Catalog + purchases through ingestion, one training run; returns the workload over those users/items."""
-    from cli.datasets.retail import SHARED_DATA, load_purchases, to_events
-    from cli.demo.catalog import gift_items
+    from cli.datasets.retail import SHARED_DATA, gift_items, load_purchases, to_events
 
     t0 = time.monotonic()
     purchases, label = load_purchases(n_purchases, SHARED_DATA)
