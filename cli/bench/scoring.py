@@ -40,9 +40,9 @@ from stylerec.v1 import common_pb2, ingestion_pb2, ingestion_pb2_grpc, scoring_p
 from tqdm import tqdm
 
 from cli.bench.scoring_apply import bench_apply
+from cli.bench.scoring_env import scoring_bench_env
 from cli.errors import UsageError
 from cli.localstack.stack import REPO, Stack, StackError, metric_sum
-from cli.measure.machine import scoring_bench_env
 from libs.common import keys
 from libs.common.kafka import ensure_topics
 from libs.common.pseudonym import Pseudonymizer

@@ -32,10 +32,10 @@ from pymongo import MongoClient
 from stylerec.v1 import common_pb2
 from tqdm import tqdm
 
+from cli.bench.scoring_env import scoring_bench_env
 from cli.datasets.retail import SHARED_DATA, load_purchases
 from cli.load.driver import Mix, Workload
 from cli.localstack.stack import Stack, StackError, metric_sum
-from cli.measure.machine import scoring_bench_env
 from libs.common.archive_progress import ProgressWriter
 from libs.common.kafka import USER_EVENTS
 from libs.common.pseudonym import Pseudonymizer

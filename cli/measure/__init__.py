@@ -1,1 +1,2 @@
-"""What every benchmark records next to its numbers: the machine, the other load on it, process-group memory."""
+"""What the benchmarks and the load test record next to their numbers: the machine, the other load on it,
+process-group memory, percentiles."""

@@ -1,4 +1,4 @@
-"""Helpers several benchmark commands share: who else is using the machine, what the machine is,
+"""Helpers the benchmarks and the load test share: who else is using the machine, what the machine is,
 percentiles, and the resident memory of a process group.
 
 The dev box is a shared 2-core machine, so a number without "what else was running" is not
@@ -164,18 +164,3 @@ class OtherLoad:
             "max_busy_other_processes": max(s["busy_processes"] for s in self.samples),
             "mean_busy_other_processes": round(sum(s["busy_processes"] for s in self.samples) / len(self.samples), 2),
         }
-
-
-def scoring_bench_env(train_on_start: bool, max_poll_interval_ms: int) -> dict[str, str]:
-    """Environment of the scoring benchmarks' private stacks: the dev pseudonym secret (the bench
-    pseudonymizes users itself), short group timeouts so a rebalance cannot eat the run, and
-    warnings-only logs so logging is not what is measured."""
-    from libs.common.settings import DEV_PSEUDONYM_SECRET
-
-    return {
-        "STYLEREC_PSEUDONYM_SECRET": DEV_PSEUDONYM_SECRET,
-        "STYLEREC_KAFKA_SESSION_TIMEOUT_MS": "6000",
-        "STYLEREC_KAFKA_MAX_POLL_INTERVAL_MS": str(max_poll_interval_ms),
-        "STYLEREC_TRAIN_ON_START": "true" if train_on_start else "false",
-        "STYLEREC_LOG_LEVEL": "WARNING",
-    }
