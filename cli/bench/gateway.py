@@ -39,6 +39,7 @@ from pymongo import MongoClient
 from stylerec.v1 import gateway_pb2, gateway_pb2_grpc
 from tqdm import tqdm
 
+from cli.errors import UsageError
 from cli.localstack.stack import REPO, Stack, free_port, grpc_serving, terminate_group
 from libs.common import keys
 from libs.common.channels import make_channel
@@ -275,8 +276,6 @@ def run_bench(quick: bool, concurrencies: list[int]) -> dict[str, Any]:
 
 
 def cmd_bench_gateway(args: argparse.Namespace) -> int:
-    from cli.main import UsageError
-
     try:
         concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
     except ValueError as exc:

@@ -11,8 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cli.demo.page import check_page, screenshot
-from cli.demo.run import OUT
+from cli.demo.page import OUT, check_page, screenshot
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,11 @@ from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
 
+from cli.localstack.stack import REPO
+
+# Where `make demo` writes the page and `make demo-check` looks for it.
+OUT = REPO / "out" / "demo"
+
 
 @dataclass
 class Tile:

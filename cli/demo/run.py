@@ -33,16 +33,15 @@ from tqdm import tqdm
 
 from cli.datasets.retail import SHARED_DATA, gift_items, load_purchases, to_events
 from cli.demo.catalog import DemoPictures, load_pictures, picture_items
-from cli.demo.page import PageData, RecRow, ShopperView, Tile, check_page, screenshot, write_page
+from cli.demo.page import OUT, PageData, RecRow, ShopperView, Tile, check_page, screenshot, write_page
 from cli.demo.shoppers import gallery_visitors, scripted_shoppers, shopper_events
 from cli.localstack.seeding import ingest, train_model, upsert, wait_for
-from cli.localstack.stack import REPO, Stack
+from cli.localstack.stack import Stack
 from libs.common import keys
 from libs.common.pseudonym import Pseudonymizer
 from libs.common.settings import DEV_PSEUDONYM_SECRET
 
 DEFAULT_LIMIT = 60_000
-OUT = REPO / "out" / "demo"
 STATUS = {v: k for k, v in gateway_pb2.StylizedStatus.items()}
 
 
