@@ -214,7 +214,9 @@ def test_cli_ingest_events_file_with_a_refused_and_an_unreadable_row_exits_1(
     ing: Ingestion, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A file with one readable row is usable (exit 1, not 2): the row is sent, and both rejects are listed by line."""
-    path = _write(tmp_path / "events.jsonl", '{"user_id": "u1", "item_id": "i1", "type": "VIEW", "timestamp": 1}\n{not json\n')
+    path = _write(
+        tmp_path / "events.jsonl", '{"user_id": "u1", "item_id": "i1", "type": "VIEW", "timestamp": 1}\n{not json\n'
+    )
     assert cli_main(["ingest", "events", str(path), "--addr", ing.addr]) == 1
     out = capsys.readouterr().out
     assert "rejected 2 (1 unreadable, 1 refused by the server)" in out
