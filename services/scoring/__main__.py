@@ -132,7 +132,9 @@ def run_serving(settings: ScoringSettings) -> None:
     engine = Recommender(state, holder, settings.new_item_slots, categories, categories.newest)
     profiles = ProfileWriter(
         r,
-        EmbeddingSource(r, db, settings.items_collection, settings.embedding_dim),
+        EmbeddingSource(
+            r, db, settings.items_collection, settings.embedding_dim, cache_ttl_s=settings.embedding_cache_s
+        ),
         settings.profile_half_confidence_weight,
         settings.recs_ttl_s,
         CatalogCentroid(r, settings.embedding_dim, settings.style_centroid_refresh_s),

@@ -87,6 +87,15 @@ class ScoringSettings(ServiceSettings):
         50, ge=1, le=5000, description="Consumer fetch long-poll; bounds the event-to-recs latency on tansu."
     )
     embedding_dim: int = Field(100, ge=1, description="Length of item style embeddings.")
+    embedding_cache_s: float = Field(
+        10.0,
+        ge=0,
+        le=3600,
+        description=(
+            "Seconds an item embedding read from Redis is kept in process for style profiles (0 = off);"
+            " a new or replaced embedding reaches profiles within this."
+        ),
+    )
     style_centroid_refresh_s: float = Field(
         300.0,
         gt=0,

@@ -148,11 +148,12 @@ class Publisher:
                 except Exception:
                     log.warning("popularity flush failed", exc_info=True)
 
-    def users(self, users: Iterable[str], profiles: bool = True) -> None:
+    def users(self, users: Iterable[str], profiles: bool = True, added: dict[str, set[str]] | None = None) -> None:
         """Rewrite recs (and, unless ``profiles`` is False, style profiles) of ``users``.
 
         Profiles depend on history and embeddings only, not on the model, so a model swap
         or a rebalance rewrites recs alone; a user's next event refreshes the profile.
+        ``added``: the items each user's history gained in the caller's batch (RecsWriter).
         """
         users = list(dict.fromkeys(users))
         if not users:
@@ -168,7 +169,7 @@ class Publisher:
             marks = self.state.write_marks(users, self.engine.holder.version)
             # Read once under the lock: recs, seen sets and profiles all come from this state.
             histories = self.state.histories(users)
-            self.recs.write_users(users, histories=histories)
+            self.recs.write_users(users, histories=histories, added=added)
             if not profiles:
                 return
             try:
@@ -237,8 +238,11 @@ class EventApplier:
         fresh = self.state.apply_many(records)
         users: set[str] = set()
         duplicates: set[str] = set()
+        added: dict[str, set[str]] = {}
         for ev, new in zip(records, fresh, strict=True):
             (users if new else duplicates).add(ev.user_id)
+            if new:
+                added.setdefault(ev.user_id, set()).add(ev.item_id)
         n_new = sum(fresh)
         self.applied += n_new
         metrics.EVENTS_APPLIED.labels("kafka", "new").inc(n_new)
@@ -252,7 +256,7 @@ class EventApplier:
         # Popularity first: a reader that sees the user's new recs must also see the popularity
         # they were computed against (the gateway caches popularity briefly).
         self.publisher.popularity()
-        self.publisher.users(users)
+        self.publisher.users(users, added=added)
         done = time.time()
         for d in batch:
             if d.record.timestamp and d.record.timestamp > 0:

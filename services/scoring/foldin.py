@@ -257,6 +257,21 @@ class Recommender:
         return out, sm.version
 
 
+# Adds a batch's items to a user's seen set and says whether the set now has exactly the size
+# of the user's history. Only scoring writes the set, always from the history, and a history
+# only grows (ForgetUser deletes the keys), so "subset of the history, of the history's size"
+# means "equal to it". 0 means the set had expired or drifted: the caller rewrites it whole.
+SEEN_ADD_LUA = """
+if #ARGV > 2 then redis.call('SADD', KEYS[1], unpack(ARGV, 3)) end
+if redis.call('SCARD', KEYS[1]) == tonumber(ARGV[2]) then
+  redis.call('EXPIRE', KEYS[1], ARGV[1])
+  return 1
+end
+return 0
+"""
+SEEN_ADD_MAX = 256  # a user with more new items than this in one batch gets the whole-set rewrite
+
+
 class RecsWriter:
     """Writes a user's top-N, meta and seen set to Redis (keys per docs/contracts.md)."""
 
@@ -266,13 +281,22 @@ class RecsWriter:
         self.top_n = top_n
         self.ttl_s = ttl_s
         self.exclude_seen = exclude_seen
+        self._seen_add = r.register_script(SEEN_ADD_LUA)
 
     def write_users(
-        self, users: Iterable[str], chunk: int = 500, histories: dict[str, dict[str, float]] | None = None
+        self,
+        users: Iterable[str],
+        chunk: int = 500,
+        histories: dict[str, dict[str, float]] | None = None,
+        added: dict[str, set[str]] | None = None,
     ) -> int:
         """Per ``chunk`` users: one batched fold-in and one MULTI/EXEC (the gateway never reads a
         half-written user, and a batch costs one Redis round trip instead of one per user).
-        ``histories``: the users' current histories when the caller already read them."""
+        ``histories``: the users' current histories when the caller already read them.
+        ``added``: when the caller knows what each user's history gained since this process last
+        wrote it (the consumer's batch), the seen set takes just those items instead of being
+        deleted and rewritten whole: a heavy shopper's set holds hundreds of items, and rewriting
+        it on each of their events made a fold-in's cost grow with the history (docs/load.md)."""
         wanted = list(dict.fromkeys(users))
         for begin in range(0, len(wanted), chunk):
             part = wanted[begin : begin + chunk]
@@ -283,6 +307,7 @@ class RecsWriter:
             seen = {u: hist[u].keys() for u in part}
             now = f"{time.time():.3f}"
             pipe = self.redis.pipeline(transaction=True)
+            checks: dict[int, str] = {}  # index of a seen-set add in the transaction's results -> user
             for user in part:
                 r = recs[user]
                 pipe.delete(keys.recs(user))
@@ -291,9 +316,28 @@ class RecsWriter:
                     pipe.expire(keys.recs(user), self.ttl_s)
                 pipe.hset(keys.recs_meta(user), mapping={"model_version": r.version, "updated_at": now})
                 pipe.expire(keys.recs_meta(user), self.ttl_s)
-                pipe.delete(keys.user_seen(user))
-                if seen[user]:
-                    pipe.sadd(keys.user_seen(user), *seen[user])
-                    pipe.expire(keys.user_seen(user), self.ttl_s)
-            pipe.execute()
+                new = added.get(user, set()) if added is not None else None
+                if new is not None and seen[user] and len(new) <= SEEN_ADD_MAX:
+                    checks[len(pipe.command_stack)] = user
+                    self._seen_add(
+                        keys=[keys.user_seen(user)], args=[self.ttl_s, len(seen[user]), *sorted(new)], client=pipe
+                    )
+                else:
+                    self._write_seen(pipe, user, seen[user])
+            results = pipe.execute()
+            redo = [u for i, u in checks.items() if results[i] != 1]
+            if redo:
+                pipe = self.redis.pipeline(transaction=True)
+                for user in redo:
+                    self._write_seen(pipe, user, seen[user])
+                pipe.execute()
+            metrics.SEEN_WRITES.labels("added").inc(len(checks) - len(redo))
+            metrics.SEEN_WRITES.labels("whole").inc(len(part) - len(checks) + len(redo))
         return len(wanted)
+
+    def _write_seen(self, pipe: redis.client.Pipeline, user: str, seen: Iterable[str]) -> None:
+        pipe.delete(keys.user_seen(user))
+        members = list(seen)
+        if members:
+            pipe.sadd(keys.user_seen(user), *members)
+            pipe.expire(keys.user_seen(user), self.ttl_s)

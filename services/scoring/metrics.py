@@ -51,6 +51,16 @@ STATE_PAIRS = Gauge("stylerec_scoring_state_pairs", "(user, item) pairs in the i
 STATE_APPLIED_IDS = Gauge(
     "stylerec_scoring_state_applied_ids", "Event ids kept for de-duplication (bounded by max_event_ids)."
 )
+SEEN_WRITES = Counter(
+    "stylerec_scoring_seen_writes_total",
+    "Seen-set writes by how: added (a batch's new items, size checked in Redis) or whole (deleted and rewritten).",
+    ["how"],
+)
+EMBEDDING_CACHE = Counter(
+    "stylerec_scoring_embedding_cache_total",
+    "Item embeddings a style profile needed, by result: hit (in-process cache) or miss (asked Redis).",
+    ["result"],
+)
 PROFILES_WRITTEN = Counter(
     "stylerec_scoring_style_profiles_written_total", "Style profiles written, by outcome (written, none).", ["outcome"]
 )

@@ -31,6 +31,7 @@ from pymongo.database import Database
 from libs.common import keys
 from libs.common.metrics import STORE_ERRORS
 from libs.common.style_math import catalog_centroid, centre, encode_centroid
+from services.scoring import metrics
 
 log = logging.getLogger(__name__)
 
@@ -83,17 +84,33 @@ class EmbeddingSource:
     Items without a photo never get an embedding; during a bulk backfill every batch would
     ask MongoDB about them again, so a negative answer is remembered for ``miss_ttl_s``
     (an embedding that appears later is picked up after that).
+
+    What Redis answered (an embedding or none) is kept in process for ``cache_ttl_s``: a
+    profile needs the embeddings of the user's whole history, and a heavy shopper folded in on
+    every batch had their hundreds of items fetched again each time, so the profile's cost grew
+    with the history (docs/load.md). An embedding the style worker writes or replaces reaches
+    profiles within ``cache_ttl_s``; 0 turns the cache off.
     """
 
     def __init__(
-        self, r: redis.Redis, db: Database | None, items_collection: str, dim: int, miss_ttl_s: float = 60.0
+        self,
+        r: redis.Redis,
+        db: Database | None,
+        items_collection: str,
+        dim: int,
+        miss_ttl_s: float = 60.0,
+        cache_ttl_s: float = 0.0,
+        cache_max: int = 1_000_000,
     ) -> None:
         self.redis = r
         self.db = db
         self.items_collection = items_collection
         self.dim = dim
         self.miss_ttl_s = miss_ttl_s
+        self.cache_ttl_s = cache_ttl_s
+        self.cache_max = cache_max
         self._missing_until: dict[str, float] = {}
+        self._cache: dict[str, tuple[float, np.ndarray | None]] = {}  # item -> (expires, what Redis had)
 
     def _decode(self, raw: bytes | str | None) -> np.ndarray | None:
         if not isinstance(raw, bytes) or len(raw) != 4 * self.dim:
@@ -106,12 +123,28 @@ class EmbeddingSource:
         if not wanted:
             return {}
         out: dict[str, np.ndarray] = {}
-        raws = self.redis.mget([keys.item_embedding(i) for i in wanted])
-        for item, raw in zip(wanted, raws, strict=True):
-            v = self._decode(raw)
-            if v is not None:
-                out[item] = v
         now = time.monotonic()
+        ask = wanted
+        if self.cache_ttl_s > 0:
+            ask = []
+            for item in wanted:
+                hit = self._cache.get(item)
+                if hit is None or hit[0] <= now:
+                    ask.append(item)
+                elif hit[1] is not None:
+                    out[item] = hit[1]
+            metrics.EMBEDDING_CACHE.labels("hit").inc(len(wanted) - len(ask))
+            metrics.EMBEDDING_CACHE.labels("miss").inc(len(ask))
+        if ask:
+            raws = self.redis.mget([keys.item_embedding(i) for i in ask])
+            if self.cache_ttl_s > 0 and len(self._cache) + len(ask) > self.cache_max:
+                self._cache.clear()
+            for item, raw in zip(ask, raws, strict=True):
+                v = self._decode(raw)
+                if v is not None:
+                    out[item] = v
+                if self.cache_ttl_s > 0:
+                    self._cache[item] = (now + self.cache_ttl_s, v)
         missing = [i for i in wanted if i not in out and self._missing_until.get(i, 0.0) < now]
         if missing and self.db is not None:
             try:

@@ -1,0 +1,77 @@
+"""The seen set on a real Redis: a consumer batch adds only its new items, and the set still ends
+equal to the user's history whatever Redis held before (expired, drifted, fresh)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from cli.localstack.stack import Stack
+from libs.common import keys
+from services.scoring import metrics
+from services.scoring.foldin import SEEN_ADD_MAX, ModelHolder, Recommender, RecsWriter
+from services.scoring.interactions import EventRecord, InteractionState
+
+T0 = 1_750_000_000.0
+
+
+@pytest.fixture
+def r(infra: Stack) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(infra.redis_url)
+    yield client
+    client.close()
+
+
+def seen_in_redis(r: redis.Redis, user: str) -> set[str]:
+    return {m.decode() for m in r.smembers(keys.user_seen(user))}
+
+
+def writes(how: str) -> float:
+    return metrics.SEEN_WRITES.labels(how)._value.get()
+
+
+def test_batch_adds_only_new_items_and_the_set_always_equals_the_history(r: redis.Redis, unique: str) -> None:
+    state = InteractionState({1: 1.0, 5: 10.0}, 30 * 86400)
+    writer = RecsWriter(r, Recommender(state, ModelHolder()), top_n=5, ttl_s=600, exclude_seen=True)
+    user = f"seen-{unique}"
+    n = 0
+
+    def apply(items: list[str]) -> dict[str, set[str]]:
+        nonlocal n
+        for i in items:
+            n += 1
+            state.apply(EventRecord(f"{unique}-{n}", user, i, 1, T0 + n))
+        return {user: set(items)}
+
+    writer.write_users([user], added=apply([f"i{k}" for k in range(40)]))  # no set yet: the 40 added make it whole
+    assert seen_in_redis(r, user) == set(state.seen(user))
+
+    added_before, whole_before = writes("added"), writes("whole")
+    writer.write_users([user], added=apply(["i3", "new-1", "new-2"]))  # one already seen, two new
+    assert seen_in_redis(r, user) == set(state.seen(user)) and len(state.seen(user)) == 42
+    assert (writes("added") - added_before, writes("whole") - whole_before) == (1, 0)
+    assert 0 < r.ttl(keys.user_seen(user)) <= 600
+
+    # The set expired (or was lost): the count check catches it and the whole set is written again.
+    r.delete(keys.user_seen(user))
+    writer.write_users([user], added=apply(["new-3"]))
+    assert seen_in_redis(r, user) == set(state.seen(user))
+    assert writes("whole") - whole_before == 1
+
+    # Drifted (an item missing, e.g. a write lost between two batches): rewritten whole as well.
+    r.srem(keys.user_seen(user), "i7")
+    writer.write_users([user], added=apply(["new-4"]))
+    assert seen_in_redis(r, user) == set(state.seen(user))
+    assert writes("whole") - whole_before == 2
+
+    # A duplicate-only rewrite (nothing added) checks the size and leaves a correct set alone.
+    writer.write_users([user], added={})
+    assert seen_in_redis(r, user) == set(state.seen(user))
+    assert writes("added") - added_before == 2
+
+    # More new items than SEEN_ADD_MAX in one batch: whole rewrite without a script call.
+    writer.write_users([user], added=apply([f"bulk-{k}" for k in range(SEEN_ADD_MAX + 1)]))
+    assert seen_in_redis(r, user) == set(state.seen(user))
+    assert writes("whole") - whole_before == 3
