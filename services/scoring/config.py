@@ -93,7 +93,7 @@ class ScoringSettings(ServiceSettings):
         le=3600,
         description=(
             "Seconds an item embedding read from Redis is kept in process for style profiles (0 = off);"
-            " a new or replaced embedding reaches profiles within this."
+            " a replaced or deleted embedding reaches profiles within this (a new one at once)."
         ),
     )
     style_centroid_refresh_s: float = Field(

@@ -85,11 +85,12 @@ class EmbeddingSource:
     ask MongoDB about them again, so a negative answer is remembered for ``miss_ttl_s``
     (an embedding that appears later is picked up after that).
 
-    What Redis answered (an embedding or none) is kept in process for ``cache_ttl_s``: a
-    profile needs the embeddings of the user's whole history, and a heavy shopper folded in on
-    every batch had their hundreds of items fetched again each time, so the profile's cost grew
-    with the history (docs/load.md). An embedding the style worker writes or replaces reaches
-    profiles within ``cache_ttl_s``; 0 turns the cache off.
+    An embedding Redis returned is kept in process for ``cache_ttl_s``: a profile needs the
+    embeddings of the user's whole history, and a heavy shopper folded in on every batch had
+    their hundreds of items fetched again each time (docs/scoring.md). A replaced or deleted
+    embedding reaches profiles within ``cache_ttl_s``; 0 turns the cache off. An absent one is
+    not cached: a new photo's embedding must count at the user's very next event, and nothing
+    tells this process when the style worker writes one.
     """
 
     def __init__(
@@ -110,7 +111,7 @@ class EmbeddingSource:
         self.cache_ttl_s = cache_ttl_s
         self.cache_max = cache_max
         self._missing_until: dict[str, float] = {}
-        self._cache: dict[str, tuple[float, np.ndarray | None]] = {}  # item -> (expires, what Redis had)
+        self._cache: dict[str, tuple[float, np.ndarray]] = {}  # item -> (expires, the embedding Redis had)
 
     def _decode(self, raw: bytes | str | None) -> np.ndarray | None:
         if not isinstance(raw, bytes) or len(raw) != 4 * self.dim:
@@ -131,7 +132,7 @@ class EmbeddingSource:
                 hit = self._cache.get(item)
                 if hit is None or hit[0] <= now:
                     ask.append(item)
-                elif hit[1] is not None:
+                else:
                     out[item] = hit[1]
             metrics.EMBEDDING_CACHE.labels("hit").inc(len(wanted) - len(ask))
             metrics.EMBEDDING_CACHE.labels("miss").inc(len(ask))
@@ -143,8 +144,8 @@ class EmbeddingSource:
                 v = self._decode(raw)
                 if v is not None:
                     out[item] = v
-                if self.cache_ttl_s > 0:
-                    self._cache[item] = (now + self.cache_ttl_s, v)
+                    if self.cache_ttl_s > 0:
+                        self._cache[item] = (now + self.cache_ttl_s, v)
         missing = [i for i in wanted if i not in out and self._missing_until.get(i, 0.0) < now]
         if missing and self.db is not None:
             try:

@@ -129,3 +129,11 @@ def scoring_env(infra: Stack) -> Iterator[ScoringEnv]:
 
 def topn(stub: scoring_pb2_grpc.ScoringServiceStub, user: str, k: int = 5) -> scoring_pb2.TopNResponse:
     return stub.TopN(scoring_pb2.TopNRequest(user_id=user, k=k, exclude_seen=True), timeout=10)
+
+
+@pytest.fixture
+def session_redis(infra: Stack) -> Iterator[redis.Redis]:
+    """A client of the session's Redis (db 0) for tests of Redis-facing scoring parts in process."""
+    client = redis.Redis.from_url(infra.redis_url)
+    yield client
+    client.close()

@@ -3,12 +3,8 @@ equal to the user's history whatever Redis held before (expired, drifted, fresh)
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
 import redis
 
-from cli.localstack.stack import Stack
 from libs.common import keys
 from services.scoring import metrics
 from services.scoring.foldin import SEEN_ADD_MAX, ModelHolder, Recommender, RecsWriter
@@ -17,22 +13,18 @@ from services.scoring.interactions import EventRecord, InteractionState
 T0 = 1_750_000_000.0
 
 
-@pytest.fixture
-def r(infra: Stack) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(infra.redis_url)
-    yield client
-    client.close()
-
-
 def seen_in_redis(r: redis.Redis, user: str) -> set[str]:
-    return {m.decode() for m in r.smembers(keys.user_seen(user))}
+    return {m.decode() if isinstance(m, bytes) else m for m in r.smembers(keys.user_seen(user))}
 
 
 def writes(how: str) -> float:
     return metrics.SEEN_WRITES.labels(how)._value.get()
 
 
-def test_batch_adds_only_new_items_and_the_set_always_equals_the_history(r: redis.Redis, unique: str) -> None:
+def test_batch_adds_only_new_items_and_the_set_always_equals_the_history(
+    session_redis: redis.Redis, unique: str
+) -> None:
+    r = session_redis
     state = InteractionState({1: 1.0, 5: 10.0}, 30 * 86400)
     writer = RecsWriter(r, Recommender(state, ModelHolder()), top_n=5, ttl_s=600, exclude_seen=True)
     user = f"seen-{unique}"
