@@ -40,7 +40,7 @@ from typing import Any
 
 from cli.errors import UsageError
 from cli.load.driver import KINDS, Client, Mix, OpenLoopState, Workload, closed_loop, open_loop
-from cli.load.freshness import GOAL_P95_S, FreshnessProbe, stack_pseudonymizer
+from cli.load.freshness import GOAL_P95_S, FreshnessProbe
 from cli.load.report import (
     MAX_GROWTH_PCT,
     MAX_SLOPE_MIB_PER_MIN,
@@ -50,7 +50,6 @@ from cli.load.report import (
     plot_rss,
 )
 from cli.load.state import (
-    APPLIED,
     MIB,
     PipelineWatch,
     adjusted_series,
@@ -222,7 +221,7 @@ class RssSampler:
         self.scoring_metrics = stack.metrics_addr_of("scoring")
         self.gauges: list[tuple[float, dict[str, float]]] = []  # scoring's state-size gauges and applied count
         self.accepted: Callable[[], int] = lambda: 0  # the load client's accepted-event count, once it exists
-        self.applied: Callable[[], float] | None = None  # the pipeline's applied count, when it differs from APPLIED
+        self.applied: Callable[[], float] = lambda: 0.0  # scoring's applied count as PipelineWatch reads it
 
     def sample_once(self, t: float) -> None:
         snap = snapshot()
@@ -235,8 +234,8 @@ class RssSampler:
             # Restarting or busy: the adjusted series pairs each RSS sample with the nearest gauge sample.
             with contextlib.suppress(OSError):
                 accepted = self.accepted()
+                applied = self.applied()
                 gauges = scrape_scoring(self.scoring_metrics)
-                applied = self.applied() if self.applied is not None else gauges[APPLIED]
                 self.gauges.append((t, {**gauges, "accepted": accepted, "pipeline_applied": applied}))
 
     async def run(self, clock: Any) -> None:
@@ -380,9 +379,7 @@ async def drive(
     replicas = scoring_metrics_addrs(stack)
     if replicas:
         watch = PipelineWatch(replicas, lambda: client.events_accepted)
-        sampler.accepted = watch.accepted
-        if len(replicas) > 1:
-            sampler.applied = watch.applied
+        sampler.accepted, sampler.applied = watch.accepted, watch.applied
     pipeline: dict[str, Any] = {"keep_up_s": KEEP_UP_S, "max_backlog_s": MAX_BACKLOG_S, "drain_timeout_s": DRAIN_S}
     try:
         if watch is not None:
@@ -411,7 +408,7 @@ async def drive(
         probe = FreshnessProbe(
             client,
             stack.redis_url,
-            stack_pseudonymizer(stack.env_overrides),
+            stack.pseudonymizer(),
             workload.users,
             workload.items,
             workload.run_id,

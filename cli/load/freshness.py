@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 import random
 import time
 from collections.abc import Sequence
@@ -32,18 +31,12 @@ import grpc
 import redis.asyncio as aioredis
 from stylerec.v1 import common_pb2, ingestion_pb2
 
+from cli.load.driver import Client
 from libs.common import keys
 from libs.common.pseudonym import Pseudonymizer
-from libs.common.settings import DEV_PSEUDONYM_SECRET
 
 POLL_S = 0.01  # resolution of the measurement; far below the 1 s goal
 GOAL_P95_S = 1.0  # the product's promise: event -> new recommendations within a second
-
-
-def stack_pseudonymizer(env_overrides: dict[str, str]) -> Pseudonymizer:
-    """The key the stack's services pseudonymize with (their env wins over ours; dev default last)."""
-    secret = env_overrides.get("STYLEREC_PSEUDONYM_SECRET") or os.environ.get("STYLEREC_PSEUDONYM_SECRET")
-    return Pseudonymizer(secret or DEV_PSEUDONYM_SECRET)
 
 
 @dataclass
@@ -97,7 +90,7 @@ class FreshnessProbe:
 
     def __init__(
         self,
-        client: Any,  # cli.load.driver.Client: its ingestion stub, metadata and accepted-event counter
+        client: Client,  # its ingestion stub and metadata; probes count in its accepted events
         redis_url: str,
         pseudonymize: Pseudonymizer,
         users: Sequence[str],

@@ -28,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from libs.common.channels import ChannelOption, ClientSecurity, make_channel, settings_from_env
 from libs.common.kafka import ensure_topics
+from libs.common.pseudonym import Pseudonymizer
 from libs.common.settings import ServiceSettings
 
 REPO = Path(__file__).resolve().parents[2]  # cli/<package>/<module>.py -> the repository
@@ -200,10 +201,20 @@ class Stack:
         A stack loaded from state.json (another process) knows only env_overrides, which is where
         `stylerec up` callers put TLS settings.
         """
-        launched = self._launch.get(name)
-        env = launched[1] if launched else {**os.environ, **self.env_overrides}
-        wanted = {k: v for k, v in env.items() if k.startswith(("STYLEREC_TLS_", "STYLEREC_AUTH_TOKEN"))}
+        wanted = {k: v for k, v in self._env_of(name).items() if k.startswith(("STYLEREC_TLS_", "STYLEREC_AUTH_TOKEN"))}
         return ClientSecurity.for_own_server(settings_from_env(ServiceSettings, wanted))
+
+    def pseudonymizer(self, name: str = "ingestion") -> Pseudonymizer:
+        """The user pseudonyms service ``name`` writes under, resolved from its env as the service
+        itself resolves them (so a client can find a user's keys in Redis)."""
+        wanted = {k: v for k, v in self._env_of(name).items() if k in ("STYLEREC_PSEUDONYM_SECRET", "STYLEREC_MODE")}
+        return Pseudonymizer(settings_from_env(ServiceSettings, wanted).effective_pseudonym_secret())
+
+    def _env_of(self, name: str) -> dict[str, str]:
+        """The env service ``name`` was started with; for a stack loaded from state.json (another
+        process), this process's env with the stack's env_overrides on top."""
+        launched = self._launch.get(name)
+        return dict(launched[1]) if launched else {**os.environ, **self.env_overrides}
 
     def channel(self, name: str, options: list[ChannelOption] | None = None) -> grpc.Channel:
         """A channel to service ``name`` with the transport security and token it was started with."""

@@ -77,3 +77,21 @@ def test_event_file_errors_name_the_line(tmp_path: Path, content: str, message: 
     f.write_text(content)
     with pytest.raises(EventFileError, match=message.replace("(", r"\(")):
         list(read_events(f))
+
+
+def test_stack_pseudonymizer_resolves_the_secret_as_the_services_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("STYLEREC_PSEUDONYM_SECRET", raising=False)
+    monkeypatch.delenv("STYLEREC_MODE", raising=False)
+    from cli.localstack.stack import Stack
+    from libs.common.pseudonym import Pseudonymizer
+    from libs.common.settings import DEV_PSEUDONYM_SECRET
+
+    stack = Stack(dir=tmp_path)
+    assert stack.pseudonymizer()("u1") == Pseudonymizer(DEV_PSEUDONYM_SECRET)("u1")  # dev fallback
+    stack.env_overrides = {"STYLEREC_PSEUDONYM_SECRET": "k" * 32}
+    assert stack.pseudonymizer()("u1") == Pseudonymizer("k" * 32)("u1")
+    stack.env_overrides = {"STYLEREC_MODE": "prod"}  # prod without a secret: refused, as the service refuses
+    with pytest.raises(ValueError, match="STYLEREC_PSEUDONYM_SECRET must be set"):
+        stack.pseudonymizer()

@@ -8,9 +8,9 @@ import time
 
 import numpy as np
 import redis
+from prometheus_client import REGISTRY
 
 from libs.common import keys
-from services.scoring import metrics
 from services.scoring.style_profile import EmbeddingSource
 
 DIM = 8
@@ -21,7 +21,7 @@ def put(r: redis.Redis, item: str, value: float) -> None:
 
 
 def counted(result: str) -> float:
-    return metrics.EMBEDDING_CACHE.labels(result)._value.get()
+    return REGISTRY.get_sample_value("stylerec_scoring_embedding_cache_total", {"result": result}) or 0.0
 
 
 def test_cache_answers_repeats_and_expires(session_redis: redis.Redis, unique: str) -> None:

@@ -4,9 +4,9 @@ equal to the user's history whatever Redis held before (expired, drifted, fresh)
 from __future__ import annotations
 
 import redis
+from prometheus_client import REGISTRY
 
 from libs.common import keys
-from services.scoring import metrics
 from services.scoring.foldin import SEEN_ADD_MAX, ModelHolder, Recommender, RecsWriter
 from services.scoring.interactions import EventRecord, InteractionState
 
@@ -18,7 +18,7 @@ def seen_in_redis(r: redis.Redis, user: str) -> set[str]:
 
 
 def writes(how: str) -> float:
-    return metrics.SEEN_WRITES.labels(how)._value.get()
+    return REGISTRY.get_sample_value("stylerec_scoring_seen_writes_total", {"how": how}) or 0.0
 
 
 def test_batch_adds_only_new_items_and_the_set_always_equals_the_history(
