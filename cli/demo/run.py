@@ -38,8 +38,6 @@ from cli.demo.shoppers import gallery_visitors, scripted_shoppers, shopper_event
 from cli.localstack.seeding import ingest, train_model, upsert, wait_for
 from cli.localstack.stack import Stack
 from libs.common import keys
-from libs.common.pseudonym import Pseudonymizer
-from libs.common.settings import DEV_PSEUDONYM_SECRET
 
 DEFAULT_LIMIT = 60_000
 STATUS = {v: k for k, v in gateway_pb2.StylizedStatus.items()}
@@ -47,19 +45,6 @@ STATUS = {v: k for k, v in gateway_pb2.StylizedStatus.items()}
 
 def text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value or "")
-
-
-def wait_applied(stack: Stack, users: list[str], timeout_s: float = 120) -> float:
-    """Wait until scoring has written recommendations for these users."""
-    r = redis.Redis.from_url(stack.redis_url)
-    pseudo = Pseudonymizer(DEV_PSEUDONYM_SECRET)
-    pending = {pseudo(u) for u in users}
-
-    def done() -> bool:
-        pending.difference_update({u for u in pending if r.exists(keys.recs_meta(u))})
-        return not pending
-
-    return wait_for("scoring to write recommendations", done, timeout_s)
 
 
 def print_recs(resp: gateway_pb2.GetRecommendationsResponse, user: str, titles: dict[str, str]) -> None:
@@ -246,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # The scripted shoppers act after the model exists: scoring folds their events in with it.
         t = time.monotonic()
-        pseudo = Pseudonymizer(DEV_PSEUDONYM_SECRET)
+        pseudo = stack.pseudonymizer()
         scripted = [s for s in shoppers if s.synthetic and s.events]
         ingest(stack, shopper_events(scripted, last_ts + 7200), "scripted shoppers")
         wait_for(
