@@ -177,12 +177,12 @@ def read_event_rows(path: Path) -> Iterator[Row[common_pb2.Event]]:
     """
     fmt = sniff(path)
     if fmt == "jsonl":
-        yield from _jsonl_rows(path, to_event)
+        yield from jsonl_rows(path, to_event)
     else:
         yield from _csv_event_rows(path)
 
 
-def _jsonl_rows(path: Path, convert: Callable[[dict[str, Any]], T]) -> Iterator[Row[T]]:
+def jsonl_rows(path: Path, convert: Callable[[dict[str, Any]], T]) -> Iterator[Row[T]]:
     with open(path, "rb") as f:
         lines = _Lines(f)
         index = -1

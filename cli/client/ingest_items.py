@@ -39,9 +39,9 @@ from cli.client.eventfile import (
     Outcome,
     RejectsWriter,
     Row,
-    _jsonl_rows,
     check_all,
     count_lines,
+    jsonl_rows,
     require_readable,
     run_bulk,
     sniff,
@@ -141,7 +141,7 @@ def item_rows(path: Path, images_dir: Path | None) -> Iterator[Row[common_pb2.It
     if sniff(path) != "jsonl":
         raise EventFileError(f"{path}: items must be JSONL (one JSON object per line)")
     images = images_dir if images_dir is not None else path.parent
-    return _jsonl_rows(path, lambda row: to_item(row, images))
+    return jsonl_rows(path, lambda row: to_item(row, images))
 
 
 def read_items(path: Path, images_dir: Path | None) -> Iterator[common_pb2.Item]:
