@@ -40,7 +40,7 @@ from typing import Any
 
 from cli.errors import UsageError
 from cli.load.driver import KINDS, Client, Mix, OpenLoopState, Workload, closed_loop, open_loop
-from cli.load.freshness import GOAL_P95_S, FreshnessProbe
+from cli.load.freshness import GOAL_P95_S, FreshnessProbe, histogram_quantile
 from cli.load.report import (
     MAX_GROWTH_PCT,
     MAX_SLOPE_MIB_PER_MIN,
@@ -53,6 +53,7 @@ from cli.load.state import (
     MIB,
     PipelineWatch,
     adjusted_series,
+    event_to_redis_buckets,
     measure_entry_costs,
     pipeline_applied,
     scrape_scoring,
@@ -415,7 +416,9 @@ async def drive(
             interval_s=args.probe_interval,
         )
         soak_start = loop.time() - origin["t"]
+        buckets_before = await asyncio.to_thread(event_to_redis_buckets, replicas) if replicas else {}
         state = await soak(client, rate, soak_s, args, sampler, watch, probe)
+        buckets_after = await asyncio.to_thread(event_to_redis_buckets, replicas) if replicas else {}
         await asyncio.to_thread(sampler.sample_once, loop.time() - origin["t"])
         if watch is not None:
             pipeline.update(await asyncio.to_thread(soak_pipeline, watch, soak_s, sampler))
@@ -439,11 +442,34 @@ async def drive(
             "timeline_window_s": window,
             "timeline": state.rec.timeline(soak_s, window),
             "pipeline": pipeline if watch is not None else {"note": "scoring's metrics were not reachable"},
-            "freshness": probe.results.summary(probe.timeout_s, args.freshness_p95_ms / 1000),
+            "freshness": {
+                **probe.results.summary(probe.timeout_s, args.freshness_p95_ms / 1000),
+                "scoring_event_to_redis": scoring_side(buckets_before, buckets_after),
+            },
         },
         "rss": series,
         "scoring_gauges": gauges,
         "sampler": sampler,
+    }
+
+
+def scoring_side(before: dict[float, float], after: dict[float, float]) -> dict[str, Any]:
+    """Every event of the soak as scoring saw it (its histogram's increase over the soak), beside
+    the probes: if these are low while the probes are high, the time went before scoring."""
+    delta = [(le, after[le] - before.get(le, 0.0)) for le in after]
+    count = max((c for _le, c in delta), default=0.0)
+
+    def q(p: float) -> float | None:
+        v = histogram_quantile(p, delta)
+        return None if v is None else round(v * 1000, 1)
+
+    return {
+        "definition": "scoring's stylerec_scoring_event_to_redis_seconds over the soak (Kafka record timestamp -> "
+        "the user's top-N rewritten), every event, quantiles interpolated in the histogram's buckets",
+        "events": int(count),
+        "p50_ms": q(0.50),
+        "p95_ms": q(0.95),
+        "p99_ms": q(0.99),
     }
 
 
@@ -693,6 +719,12 @@ def human(report: dict[str, Any], out: Path) -> str:
                 f"freshness under load (event -> recs in Redis, {fr['probes_measured']} probes, "
                 f"{fr['timeouts']} timeouts): p50 {fr['p50_ms']} ms  p95 {fr['p95_ms']} ms  p99 {fr['p99_ms']} ms  "
                 f"max {fr['max_ms']} ms  ({'met' if fr['met'] else 'NOT met'}: p95 <= {fr['goal_p95_ms']:g} ms)"
+            )
+            acc, sc = fr.get("accept") or {}, fr.get("scoring_event_to_redis") or {}
+            lines.append(
+                f"  of which send -> ingestion's ack p50 {acc.get('p50_ms')} / p95 {acc.get('p95_ms')} ms; "
+                f"scoring's own record -> Redis over all {sc.get('events')} events p50 {sc.get('p50_ms')} / "
+                f"p95 {sc.get('p95_ms')} ms"
             )
     mem = report["memory"]
     lines.append(f"memory: {mem['verdict']} ({mem['reason']})")

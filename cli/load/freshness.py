@@ -44,6 +44,9 @@ class ProbeResults:
     sent: int = 0
     latencies_s: list[float] = field(default_factory=list)  # (seconds from the soak start, latency)
     at_s: list[float] = field(default_factory=list)
+    # Send -> ingestion's answer (the event is in the broker): the part of each latency that is not
+    # scoring's, to tell a slow scorer from a slow front door or a busy load generator.
+    accept_s: list[float] = field(default_factory=list)
     timeouts: int = 0
     not_accepted: int = 0  # ingestion refused or failed the probe: nothing to wait for (an error of the run)
     skipped_seen: int = 0  # every candidate item was already in the user's seen set
@@ -81,8 +84,40 @@ class ProbeResults:
             "mean_ms": round(1000 * sum(self.latencies_s) / len(self.latencies_s), 1) if self.latencies_s else None,
             "goal_p95_ms": goal_p95_s * 1000,
             "met": met,
+            "accept": nearest_rank_ms(self.accept_s),
+            "after_accept": nearest_rank_ms([v - a for v, a in zip(self.latencies_s, self.accept_s, strict=True)]),
             "series": [[round(t, 2), round(v * 1000, 1)] for t, v in zip(self.at_s, self.latencies_s, strict=True)],
         }
+
+
+def nearest_rank_ms(values: Sequence[float]) -> dict[str, float | None]:
+    """p50/p95/p99 in ms of measured probes only (for the breakdown; timeouts have no parts)."""
+    ranked = sorted(values)
+
+    def q(p: float) -> float | None:
+        if not ranked:
+            return None
+        return round(ranked[min(len(ranked) - 1, max(0, math.ceil(p * len(ranked)) - 1))] * 1000, 1)
+
+    return {"p50_ms": q(0.50), "p95_ms": q(0.95), "p99_ms": q(0.99)}
+
+
+def histogram_quantile(q: float, buckets: Sequence[tuple[float, float]]) -> float | None:
+    """Prometheus's ``histogram_quantile``: cumulative ``(upper bound, count)`` buckets, linear
+    inside the bucket that holds the rank; None without observations, the last finite bound when the
+    rank falls in +Inf."""
+    ordered = sorted(buckets)
+    if not ordered or ordered[-1][1] <= 0:
+        return None
+    rank = q * ordered[-1][1]
+    lower, below = 0.0, 0.0
+    for upper, count in ordered:
+        if count >= rank:
+            if math.isinf(upper):
+                return lower
+            return lower + (upper - lower) * ((rank - below) / (count - below) if count > below else 1.0)
+        lower, below = upper, count
+    return lower
 
 
 class FreshnessProbe:
@@ -136,9 +171,11 @@ class FreshnessProbe:
             self.results.not_accepted += 1
             return
         self.client.events_accepted += 1
+        accepted = time.monotonic() - start
         while time.monotonic() - start < self.timeout_s:
             if await self.redis.sismember(seen_key, item):
                 self.results.latencies_s.append(time.monotonic() - start)
+                self.results.accept_s.append(accepted)
                 self.results.at_s.append(start - t0)
                 return
             await asyncio.sleep(POLL_S)

@@ -53,6 +53,21 @@ def pipeline_applied(metrics_addrs: Sequence[str]) -> float:
     return sum(metric_sum(scrape_metrics(a, 2.0), APPLIED, source="kafka") for a in metrics_addrs)
 
 
+EVENT_TO_REDIS = "stylerec_scoring_event_to_redis_seconds"
+
+
+def event_to_redis_buckets(metrics_addrs: Sequence[str]) -> dict[float, float]:
+    """Scoring's own view of freshness: cumulative ``le`` -> count of its event-to-Redis histogram
+    (Kafka record timestamp -> the user's top-N rewritten), summed over the replicas."""
+    out: dict[float, float] = {}
+    for addr in metrics_addrs:
+        for (name, labels), v in scrape_metrics(addr, 2.0).items():
+            if name == f"{EVENT_TO_REDIS}_bucket":
+                le = float(dict(labels)["le"])
+                out[le] = out.get(le, 0.0) + v
+    return out
+
+
 def measure_entry_costs(workload: Workload, events: int = 200_000, checkpoints: int = 20) -> dict[str, Any]:
     """Bytes per pair and per applied id of a fresh ``InteractionState``, by least squares over
     checkpoints of two phases: the workload's own events (pairs and ids grow together), then the

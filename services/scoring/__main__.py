@@ -130,15 +130,11 @@ def run_serving(settings: ScoringSettings) -> None:
     holder = ModelHolder()
     categories = CategoryCache(db, settings.items_collection)
     engine = Recommender(state, holder, settings.new_item_slots, categories, categories.newest)
-    profiles = ProfileWriter(
-        r,
-        EmbeddingSource(
-            r, db, settings.items_collection, settings.embedding_dim, cache_ttl_s=settings.embedding_cache_s
-        ),
-        settings.profile_half_confidence_weight,
-        settings.recs_ttl_s,
-        CatalogCentroid(r, settings.embedding_dim, settings.style_centroid_refresh_s),
+    embeddings = EmbeddingSource(
+        r, db, settings.items_collection, settings.embedding_dim, cache_ttl_s=settings.embedding_cache_s
     )
+    centroid = CatalogCentroid(r, settings.embedding_dim, settings.style_centroid_refresh_s)
+    profiles = ProfileWriter(r, embeddings, settings.profile_half_confidence_weight, settings.recs_ttl_s, centroid)
     publisher = Publisher(settings, r, state, engine, profiles, categories)
     applier = EventApplier(state, publisher)
     consumer = ProtoConsumerLoop(
@@ -197,6 +193,9 @@ def run_serving(settings: ScoringSettings) -> None:
         except Exception:
             archive_sync.full_needed = True
             log.exception("bootstrap from the archive failed; the archive sync will retry a full read")
+        # Neither the centroid's SCAN nor the embeddings' MongoDB fallback may stall the consumer.
+        centroid.start()
+        embeddings.start_backfill()
         publisher.start()
         forget_listener.start()
         consumer.start()
@@ -215,6 +214,8 @@ def run_serving(settings: ScoringSettings) -> None:
     runtime.on_shutdown(ownership.stop)
     runtime.on_shutdown(scheduler.stop)
     runtime.on_shutdown(publisher.stop)
+    runtime.on_shutdown(centroid.stop)
+    runtime.on_shutdown(embeddings.stop)
     runtime.start()
     threading.Thread(target=bootstrap, name="bootstrap", daemon=True).start()
     runtime.serve_forever()

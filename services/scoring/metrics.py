@@ -61,6 +61,12 @@ EMBEDDING_CACHE = Counter(
     "Item embeddings a style profile needed, by result: hit (in-process cache) or miss (asked Redis).",
     ["result"],
 )
+EMBEDDING_BACKFILL = Counter(
+    "stylerec_scoring_embedding_backfill_total",
+    "Items Redis had no embedding for, as the background MongoDB fallback answered: found (kept in process) "
+    "or absent (asked again after the negative-answer TTL).",
+    ["result"],
+)
 PROFILES_WRITTEN = Counter(
     "stylerec_scoring_style_profiles_written_total", "Style profiles written, by outcome (written, none).", ["outcome"]
 )

@@ -20,6 +20,7 @@ anchor     = the highest-weighted item that has a photo (= has an embedding): th
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -91,6 +92,9 @@ class EmbeddingSource:
     embedding reaches profiles within ``cache_ttl_s``; 0 turns the cache off. An absent one is
     not cached: a new photo's embedding must count at the user's very next event, and nothing
     tells this process when the style worker writes one.
+
+    With :meth:`start_backfill` (the service does it) the MongoDB fallback runs on its own thread
+    and never delays the caller; without it (tools, tests) it is asked inline.
     """
 
     def __init__(
@@ -112,6 +116,11 @@ class EmbeddingSource:
         self.cache_max = cache_max
         self._missing_until: dict[str, float] = {}
         self._cache: dict[str, tuple[float, np.ndarray]] = {}  # item -> (expires, the embedding Redis had)
+        self._lock = threading.Lock()  # the caller's thread and the backfill thread share the two dicts
+        self._pending: set[str] = set()  # misses waiting for the backfill thread
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._backfill: threading.Thread | None = None
 
     def _decode(self, raw: bytes | str | None) -> np.ndarray | None:
         if not isinstance(raw, bytes) or len(raw) != 4 * self.dim:
@@ -125,47 +134,98 @@ class EmbeddingSource:
             return {}
         out: dict[str, np.ndarray] = {}
         now = time.monotonic()
-        ask = wanted
-        if self.cache_ttl_s > 0:
-            ask = []
+        ask = []
+        with self._lock:
             for item in wanted:
                 hit = self._cache.get(item)
                 if hit is None or hit[0] <= now:
                     ask.append(item)
                 else:
                     out[item] = hit[1]
+        if self.cache_ttl_s > 0 or self._backfill is not None:
             metrics.EMBEDDING_CACHE.labels("hit").inc(len(wanted) - len(ask))
             metrics.EMBEDDING_CACHE.labels("miss").inc(len(ask))
         if ask:
             raws = self.redis.mget([keys.item_embedding(i) for i in ask])
-            if self.cache_ttl_s > 0 and len(self._cache) + len(ask) > self.cache_max:
-                self._cache.clear()
-            for item, raw in zip(ask, raws, strict=True):
-                v = self._decode(raw)
-                if v is not None:
-                    out[item] = v
-                    if self.cache_ttl_s > 0:
-                        self._cache[item] = (now + self.cache_ttl_s, v)
-        missing = [i for i in wanted if i not in out and self._missing_until.get(i, 0.0) < now]
-        if missing and self.db is not None:
-            try:
-                cur = self.db[self.items_collection].find({"_id": {"$in": missing}}, {"style_embedding": 1})
-                for doc in cur:
-                    emb = doc.get("style_embedding")
-                    if isinstance(emb, list) and len(emb) == self.dim:
-                        v = np.asarray(emb, dtype=np.float32)
-                        if np.all(np.isfinite(v)):
-                            out[str(doc["_id"])] = v
-            except Exception:
-                STORE_ERRORS.labels("mongo", "embedding_fallback").inc()
-                log.warning("embedding fallback failed", exc_info=True)
-                return out
+            with self._lock:
+                if self.cache_ttl_s > 0 and len(self._cache) + len(ask) > self.cache_max:
+                    self._cache.clear()
+                for item, raw in zip(ask, raws, strict=True):
+                    v = self._decode(raw)
+                    if v is not None:
+                        out[item] = v
+                        if self.cache_ttl_s > 0:
+                            self._cache[item] = (now + self.cache_ttl_s, v)
+                missing = [i for i in wanted if i not in out and self._missing_until.get(i, 0.0) < now]
+                if missing and self._backfill is not None:
+                    # Asked once per miss_ttl_s, by the backfill thread: until it answers, the
+                    # profile is computed without these items (they had no embedding in Redis).
+                    for item in missing:
+                        self._missing_until[item] = now + self.miss_ttl_s
+                    self._pending.update(missing)
+                    self._wake.set()
+                    missing = []
+            if missing and self.db is not None:
+                out.update(self._from_mongo(missing, now))
+        return out
+
+    def _from_mongo(self, missing: list[str], now: float) -> dict[str, np.ndarray]:
+        found: dict[str, np.ndarray] = {}
+        if self.db is None:
+            return found
+        try:
+            cur = self.db[self.items_collection].find({"_id": {"$in": missing}}, {"style_embedding": 1})
+            for doc in cur:
+                emb = doc.get("style_embedding")
+                if isinstance(emb, list) and len(emb) == self.dim:
+                    v = np.asarray(emb, dtype=np.float32)
+                    if np.all(np.isfinite(v)):
+                        found[str(doc["_id"])] = v
+        except Exception:
+            STORE_ERRORS.labels("mongo", "embedding_fallback").inc()
+            log.warning("embedding fallback failed", exc_info=True)
+            return found
+        with self._lock:
             if len(self._missing_until) > 1_000_000:
                 self._missing_until.clear()
             for item in missing:
-                if item not in out:
+                if item not in found:
                     self._missing_until[item] = now + self.miss_ttl_s
-        return out
+            if self._backfill is not None:
+                # Kept as long as a negative answer would be: Redis lacked them, MongoDB had them.
+                for item, v in found.items():
+                    self._cache[item] = (now + self.miss_ttl_s, v)
+        return found
+
+    def start_backfill(self) -> EmbeddingSource:
+        """Move the MongoDB fallback off the caller's thread (the scoring consumer): a miss is
+        queued and answered by one background query per wake-up, however many batches asked.
+
+        Under load the fallback had been ~16% of the consumer's wall time (one ``$in`` query per
+        batch that held an item whose negative answer had expired), time in which no event was
+        applied (docs/scoring.md, "Under load"). What it finds is kept in process (as long as a
+        negative answer) and counts from the user's next fold-in on."""
+        if self.db is not None and self._backfill is None:
+            self._backfill = threading.Thread(target=self._backfill_loop, name="embedding-backfill", daemon=True)
+            self._backfill.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def _backfill_loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait()
+            self._wake.clear()
+            with self._lock:
+                todo, self._pending = list(self._pending), set()
+            for start in range(0, len(todo), 1000):
+                if self._stop.is_set():
+                    return
+                found = self._from_mongo(todo[start : start + 1000], time.monotonic())
+                metrics.EMBEDDING_BACKFILL.labels("found").inc(len(found))
+                metrics.EMBEDDING_BACKFILL.labels("absent").inc(min(1000, len(todo) - start) - len(found))
 
 
 class CatalogCentroid:
@@ -173,10 +233,16 @@ class CatalogCentroid:
 
     Mean of the unit embeddings of every embedded item (SCAN + MGET of the style worker's
     ``item_embedding`` keys, which carry no TTL, so Redis holds the whole embedded catalog).
-    Recomputed lazily when older than ``refresh_s``: it moves only as the catalog grows,
+    Recomputed when older than ``refresh_s``: it moves only as the catalog grows,
     and a slightly old centroid centres just as well. While none can be computed (fewer
     than MIN_CENTROID_ITEMS embedded items, Redis down) it retries every ``retry_s`` and
     profiles stay uncentred; the published key is then deleted so the gateway agrees.
+
+    With :meth:`start` (the service does it) the recomputation runs on its own thread and
+    :meth:`get` only reads the last value. It used to run inside ``get``, i.e. in the consumer's
+    profile write: the SCAN walks Redis's whole keyspace (every user's keys too), and under load
+    each retry stalled the consumer for seconds while its backlog piled up (docs/scoring.md,
+    "Under load"). Without :meth:`start` (tools, tests) ``get`` refreshes when due, as before.
     """
 
     def __init__(self, r: redis.Redis, dim: int, refresh_s: float, retry_s: float = 10.0) -> None:
@@ -187,16 +253,37 @@ class CatalogCentroid:
         self.value: np.ndarray | None = None
         self.items = 0
         self._next_at = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def get(self) -> np.ndarray | None:
-        if time.monotonic() >= self._next_at:
-            try:
-                self.refresh()
-            except redis.RedisError:
-                STORE_ERRORS.labels("redis", "style_centroid").inc()
-                log.warning("style centroid refresh failed; keeping the last one", exc_info=True)
-                self._next_at = time.monotonic() + self.retry_s
+        if self._thread is None and time.monotonic() >= self._next_at:
+            self._refresh_logged()
         return self.value
+
+    def _refresh_logged(self) -> None:
+        try:
+            self.refresh()
+        except redis.RedisError:
+            STORE_ERRORS.labels("redis", "style_centroid").inc()
+            log.warning("style centroid refresh failed; keeping the last one", exc_info=True)
+            self._next_at = time.monotonic() + self.retry_s
+
+    def start(self) -> CatalogCentroid:
+        """One refresh now (profiles written from the first batch on are centred when they can
+        be), then the refreshes on the ``style-centroid`` thread."""
+        if self._thread is None:
+            self._refresh_logged()
+            self._thread = threading.Thread(target=self._run, name="style-centroid", daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(max(0.05, self._next_at - time.monotonic())):
+            self._refresh_logged()
+
+    def stop(self) -> None:
+        self._stop.set()
 
     def refresh(self) -> np.ndarray | None:
         prefix = keys.item_embedding("")

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from cli.load.commands import keeps_up
+from cli.load.commands import keeps_up, scoring_side
 from cli.load.driver import KINDS, Mix, Workload
-from cli.load.freshness import ProbeResults
+from cli.load.freshness import ProbeResults, histogram_quantile
 from cli.load.report import memory_verdict
 from cli.load.state import IDS, MIB, PAIRS, adjusted_series, measure_entry_costs, state_growth
 from cli.localstack.stack import REPO, SERVICES
@@ -75,7 +75,12 @@ def test_scoring_keeps_up_when_its_backlog_drains_within_thirty_seconds() -> Non
 
 
 def test_freshness_timeouts_rank_above_every_measured_probe() -> None:
-    r = ProbeResults(sent=20, latencies_s=[0.01 * n for n in range(1, 20)], at_s=[float(n) for n in range(19)])
+    r = ProbeResults(
+        sent=20,
+        latencies_s=[0.01 * n for n in range(1, 20)],
+        at_s=[float(n) for n in range(19)],
+        accept_s=[0.002] * 19,
+    )
     r.timeouts = 1
     fresh = r.summary(timeout_s=30.0, goal_p95_s=1.0)
     assert (fresh["probes_measured"], fresh["timeouts"]) == (19, 1)
@@ -85,9 +90,22 @@ def test_freshness_timeouts_rank_above_every_measured_probe() -> None:
     r.timeouts = 2  # now the p95 rank is a timeout: not met, whatever the measured ones say
     fresh = r.summary(timeout_s=30.0, goal_p95_s=1.0)
     assert fresh["p95_ms"] is None and fresh["met"] is False
-    slow = ProbeResults(sent=2, latencies_s=[0.5, 1.5], at_s=[0.0, 1.0]).summary(30.0, 1.0)
+    assert fresh["accept"]["p50_ms"] == 2.0 and fresh["after_accept"]["p95_ms"] == 188.0
+    slow = ProbeResults(sent=2, latencies_s=[0.5, 1.5], at_s=[0.0, 1.0], accept_s=[0.4, 0.1]).summary(30.0, 1.0)
     assert slow["p95_ms"] == 1500.0 and slow["met"] is False
+    assert slow["after_accept"] == {"p50_ms": 100.0, "p95_ms": 1400.0, "p99_ms": 1400.0}
     assert ProbeResults().summary(30.0, 1.0)["met"] is False  # no probe measured proves nothing
+
+
+def test_histogram_quantile_interpolates_like_prometheus() -> None:
+    # 100 observations: 50 in (0, 0.1], 40 in (0.1, 0.5], 10 above 1 (+Inf).
+    buckets = [(0.1, 50.0), (0.5, 90.0), (1.0, 90.0), (float("inf"), 100.0)]
+    assert histogram_quantile(0.5, buckets) == pytest.approx(0.1)
+    assert histogram_quantile(0.7, buckets) == pytest.approx(0.3)  # half-way through (0.1, 0.5]
+    assert histogram_quantile(0.95, buckets) == 1.0  # in +Inf: the last finite bound, as Prometheus
+    assert histogram_quantile(0.5, [(0.1, 0.0), (float("inf"), 0.0)]) is None
+    side = scoring_side({0.1: 10.0, 0.5: 10.0, float("inf"): 10.0}, {0.1: 60.0, 0.5: 110.0, float("inf"): 110.0})
+    assert side["events"] == 100 and side["p50_ms"] == 100.0 and side["p95_ms"] == pytest.approx(460.0)  # 0.1 + 0.4 * 45/50
 
 
 def test_entry_costs_are_measured_on_the_real_state() -> None:
@@ -148,6 +166,8 @@ def test_bench_load_end_to_end(tmp_path: Path) -> None:
     assert fresh["timeouts"] == 0 and fresh["not_accepted"] == 0, fresh
     assert 0 < fresh["p50_ms"] <= fresh["p95_ms"] <= fresh["max_ms"], fresh
     assert len(fresh["series"]) == fresh["probes_measured"]
+    assert 0 < fresh["accept"]["p50_ms"] <= fresh["p50_ms"], fresh  # ingestion's ack is part of each probe
+    assert fresh["scoring_event_to_redis"]["events"] >= fresh["probes_sent"], fresh
     assert pipe["events_accepted"] >= fresh["probes_sent"]  # probes count as accepted writes: keep-up balances
 
     for name in SERVICES:

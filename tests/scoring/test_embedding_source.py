@@ -1,15 +1,19 @@
 """Item embeddings for style profiles on a real Redis: the in-process cache answers repeated
 lookups of embeddings it found, picks up a replaced one after its TTL, and never caches an
-absent one (a new photo's embedding counts at once)."""
+absent one (a new photo's embedding counts at once); the MongoDB fallback runs off the caller's
+thread once the backfill is started."""
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 import redis
 from prometheus_client import REGISTRY
+from pymongo import MongoClient
 
+from cli.localstack.stack import Stack
 from libs.common import keys
 from services.scoring.style_profile import EmbeddingSource
 
@@ -65,3 +69,45 @@ def test_cache_is_bounded(session_redis: redis.Redis, unique: str) -> None:
     source.get(items[:15])
     source.get(items[15:])  # 15 + 15 > 20: cleared first, then holds only the newest lookups
     assert len(source._cache) == 15
+
+
+def test_mongo_fallback_runs_off_the_callers_thread(session_redis: redis.Redis, infra: Stack, unique: str) -> None:
+    """With the backfill started, an item Redis lacks is not fetched from MongoDB inside ``get``
+    (the scoring consumer's thread): the first lookup answers without it, the backfill thread
+    finds it, and later lookups include it; an item MongoDB lacks too is not asked again until
+    its negative answer expires."""
+    mongo: MongoClient[dict[str, Any]] = MongoClient(infra.mongo_uri)
+    coll = f"items_backfill_{unique}"
+    kept, absent = f"emb-mongo-{unique}", f"emb-none-{unique}"
+    mongo["stylerec"][coll].insert_one({"_id": kept, "style_embedding": [0.25] * DIM})
+    source = EmbeddingSource(session_redis, mongo["stylerec"], coll, DIM, miss_ttl_s=60.0, cache_ttl_s=10.0)
+    found_before = REGISTRY.get_sample_value("stylerec_scoring_embedding_backfill_total", {"result": "found"}) or 0.0
+    try:
+        source.start_backfill()
+        assert source.get([kept, absent]) == {}  # nothing from MongoDB on this thread
+        deadline = time.monotonic() + 10
+        got: dict[str, np.ndarray] = {}
+        while time.monotonic() < deadline and kept not in got:
+            time.sleep(0.05)
+            got = source.get([kept, absent])
+        assert set(got) == {kept} and float(got[kept][0]) == 0.25
+        found = REGISTRY.get_sample_value("stylerec_scoring_embedding_backfill_total", {"result": "found"}) or 0.0
+        assert found - found_before == 1
+        assert not source._pending  # the absent one is not queued again before miss_ttl_s
+    finally:
+        source.stop()
+        mongo["stylerec"].drop_collection(coll)
+        mongo.close()
+
+
+def test_inline_mongo_fallback_without_the_backfill(session_redis: redis.Redis, infra: Stack, unique: str) -> None:
+    mongo: MongoClient[dict[str, Any]] = MongoClient(infra.mongo_uri)
+    coll = f"items_inline_{unique}"
+    item = f"emb-inline-{unique}"
+    mongo["stylerec"][coll].insert_one({"_id": item, "style_embedding": [0.5] * DIM})
+    try:
+        got = EmbeddingSource(session_redis, mongo["stylerec"], coll, DIM).get([item])
+        assert float(got[item][0]) == 0.5
+    finally:
+        mongo["stylerec"].drop_collection(coll)
+        mongo.close()

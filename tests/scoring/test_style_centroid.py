@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import redis
@@ -112,5 +114,28 @@ def test_catalog_centroid_is_published_for_the_gateway_and_withdrawn_for_tiny_ca
         assert int(h[b"items"]) == 20 and np.allclose(np.frombuffer(h[b"vector"], "<f4"), expected, atol=1e-6)
         assert 0 < r.ttl(keys.style_centroid()) <= 3600
     finally:
+        r.flushdb()
+        r.close()
+
+
+def test_started_centroid_refreshes_on_its_own_thread_not_in_get(infra: Stack) -> None:
+    """Once started (as the service does), ``get`` never scans Redis: the consumer's profile write
+    reads the last value while the ``style-centroid`` thread retries and refreshes."""
+    r = redis.Redis(port=infra.components["redis"].port, db=CENTROID_REDIS_DB)
+    r.flushdb()
+    cc = CatalogCentroid(r, 8, refresh_s=300.0, retry_s=0.2)
+    try:
+        cc.start()  # nothing embedded: no centroid, retried every 0.2 s in the background
+        assert cc.get() is None
+        looks = catalog()
+        r.mset({keys.item_embedding(i): unit(v).astype("<f4").tobytes() for i, v in looks.items()})
+        deadline = time.monotonic() + 10
+        while cc.get() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert cc.get() is not None and cc.items == 20
+        r.flushdb()  # a due refresh would now withdraw it; get() must not run one (next in 300 s)
+        assert cc.get() is not None
+    finally:
+        cc.stop()
         r.flushdb()
         r.close()
