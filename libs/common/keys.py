@@ -44,6 +44,12 @@ def item_embedding(item_id: str) -> str:
     return f"{NS}:{SCHEMA}:emb:{item_id}"
 
 
+def item_embeddings_version() -> str:
+    """Counter the style worker increments whenever it writes or deletes an ``item_embedding``:
+    a reader that remembered which items had none knows when to ask again; owner: style worker."""
+    return f"{NS}:{SCHEMA}:emb-version"
+
+
 def style_profile(user: str) -> str:
     """User style profile hash {vector, confidence, anchor}; owner: scoring (TTL)."""
     return f"{NS}:{SCHEMA}:style-profile:{user}"

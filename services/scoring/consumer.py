@@ -35,7 +35,7 @@ from services.scoring.config import ScoringSettings
 from services.scoring.foldin import ModelHolder, Recommender, RecsWriter
 from services.scoring.interactions import EventRecord, InteractionState
 from services.scoring.registry import ModelRegistry, ServingModel
-from services.scoring.style_profile import ProfileWriter
+from services.scoring.style_profile import ProfileWriter, StyleProfile
 from services.scoring.trainer import archive_events, newest_archived_at
 
 log = logging.getLogger(__name__)
@@ -165,18 +165,23 @@ class Publisher:
             except redis.RedisError:
                 STORE_ERRORS.labels("redis", "style_profile").inc()
                 raise
-        with self._write_lock:
-            marks = self.state.write_marks(users, self.engine.holder.version)
-            # Read once under the lock: recs, seen sets and profiles all come from this state.
-            histories = self.state.histories(users)
-            self.recs.write_users(users, histories=histories, added=added)
-            if not profiles:
-                return
+        written: dict[str, StyleProfile | None] = {}
+
+        def queue_profiles(pipe: redis.client.Pipeline, part: dict[str, dict[str, float]]) -> None:
             try:
-                written = self.profiles.update_many(histories, prefetched)
+                written.update(self.profiles.queue_many(pipe, part, prefetched))
             except redis.RedisError:
                 STORE_ERRORS.labels("redis", "style_profile").inc()
                 raise
+
+        with self._write_lock:
+            marks = self.state.write_marks(users, self.engine.holder.version)
+            # Read once under the lock: recs, seen sets and profiles all come from this state,
+            # and go out in the same MULTI/EXEC per chunk of users.
+            histories = self.state.histories(users)
+            self.recs.write_users(users, histories=histories, added=added, also=queue_profiles if profiles else None)
+            if not profiles:
+                return
             self.state.mark_written(marks)
         for p in written.values():
             metrics.PROFILES_WRITTEN.labels("written" if p else "none").inc()

@@ -281,7 +281,6 @@ class RecsWriter:
         self.top_n = top_n
         self.ttl_s = ttl_s
         self.exclude_seen = exclude_seen
-        self._seen_add = r.register_script(SEEN_ADD_LUA)
 
     def write_users(
         self,
@@ -289,6 +288,7 @@ class RecsWriter:
         chunk: int = 500,
         histories: dict[str, dict[str, float]] | None = None,
         added: dict[str, set[str]] | None = None,
+        also: Callable[[redis.client.Pipeline, dict[str, dict[str, float]]], None] | None = None,
     ) -> int:
         """Per ``chunk`` users: one batched fold-in and one MULTI/EXEC (the gateway never reads a
         half-written user, and a batch costs one Redis round trip instead of one per user).
@@ -296,7 +296,13 @@ class RecsWriter:
         ``added``: when the caller knows what each user's history gained since this process last
         wrote it (the consumer's batch), the seen set takes just those items instead of being
         deleted and rewritten whole: a heavy shopper's set holds hundreds of items, and rewriting
-        it on each of their events made a fold-in's cost grow with the history (docs/load.md)."""
+        it on each of their events made a fold-in's cost grow with the history (docs/load.md).
+        ``also``: queues more writes of the same users (their style profiles) into the same
+        MULTI/EXEC, so a consumer batch costs one round trip, not one per kind of key.
+
+        The seen-set script goes as EVAL, not as a registered script: redis-py asks ``SCRIPT
+        EXISTS`` in a round trip of its own before every pipeline that holds a registered script,
+        and Redis caches the compiled script by its hash either way."""
         wanted = list(dict.fromkeys(users))
         for begin in range(0, len(wanted), chunk):
             part = wanted[begin : begin + chunk]
@@ -319,11 +325,11 @@ class RecsWriter:
                 new = added.get(user, set()) if added is not None else None
                 if new is not None and seen[user] and len(new) <= SEEN_ADD_MAX:
                     checks[len(pipe.command_stack)] = user
-                    self._seen_add(
-                        keys=[keys.user_seen(user)], args=[self.ttl_s, len(seen[user]), *sorted(new)], client=pipe
-                    )
+                    pipe.eval(SEEN_ADD_LUA, 1, keys.user_seen(user), self.ttl_s, len(seen[user]), *sorted(new))
                 else:
                     self._write_seen(pipe, user, seen[user])
+            if also is not None:
+                also(pipe, hist)
             results = pipe.execute()
             redo = [u for i, u in checks.items() if results[i] != 1]
             if redo:

@@ -58,7 +58,9 @@ SEEN_WRITES = Counter(
 )
 EMBEDDING_CACHE = Counter(
     "stylerec_scoring_embedding_cache_total",
-    "Item embeddings a style profile needed, by result: hit (in-process cache) or miss (asked Redis).",
+    "Item embeddings a style profile needed, by result: hit (in-process cache), absent (remembered as having "
+    "none while the embeddings version stands), miss (asked Redis), recheck (remembered absent, asked again "
+    "because the version moved).",
     ["result"],
 )
 EMBEDDING_BACKFILL = Counter(

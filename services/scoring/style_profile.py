@@ -90,8 +90,13 @@ class EmbeddingSource:
     embeddings of the user's whole history, and a heavy shopper folded in on every batch had
     their hundreds of items fetched again each time (docs/scoring.md). A replaced or deleted
     embedding reaches profiles within ``cache_ttl_s``; 0 turns the cache off. An absent one is
-    not cached: a new photo's embedding must count at the user's very next event, and nothing
-    tells this process when the style worker writes one.
+    remembered too, but only as long as ``keys.item_embeddings_version()`` stands: the style
+    worker increments it with every embedding it writes, the version is read in the same MGET,
+    and when it moved the remembered absences are asked again, so a new photo's embedding
+    still counts at the user's very next event. Without this, every batch asked Redis for every
+    photo-less item of each user's whole history, a read that grew with the history
+    (docs/scoring.md, "Under load"). A writer that does not increment the version is seen
+    within ``cache_ttl_s``.
 
     With :meth:`start_backfill` (the service does it) the MongoDB fallback runs on its own thread
     and never delays the caller; without it (tools, tests) it is asked inline.
@@ -116,7 +121,10 @@ class EmbeddingSource:
         self.cache_max = cache_max
         self._missing_until: dict[str, float] = {}
         self._cache: dict[str, tuple[float, np.ndarray]] = {}  # item -> (expires, the embedding Redis had)
-        self._lock = threading.Lock()  # the caller's thread and the backfill thread share the two dicts
+        # item -> (expires, the embeddings version it was absent under): valid while the version stands
+        self._absent: dict[str, tuple[float, bytes | str | None]] = {}
+        self._version: bytes | str | None = None
+        self._lock = threading.Lock()  # the caller's thread and the backfill thread share the dicts
         self._pending: set[str] = set()  # misses waiting for the backfill thread
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -134,39 +142,57 @@ class EmbeddingSource:
             return {}
         out: dict[str, np.ndarray] = {}
         now = time.monotonic()
-        ask = []
+        ask: list[str] = []
+        assumed_absent: list[str] = []  # absent when the embeddings version was self._version
         with self._lock:
             for item in wanted:
                 hit = self._cache.get(item)
-                if hit is None or hit[0] <= now:
-                    ask.append(item)
-                else:
+                if hit is not None and hit[0] > now:
                     out[item] = hit[1]
+                    continue
+                gone = self._absent.get(item)
+                if gone is not None and gone[0] > now and gone[1] == self._version:
+                    assumed_absent.append(item)
+                else:
+                    ask.append(item)
+            version_then = self._version
         if self.cache_ttl_s > 0 or self._backfill is not None:
-            metrics.EMBEDDING_CACHE.labels("hit").inc(len(wanted) - len(ask))
+            metrics.EMBEDDING_CACHE.labels("hit").inc(len(wanted) - len(ask) - len(assumed_absent))
+            metrics.EMBEDDING_CACHE.labels("absent").inc(len(assumed_absent))
             metrics.EMBEDDING_CACHE.labels("miss").inc(len(ask))
-        if ask:
-            raws = self.redis.mget([keys.item_embedding(i) for i in ask])
-            with self._lock:
-                if self.cache_ttl_s > 0 and len(self._cache) + len(ask) > self.cache_max:
-                    self._cache.clear()
-                for item, raw in zip(ask, raws, strict=True):
-                    v = self._decode(raw)
-                    if v is not None:
-                        out[item] = v
-                        if self.cache_ttl_s > 0:
-                            self._cache[item] = (now + self.cache_ttl_s, v)
-                missing = [i for i in wanted if i not in out and self._missing_until.get(i, 0.0) < now]
-                if missing and self._backfill is not None:
-                    # Asked once per miss_ttl_s, by the backfill thread: until it answers, the
-                    # profile is computed without these items (they had no embedding in Redis).
-                    for item in missing:
-                        self._missing_until[item] = now + self.miss_ttl_s
-                    self._pending.update(missing)
-                    self._wake.set()
-                    missing = []
-            if missing and self.db is not None:
-                out.update(self._from_mongo(missing, now))
+        # The version rides along in the same MGET: one round trip, and when it moved (the style
+        # worker wrote an embedding since the absences were recorded) those are asked again.
+        raws = self.redis.mget([keys.item_embeddings_version(), *(keys.item_embedding(i) for i in ask)])
+        version = raws[0]
+        found = list(zip(ask, raws[1:], strict=True))
+        if version != version_then and assumed_absent:
+            found += zip(assumed_absent, self.redis.mget([keys.item_embedding(i) for i in assumed_absent]), strict=True)
+            metrics.EMBEDDING_CACHE.labels("recheck").inc(len(assumed_absent))
+        missing: list[str] = []
+        with self._lock:
+            self._version = version
+            if self.cache_ttl_s > 0 and len(self._cache) + len(self._absent) + len(found) > self.cache_max:
+                self._cache.clear()
+                self._absent.clear()
+            for item, raw in found:
+                v = self._decode(raw)
+                if v is not None:
+                    out[item] = v
+                    if self.cache_ttl_s > 0:
+                        self._cache[item] = (now + self.cache_ttl_s, v)
+                elif self.cache_ttl_s > 0:
+                    self._absent[item] = (now + self.cache_ttl_s, version)
+            missing = [i for i in wanted if i not in out and self._missing_until.get(i, 0.0) < now]
+            if missing and self._backfill is not None:
+                # Asked once per miss_ttl_s, by the backfill thread: until it answers, the
+                # profile is computed without these items (they had no embedding in Redis).
+                for item in missing:
+                    self._missing_until[item] = now + self.miss_ttl_s
+                self._pending.update(missing)
+                self._wake.set()
+                missing = []
+        if missing and self.db is not None:
+            out.update(self._from_mongo(missing, now))
         return out
 
     def _from_mongo(self, missing: list[str], now: float) -> dict[str, np.ndarray]:
@@ -343,21 +369,31 @@ class ProfileWriter:
     ) -> dict[str, StyleProfile | None]:
         """One embedding lookup for all users of a batch (only of items ``prefetched`` lacks: a
         history may have grown since), one MULTI/EXEC for the batch."""
+        # One MULTI/EXEC for the batch: the gateway never sees a half-written profile.
+        pipe = self.redis.pipeline(transaction=True)
+        out = self.queue_many(pipe, histories, prefetched)
+        pipe.execute()
+        return out
+
+    def queue_many(
+        self,
+        pipe: redis.client.Pipeline,
+        histories: dict[str, dict[str, float]],
+        prefetched: tuple[set[str], dict[str, np.ndarray]] | None = None,
+    ) -> dict[str, StyleProfile | None]:
+        """:meth:`update_many` into the caller's transaction (the consumer's recs write)."""
         looked, embeddings = prefetched if prefetched is not None else (set(), {})
         rest = {i for h in histories.values() for i in h} - looked
         if rest:
             embeddings = {**embeddings, **self.source.get(rest)}
         centroid = self.centroid.get() if self.centroid is not None else None
         out: dict[str, StyleProfile | None] = {}
-        # One MULTI/EXEC for the batch: the gateway never sees a half-written profile.
-        pipe = self.redis.pipeline(transaction=True)
         for user, history in histories.items():
             profile = compute_profile(
                 history, {i: embeddings[i] for i in history if i in embeddings}, self.half, centroid
             )
             out[user] = profile
             self._queue(pipe, user, profile)
-        pipe.execute()
         return out
 
     def _queue(self, pipe: redis.client.Pipeline, user: str, profile: StyleProfile | None) -> None:

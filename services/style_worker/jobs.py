@@ -164,7 +164,7 @@ class StyleJobProcessor:
                 self.producer.dead_letter(SERVICE, d.record, "invalid: item update without item_id")
                 continue
             if upd.deleted:
-                self.redis.delete(keys.item_embedding(upd.item_id))
+                self._put_embedding(upd.item_id, None)
                 continue
             if not upd.image_ref:
                 continue
@@ -305,7 +305,7 @@ class StyleJobProcessor:
             return
         if cached is not None:
             if not self.redis.exists(keys.item_embedding(item_id)):
-                self.redis.set(keys.item_embedding(item_id), embedding_bytes(cached))
+                self._put_embedding(item_id, embedding_bytes(cached))
             # Already embedded: answer from the stored vector unless this very job's result is
             # recorded as sent. A worker killed between storing the embedding and the broker's
             # ack of the result left the job answered nowhere; its redelivery lands here.
@@ -332,7 +332,18 @@ class StyleJobProcessor:
                 }
             },
         )
-        self.redis.set(keys.item_embedding(item_id), embedding_bytes(vector))
+        self._put_embedding(item_id, embedding_bytes(vector))
+
+    def _put_embedding(self, item_id: str, value: bytes | None) -> None:
+        """Write (or delete, with None) an item's embedding and bump the embeddings version in one
+        MULTI/EXEC: readers that remember absences (scoring's profiles) re-ask when it moves."""
+        pipe = self.redis.pipeline(transaction=True)
+        if value is None:
+            pipe.delete(keys.item_embedding(item_id))
+        else:
+            pipe.set(keys.item_embedding(item_id), value)
+        pipe.incr(keys.item_embeddings_version())
+        pipe.execute()
 
     def _run_embeds(self, embeds: list[_Embed]) -> None:
         if not embeds:

@@ -20,8 +20,11 @@ from services.scoring.style_profile import EmbeddingSource
 DIM = 8
 
 
-def put(r: redis.Redis, item: str, value: float) -> None:
+def put(r: redis.Redis, item: str, value: float, bump: bool = True) -> None:
+    """Write an embedding as the style worker does: with the embeddings version bumped."""
     r.set(keys.item_embedding(item), np.full(DIM, value, dtype="<f4").tobytes())
+    if bump:
+        r.incr(keys.item_embeddings_version())
 
 
 def counted(result: str) -> float:
@@ -38,16 +41,35 @@ def test_cache_answers_repeats_and_expires(session_redis: redis.Redis, unique: s
     assert set(got) == {a} and float(got[a][0]) == 1.0
     assert (counted("hit") - hits, counted("miss") - misses) == (0, 2)
 
-    put(r, a, 2.0)  # replaced: unseen while cached; b gets one: seen at once (absence is not cached)
+    put(r, a, 2.0)  # replaced: unseen while cached; b gets one: seen at once (the version moved)
     put(r, b, 3.0)
     got = source.get([a, b])
     assert float(got[a][0]) == 1.0 and float(got[b][0]) == 3.0
-    assert (counted("hit") - hits, counted("miss") - misses) == (1, 3)
+    assert (counted("hit") - hits, counted("miss") - misses) == (1, 2)
 
     time.sleep(0.6)
     got = source.get([a, b])
     assert float(got[a][0]) == 2.0 and float(got[b][0]) == 3.0
-    assert counted("miss") - misses == 5
+    assert counted("miss") - misses == 4
+
+
+def test_absence_is_remembered_while_the_embeddings_version_stands(session_redis: redis.Redis, unique: str) -> None:
+    """A photo-less item is asked once, not on every batch; the style worker's version bump makes
+    it asked again at once; a write that does not bump is still seen within the cache TTL."""
+    r = session_redis
+    a, b = f"emb-absent-a-{unique}", f"emb-absent-b-{unique}"
+    source = EmbeddingSource(r, None, "items", DIM, cache_ttl_s=0.5)
+    absent, misses = counted("absent"), counted("miss")
+    assert source.get([a, b]) == {}
+    assert source.get([a, b]) == {} and counted("absent") - absent == 2  # not asked again
+    assert counted("miss") - misses == 2
+    put(r, a, 7.0)  # bumps the version: the remembered absences are rechecked in this very call
+    got = source.get([a, b])
+    assert set(got) == {a} and float(got[a][0]) == 7.0
+    put(r, b, 8.0, bump=False)  # a writer that does not bump: seen once the absence expires
+    assert b not in source.get([b])
+    time.sleep(0.6)
+    assert float(source.get([b])[b][0]) == 8.0
 
 
 def test_cache_off_reads_redis_every_time(session_redis: redis.Redis, unique: str) -> None:

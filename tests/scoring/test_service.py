@@ -169,6 +169,8 @@ def test_style_profile_written_for_gateway(seeded: ScoringEnv) -> None:
         v /= np.linalg.norm(v)
         vecs[name] = v
         seeded.redis.set(keys.item_embedding(item(seeded, name)), v.tobytes())
+    # As the style worker does: earlier tests' batches may have found these items without one.
+    seeded.redis.incr(keys.item_embeddings_version())
     seeded.send(u, item(seeded, "A0"), 5)
     seeded.send(u, item(seeded, "A1"), 1)
     seeded.send(u, item(seeded, "no-photo"), 5)
