@@ -260,6 +260,24 @@ def gateway_rows(d: dict[str, Any]) -> list[Row]:
                 dig(ratios, c, "throughput_ratio"),
             )
         )
+    built = dig(d, "results", "gateway_built") or []
+    built_ratios = {r.get("concurrency"): r for r in d.get("ratios_built_every_time") or []}
+    for g, n in zip(built, noop, strict=False):
+        c = g.get("concurrency")
+        r = dig(built_ratios, c, "p50_ratio")
+        out.append(
+            row(
+                b,
+                f"GetRecommendations p50 ms, concurrency {c}, every answer built (answer cache off)",
+                g.get("p50_ms"),
+                n.get("p50_ms"),
+                r,
+                f"ratio <= {limit}" if limit else "-",
+                at_most(r, limit) if limit else None,
+            )
+        )
+    if d.get("answer_cache_hit_rate") is not None:
+        out.append(row(b, "answer cache hit rate (synthetic users that never change)", d["answer_cache_hit_rate"]))
     if not gw:
         out.append(row(b, "GetRecommendations p50 ms (vs no-op)", None))
     errors = d.get("errors")

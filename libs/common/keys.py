@@ -50,6 +50,12 @@ def item_embeddings_version() -> str:
     return f"{NS}:{SCHEMA}:emb-version"
 
 
+def user_changes_channel() -> str:
+    """Pub/sub channel: space-separated pseudonyms whose recs, seen set or profile scoring just
+    rewrote or deleted (published in the same MULTI/EXEC); the gateway drops their kept answers."""
+    return f"{NS}:{SCHEMA}:user-changes"
+
+
 def style_profile(user: str) -> str:
     """User style profile hash {vector, confidence, anchor}; owner: scoring (TTL)."""
     return f"{NS}:{SCHEMA}:style-profile:{user}"

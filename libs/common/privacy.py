@@ -8,6 +8,9 @@
 * :class:`ForgottenUsers` is that suppression list (MongoDB ``forgotten``): every
   consumer that could bring a forgotten user back (archiver, scoring replay and
   rebuild, training, style worker) filters on it.
+* :func:`delete_user_keys` deletes every Redis key named after a user and, in the same
+  MULTI/EXEC, tells the gateways (``keys.user_changes_channel()``) to drop the answers they
+  kept for that user, so a forgotten shopper's shelf is never served again from memory.
 * :func:`redact_user_event` is what a ``user-events`` consumer puts on its
   dead-letter topic: the contract says the topic carries pseudonyms only, so a record
   that breaks it may hold a raw id, and the dead-letter copy must not repeat it.
@@ -22,12 +25,14 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+import redis
 from google.protobuf.message import DecodeError
 from kafka.consumer.fetcher import ConsumerRecord
 from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError
 from stylerec.v1 import common_pb2
 
+from libs.common import keys
 from libs.common.stores import with_retries
 
 PSEUDONYM_RE = re.compile(r"^u_[0-9a-f]{32}$")
@@ -113,3 +118,13 @@ def redact_user_event(record: ConsumerRecord, reason: str) -> tuple[bytes, bytes
         event.user_id = REDACTED
         reason = f"{reason} (user_id redacted)"
     return safe_key, event.SerializeToString(), reason
+
+
+def delete_user_keys(r: redis.Redis, user: str) -> int:
+    """DEL of :func:`keys.per_user` and the gateways' user-change message in one transaction;
+    returns how many keys existed."""
+    pipe = r.pipeline(transaction=True)
+    pipe.delete(*keys.per_user(user))
+    pipe.publish(keys.user_changes_channel(), user)
+    deleted, _ = pipe.execute()
+    return int(deleted)

@@ -27,6 +27,7 @@ from libs.common.metrics import DEPENDENCY_UP
 from libs.common.pseudonym import Pseudonymizer
 from libs.common.server import ServiceRuntime, mongo_probe, redis_probe, tcp_probe
 from libs.common.stores import make_mongo, make_redis, mongo_credentials, redis_credentials
+from services.gateway.answers import AnswerCache, UserChangeListener
 from services.gateway.candidates import CandidateSource
 from services.gateway.catalog import ItemCatalog
 from services.gateway.config import GatewaySettings
@@ -48,11 +49,13 @@ class GatewayApp:
     mongo: MongoClient
     scoring_channel: grpc.Channel | None
     invalidator: ItemCacheInvalidator
+    answer_listener: UserChangeListener
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def start_background(self) -> None:
         self.publisher.start()
         self.invalidator.start()
+        self.answer_listener.start()
         threading.Thread(target=self._gauge_loop, name="dependency-gauges", daemon=True).start()
 
     def _gauge_loop(self) -> None:
@@ -71,6 +74,7 @@ class GatewayApp:
     def close(self) -> None:
         self._stop.set()
         self.invalidator.stop()
+        self.answer_listener.stop()
         self.publisher.stop()
         if self.scoring_channel is not None:
             self.scoring_channel.close()
@@ -96,6 +100,12 @@ def build_app(settings: GatewaySettings) -> GatewayApp:
     centroid = StyleCentroid(ds, settings.style_centroid_near_cache_s)
     index = EmbeddingIndex(ds, settings.embedding_index_refresh_s, centroid)
     catalog = ItemCatalog(ds, settings.item_cache_ttl_s, settings.item_near_cache_s)
+    # Never kept longer than the popularity near cache: popular candidates would outlive its bound.
+    answers = AnswerCache(
+        min(settings.answer_cache_s, settings.popular_near_cache_s),
+        settings.answer_cache_entries,
+        settings.stylized_pending_recheck_s,
+    )
     recommender = Recommender(
         settings,
         ds,
@@ -106,11 +116,17 @@ def build_app(settings: GatewaySettings) -> GatewayApp:
         ItemEmbeddings(ds, settings.embedding_cache_s),
         index,
         centroid,
+        answers,
     )
     similar = SimilarItems(ds, index, settings.style_lambda)
     servicer = GatewayServicer(settings, ds, pseudonymize, recommender, similar)
-    invalidator = ItemCacheInvalidator(settings, ds.redis, catalog.near)
-    return GatewayApp(settings, servicer, ds, publisher, mongo, scoring_channel, invalidator)
+    invalidator = ItemCacheInvalidator(settings, ds.redis, catalog.near, answers)
+    # Its own connection: a subscribed one serves no commands (store timeouts, not the request path's).
+    listener = UserChangeListener(
+        make_redis(settings.redis_url, settings.store_timeout_s, settings.store_retries, **redis_credentials(settings)),
+        answers,
+    )
+    return GatewayApp(settings, servicer, ds, publisher, mongo, scoring_channel, invalidator, listener)
 
 
 def main() -> None:

@@ -83,6 +83,18 @@ class GatewaySettings(ServiceSettings):
     popular_near_cache_s: float = Field(
         2.0, ge=0, le=300, description="In-process popularity-list cache lifetime (0 = off)."
     )
+    answer_cache_s: float = Field(
+        2.0,
+        ge=0,
+        le=60,
+        description=(
+            "Lifetime of a kept GetRecommendations answer (0 = off); the user's changes (scoring's pub/sub) and "
+            "item-updates drop it at once, so this bounds only popularity and embedding-index staleness."
+        ),
+    )
+    answer_cache_entries: int = Field(
+        50_000, ge=0, le=10_000_000, description="Kept GetRecommendations answers at most (0 = off)."
+    )
     parse_memo_entries: int = Field(
         4096,
         ge=0,

@@ -11,8 +11,9 @@ key = item id) twice in one thread:
 * without a group, every partition from the end, in every replica: evicts the
   item from this replica's in-process cache and remembers the photo reference
   the update carries (services/gateway/catalog.py uses it when MongoDB cannot
-  answer in time). A replica does this for all updates, not only its group share,
-  because each one holds its own copy.
+  answer in time), and drops every kept answer (services/gateway/answers.py). A
+  replica does this for all updates, not only its group share, because each one
+  holds its own copy.
 
 The messages are only hints here: one that does not decode is skipped (the
 style worker, which acts on them, dead-letters it), and while the broker is
@@ -35,6 +36,7 @@ from stylerec.v1 import common_pb2
 from libs.common import keys
 from libs.common.kafka import ITEM_UPDATES, kafka_security
 from libs.common.metrics import CONSUMED
+from services.gateway.answers import AnswerCache
 from services.gateway.catalog import NearCache
 from services.gateway.config import GatewaySettings
 
@@ -42,7 +44,14 @@ log = logging.getLogger(__name__)
 
 
 class ItemCacheInvalidator:
-    def __init__(self, settings: GatewaySettings, r: redis.Redis, near: NearCache | None = None) -> None:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        r: redis.Redis,
+        near: NearCache | None = None,
+        answers: AnswerCache | None = None,
+    ) -> None:
+        self.answers = answers
         self.settings = settings
         self.redis = r
         self.near = near
@@ -108,19 +117,23 @@ class ItemCacheInvalidator:
             try:
                 if consumer is None:
                     consumer = self._consumer()
-                polled = consumer.poll(timeout_ms=250 if self.near is not None else 500)
+                polled = consumer.poll(timeout_ms=250 if self.near is not None or self.answers is not None else 500)
                 items = {u.item_id for u in self._updates(polled, self.settings.item_updates_group)}
                 if items:
                     self.redis.delete(*[keys.item_meta(i) for i in items])
                     self.invalidated += len(items)
                 if polled:
                     consumer.commit()
-                if self.near is not None:
+                if self.near is not None or self.answers is not None:
                     if local is None:
                         local = self._local_consumer()
-                    for u in self._updates(local.poll(timeout_ms=250), "gateway-item-near-cache"):
-                        self.near.evict([u.item_id])
-                        self.near.learn_photo(u.item_id, "" if u.deleted else u.image_ref)
+                    changed = self._updates(local.poll(timeout_ms=250), "gateway-item-near-cache")
+                    for u in changed:
+                        if self.near is not None:
+                            self.near.evict([u.item_id])
+                            self.near.learn_photo(u.item_id, "" if u.deleted else u.image_ref)
+                    if changed and self.answers is not None:
+                        self.answers.clear("item")  # a kept answer may show the old price or photo
             except Exception as exc:
                 log.warning("item-cache invalidation loop error", extra={"error": f"{type(exc).__name__}: {exc}"})
                 for c in (consumer, local):

@@ -49,3 +49,15 @@ PARSE_MEMO = Counter(
     "Parsed Redis replies (style profile, recs) served from the content-addressed memo, by kind and result.",
     ["kind", "result"],
 )
+ANSWER_CACHE = Counter(
+    "stylerec_gateway_answer_cache_total",
+    "GetRecommendations answers by whether the kept answer was served (hit), built (miss) or, once built, "
+    "not kept (not_kept: degraded, a stylized image pending, or its user changed meanwhile).",
+    ["result"],
+)
+ANSWER_CACHE_INVALIDATIONS = Counter(
+    "stylerec_gateway_answer_cache_invalidations_total",
+    "Kept answers dropped, by reason: user (scoring's user-changes message, per user), item (item-updates), "
+    "resubscribed / unsubscribed (the user-changes subscription came back or was lost: everything).",
+    ["reason"],
+)

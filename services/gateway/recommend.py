@@ -22,6 +22,7 @@ from stylerec.v1 import gateway_pb2
 
 from libs.common import keys
 from libs.common.pseudonym import Pseudonymizer
+from services.gateway.answers import AnswerCache
 from services.gateway.candidates import CF, CandidateSet, CandidateSource, parse_recs, queue_recs
 from services.gateway.catalog import ItemCatalog, ItemMeta
 from services.gateway.config import GatewaySettings
@@ -76,6 +77,7 @@ class Recommender:
         embeddings: ItemEmbeddings,
         index: EmbeddingIndex | None = None,
         centroid: StyleCentroid | None = None,
+        answers: AnswerCache | None = None,
     ) -> None:
         self.settings = settings
         self.ds = downstream
@@ -86,6 +88,7 @@ class Recommender:
         self.embeddings = embeddings
         self.index = index
         self.centroid = centroid
+        self.answers = answers if answers is not None and answers.enabled else None
         self._user_state = downstream.redis.register_script(USER_STATE_LUA)
         self._model_version_key = keys.model_version()
         self._profiles: ParseMemo[StyleProfile | None] = ParseMemo("style_profile", settings.parse_memo_entries)
@@ -132,10 +135,25 @@ class Recommender:
     def recommend(
         self, request: gateway_pb2.GetRecommendationsRequest, deadline: Deadline
     ) -> gateway_pb2.GetRecommendationsResponse:
+        user = self.pseudonymize(request.user_id)
+        if self.answers is None:
+            return self._recommend(request, user, deadline)
+        key = (user, request.SerializeToString(deterministic=True))
+        kept = self.answers.get(key)
+        if kept is not None:
+            self._count(kept)
+            return kept
+        token = self.answers.token(user)  # before the Redis read: a change during the build is caught
+        resp = self._recommend(request, user, deadline)
+        self.answers.put(key, token, resp)
+        return resp
+
+    def _recommend(
+        self, request: gateway_pb2.GetRecommendationsRequest, user: str, deadline: Deadline
+    ) -> gateway_pb2.GetRecommendationsResponse:
         s = self.settings
         k = request.k or s.default_k
         f = request.filters
-        user = self.pseudonymize(request.user_id)
         deg = Degradation()
         profile, seen, recs = self.user_state(user, deadline, deg, with_recs=True)
         pool = max(s.candidate_pool, k * 3)
@@ -188,12 +206,15 @@ class Recommender:
             )
         resp.degraded = deg.degraded
         resp.degraded_reason = deg.reason()
+        self._count(resp)
+        return resp
+
+    def _count(self, resp: gateway_pb2.GetRecommendationsResponse) -> None:
         counter = self._answers.get((resp.strategy, resp.degraded))
         if counter is None:
             counter = RECOMMENDATIONS.labels(gateway_pb2.Strategy.Name(resp.strategy), str(resp.degraded).lower())
             self._answers[(resp.strategy, resp.degraded)] = counter
         counter.inc()
-        return resp
 
     @staticmethod
     def _cf_ranked(cands: CandidateSet) -> list[Ranked]:

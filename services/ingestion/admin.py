@@ -41,7 +41,7 @@ from libs.common import keys
 from libs.common.audit import AuditLog, new_audit_id
 from libs.common.errors import abort_invalid, abort_retryable
 from libs.common.kafka import USER_FORGET, ProtoProducer, now_timestamp
-from libs.common.privacy import ForgottenUsers, UserRefs
+from libs.common.privacy import ForgottenUsers, UserRefs, delete_user_keys
 from libs.common.stores import with_retries
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class UserForgetter:
             resp.forget_command_offset = self._announce(ref, audit_id)
             event_ids = self._delete_events(user, resp)
             resp.dedup_keys_deleted = self._delete_keys([keys.dedup_event(e) for e in event_ids])
-            resp.redis_keys_deleted = self._delete_keys(keys.per_user(user))
+            resp.redis_keys_deleted = delete_user_keys(self.redis, user)
             self._forget_stylized(user, resp)
         except (PyMongoError, redis.RedisError, KafkaError) as exc:
             # Only the exception type: store error texts can quote the query (the pseudonym).

@@ -330,6 +330,9 @@ class RecsWriter:
                     self._write_seen(pipe, user, seen[user])
             if also is not None:
                 also(pipe, hist)
+            # Last in the transaction: gateways drop the answers they kept for these users
+            # (services/gateway/answers.py) once everything above is visible.
+            pipe.publish(keys.user_changes_channel(), " ".join(part))
             results = pipe.execute()
             redo = [u for i, u in checks.items() if results[i] != 1]
             if redo:

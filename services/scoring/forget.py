@@ -30,9 +30,8 @@ from kafka.errors import KafkaError
 from pymongo.database import Database
 from stylerec.v1 import admin_pb2, common_pb2
 
-from libs.common import keys
 from libs.common.kafka import USER_FORGET, Decoded
-from libs.common.privacy import ForgottenUsers, UserRefs
+from libs.common.privacy import ForgottenUsers, UserRefs, delete_user_keys
 from services.scoring.interactions import InteractionState
 
 log = logging.getLogger(__name__)
@@ -133,7 +132,7 @@ class ForgetListener:
             for user in self.forgotten.users_of(ref, self.state.users()):
                 events = self.state.forget(user)
                 # The admin call deletes these too; a replica may have rewritten them since.
-                self.redis.delete(*keys.per_user(user))
+                delete_user_keys(self.redis, user)
                 self._second_pass.append((time.monotonic() + SECOND_PASS_S, user))
                 dropped += 1
                 log.info("user forgotten", extra={"user_ref": ref, "events": events})
@@ -195,7 +194,7 @@ class ForgetListener:
             return
         try:
             for user in due:
-                self.redis.delete(*keys.per_user(user))
+                delete_user_keys(self.redis, user)
         except redis.RedisError:
             log.warning("second deletion of a forgotten user's keys failed; retrying", exc_info=True)
             return

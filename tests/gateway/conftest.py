@@ -169,9 +169,15 @@ class Seeder:
     def recs(self, user: str, scores: dict[str, float], version: str = "test-model-1") -> None:
         self.r.hset(keys.recs(user), mapping=scores)  # type: ignore[arg-type]
         self.r.hset(keys.recs_meta(user), mapping={"model_version": version, "updated_at": str(int(time.time()))})
+        self.changed(user)
+
+    def changed(self, user: str) -> None:
+        """Scoring announces every user write (docs/contracts.md): gateways drop kept answers."""
+        self.r.publish(keys.user_changes_channel(), user)
 
     def seen(self, user: str, items: list[str]) -> None:
         self.r.sadd(keys.user_seen(user), *items)
+        self.changed(user)
 
     def profile(self, user: str, vector: np.ndarray, confidence: float, anchor: str) -> None:
         self.r.hset(
@@ -183,6 +189,7 @@ class Seeder:
                 "updated_at": str(int(time.time())),
             },
         )
+        self.changed(user)
 
     def popular(self, scores: dict[str, float], category: str = "") -> None:
         self.r.zadd(keys.popular(category), scores)  # type: ignore[arg-type]

@@ -18,6 +18,7 @@ from cli.localstack.stack import Stack
 from libs.common import keys
 from libs.common.errors import violations_of
 from libs.common.kafka import STYLE_JOBS
+from services.gateway.answers import STALE_S
 from tests.gateway.conftest import Gateway, Seeder, basis, png_bytes, pseudo, start_gateway
 
 pytestmark = pytest.mark.integration
@@ -267,6 +268,9 @@ def test_redis_stopped_still_answers_degraded(infra: Stack, own_redis: Any, mong
         healthy = recommend(gw, f"anyone-{unique}", k=3)
         assert healthy.strategy == gateway_pb2.POPULAR and not healthy.degraded
         own_redis.stop()
+        # An answer kept from before may be served until the user-change subscription has been
+        # silent for STALE_S (nothing can change it meanwhile: its writers need this Redis too).
+        time.sleep(STALE_S)
         for user in (f"anyone-{unique}", f"known-{unique}"):
             t0 = time.monotonic()
             resp = recommend(gw, user, k=3, timeout=3)

@@ -1,0 +1,192 @@
+"""Whole GetRecommendations answers kept per (user, request) until that user's state changes.
+
+WHY: a storefront asks for the same shopper's shelf on every page view, and between two of that
+shopper's events nothing the answer depends on changes. Building it again cost a Redis round trip
+plus ~0.3 ms of ranking and protobuf work per call, several times what a no-op call costs
+(docs/gateway.md). Kept here, a repeat view costs a dictionary lookup.
+
+Exactness comes from invalidation, not from the lifetime:
+
+* scoring PUBLISHes the users of every write on ``keys.user_changes_channel()`` inside the same
+  MULTI/EXEC as their recs, seen set and style profile (services/scoring/foldin.py), and again
+  when ForgetUser deletes a user's keys (services/scoring/forget.py); :class:`UserChangeListener`
+  drops those users' answers;
+* item-updates (price, photo, deletion) drop every answer (services/gateway/invalidation.py);
+* an answer computed while an invalidation of its user arrived is not stored (a per-user change
+  counter read before the Redis read and checked before the store);
+* while the subscription is down or silent (start-up, Redis lost: the listener pings every
+  ``PING_S`` and the cache serves nothing when it heard nothing for ``STALE_S``), no answer is
+  served from here, and all are dropped when it comes back: an invalidation may have been missed.
+
+What stays bounded by ``STYLEREC_ANSWER_CACHE_S`` (default 2 s, the popularity near cache's
+bound already): the popularity list an answer's popular candidates came from and a reload of the
+embedding index. Never kept: degraded answers. An answer with a stylized image still PENDING is
+kept only ``STYLEREC_STYLIZED_PENDING_RECHECK_S`` (default 1 s), the time this replica already
+reports PENDING without asking Redis again (services/gateway/stylized.py), so READY shows as
+soon as it did before. Hit rate and invalidations:
+``stylerec_gateway_answer_cache_total{result}``, ``stylerec_gateway_answer_cache_invalidations_total{reason}``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+
+import redis
+from stylerec.v1 import gateway_pb2
+
+from libs.common import keys
+from services.gateway.metrics import ANSWER_CACHE, ANSWER_CACHE_INVALIDATIONS
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, bytes]  # (user pseudonym, the request's bytes)
+PING_S = 0.25  # the listener's heartbeat on its subscribed connection
+STALE_S = 1.0  # no hits once the subscription has been silent this long
+
+
+class AnswerCache:
+    def __init__(self, ttl_s: float, max_entries: int, pending_ttl_s: float = 0.0) -> None:
+        self.ttl_s = ttl_s
+        self.pending_ttl_s = min(ttl_s, pending_ttl_s)
+        self.max_entries = max_entries
+        self._subscribed = False
+        self._heard_at = 0.0  # last time the listener heard from Redis (a message or a pong)
+        self._entries: dict[Key, tuple[float, gateway_pb2.GetRecommendationsResponse]] = {}
+        self._by_user: dict[str, set[Key]] = {}
+        self._changes: dict[str, int] = {}  # user -> invalidations seen (for the race check)
+        self._epoch = 0  # bumped by clear(): a store started before it is refused
+        self._lock = threading.Lock()
+        self._hit = ANSWER_CACHE.labels("hit")
+        self._miss = ANSWER_CACHE.labels("miss")
+        self._skipped = ANSWER_CACHE.labels("not_kept")
+
+    @property
+    def enabled(self) -> bool:
+        return self.ttl_s > 0 and self.max_entries > 0
+
+    def heard(self, subscribed: bool = True) -> None:
+        """The listener heard from Redis (``subscribed=False``: it lost the subscription)."""
+        self._subscribed = subscribed
+        self._heard_at = time.monotonic()
+
+    @property
+    def live(self) -> bool:
+        return self._subscribed and time.monotonic() - self._heard_at < STALE_S
+
+    def get(self, key: Key) -> gateway_pb2.GetRecommendationsResponse | None:
+        now = time.monotonic()
+        if not self._subscribed or now - self._heard_at >= STALE_S:
+            return None
+        entry = self._entries.get(key)
+        if entry is None or entry[0] <= now:
+            self._miss.inc()
+            return None
+        self._hit.inc()
+        return entry[1]
+
+    def token(self, user: str) -> tuple[int, int]:
+        """Taken before the answer's Redis read; :meth:`put` refuses the answer if it moved."""
+        return self._epoch, self._changes.get(user, 0)
+
+    def put(self, key: Key, token: tuple[int, int], answer: gateway_pb2.GetRecommendationsResponse) -> None:
+        if not self.live:
+            return
+        ttl = self.ttl_s
+        if any(i.stylized_status == gateway_pb2.STYLIZED_PENDING for i in answer.items):
+            ttl = self.pending_ttl_s
+        if answer.degraded or ttl <= 0:
+            self._skipped.inc()
+            return
+        user = key[0]
+        with self._lock:
+            if token != (self._epoch, self._changes.get(user, 0)):
+                self._skipped.inc()
+                return
+            if len(self._entries) >= self.max_entries:
+                self._drop_all()
+            self._entries[key] = (time.monotonic() + ttl, answer)
+            self._by_user.setdefault(user, set()).add(key)
+
+    def invalidate_users(self, users: list[str]) -> None:
+        with self._lock:
+            for user in users:
+                self._changes[user] = self._changes.get(user, 0) + 1
+                for key in self._by_user.pop(user, ()):
+                    self._entries.pop(key, None)
+            if len(self._changes) > 4 * max(1, self.max_entries):
+                # The counters only guard answers in flight; resetting them is safe with a new epoch.
+                self._changes.clear()
+                self._drop_all()
+        ANSWER_CACHE_INVALIDATIONS.labels("user").inc(len(users))
+
+    def clear(self, reason: str) -> None:
+        with self._lock:
+            self._drop_all()
+        ANSWER_CACHE_INVALIDATIONS.labels(reason).inc()
+
+    def _drop_all(self) -> None:
+        self._epoch += 1
+        self._entries = {}
+        self._by_user = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class UserChangeListener:
+    """Follows scoring's user-change messages and keeps :attr:`AnswerCache.live` true only while
+    subscribed and heard from (a dedicated connection: a subscribed connection cannot serve
+    commands; its PINGs come back as ``pong`` messages)."""
+
+    def __init__(self, r: redis.Redis, cache: AnswerCache, retry_s: float = 1.0) -> None:
+        self.redis = r
+        self.cache = cache
+        self.retry_s = retry_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="answer-invalidation", daemon=True)
+
+    def start(self) -> UserChangeListener:
+        if self.cache.enabled:
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=False)
+            try:
+                pubsub.subscribe(keys.user_changes_channel())
+                pinged = 0.0
+                while not self._stop.is_set():
+                    if time.monotonic() - pinged >= PING_S:
+                        pubsub.ping()
+                        pinged = time.monotonic()
+                    msg = pubsub.get_message(timeout=PING_S)
+                    if msg is None:
+                        continue
+                    kind = msg["type"]
+                    if kind == "subscribe":
+                        self.cache.clear("resubscribed")  # anything kept before may have missed a change
+                        self.cache.heard()
+                    elif kind == "message":
+                        data = msg["data"]
+                        text = data.decode() if isinstance(data, bytes) else str(data)
+                        self.cache.invalidate_users(text.split())
+                        self.cache.heard()
+                    elif kind == "pong":
+                        self.cache.heard()
+            except Exception as exc:
+                log.warning("user-change subscription lost", extra={"error": f"{type(exc).__name__}: {exc}"})
+            finally:
+                self.cache.heard(subscribed=False)
+                self.cache.clear("unsubscribed")
+                with contextlib.suppress(Exception):  # closing a broken connection may fail again
+                    pubsub.close()
+            self._stop.wait(self.retry_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5)

@@ -1,0 +1,124 @@
+"""The kept-answer cache: exact under invalidation (unit tests of its rules) and, on a real Redis,
+the user-change subscription that scoring's writes and ForgetUser publish to."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import redis
+from stylerec.v1 import gateway_pb2
+
+from cli.localstack.stack import Stack
+from libs.common import keys
+from libs.common.privacy import delete_user_keys
+from services.gateway.answers import STALE_S, AnswerCache, UserChangeListener
+
+
+def answer(item: str = "i1", **fields: object) -> gateway_pb2.GetRecommendationsResponse:
+    resp = gateway_pb2.GetRecommendationsResponse(strategy=gateway_pb2.CF, **fields)  # type: ignore[arg-type]
+    resp.items.add(item_id=item)
+    return resp
+
+
+def live_cache(ttl_s: float = 60.0, entries: int = 100) -> AnswerCache:
+    cache = AnswerCache(ttl_s, entries)
+    cache.heard()
+    return cache
+
+
+def test_kept_until_the_user_changes() -> None:
+    cache = live_cache()
+    key = ("u_a", b"req")
+    cache.put(key, cache.token("u_a"), answer())
+    assert cache.get(key) is not None
+    cache.invalidate_users(["u_b"])
+    assert cache.get(key) is not None  # another user's change
+    cache.invalidate_users(["u_a"])
+    assert cache.get(key) is None
+
+
+def test_an_answer_built_across_a_change_is_not_kept() -> None:
+    cache = live_cache()
+    key = ("u_a", b"req")
+    token = cache.token("u_a")  # taken before the Redis read
+    cache.invalidate_users(["u_a"])  # scoring wrote the user while the answer was being built
+    cache.put(key, token, answer())
+    assert cache.get(key) is None
+    token = cache.token("u_a")
+    cache.clear("item")  # so is one built across a catalog change
+    cache.put(key, token, answer())
+    assert cache.get(key) is None
+
+
+def test_degraded_answers_are_never_kept_pending_ones_briefly_and_entries_expire() -> None:
+    cache = AnswerCache(0.4, 100, pending_ttl_s=0.1)
+    cache.heard()
+    cache.put(("u_a", b"1"), cache.token("u_a"), answer(degraded=True, degraded_reason="redis: timeout"))
+    pending = answer()
+    pending.items[0].stylized_status = gateway_pb2.STYLIZED_PENDING
+    cache.put(("u_a", b"2"), cache.token("u_a"), pending)
+    cache.put(("u_a", b"3"), cache.token("u_a"), answer())
+    assert cache.get(("u_a", b"1")) is None
+    assert cache.get(("u_a", b"2")) is not None and cache.get(("u_a", b"3")) is not None
+    time.sleep(0.15)  # PENDING is re-asked as often as before: its READY must show
+    assert cache.get(("u_a", b"2")) is None and cache.get(("u_a", b"3")) is not None
+    cache.heard()
+    time.sleep(0.3)
+    assert cache.get(("u_a", b"3")) is None
+    no_pending = AnswerCache(60.0, 100, pending_ttl_s=0.0)
+    no_pending.heard()
+    no_pending.put(("u_a", b"2"), no_pending.token("u_a"), pending)
+    assert no_pending.get(("u_a", b"2")) is None
+
+
+def test_nothing_is_served_or_kept_while_the_subscription_is_down() -> None:
+    cache = AnswerCache(60.0, 100)  # not subscribed yet: a change could be missed
+    cache.put(("u_a", b"r"), cache.token("u_a"), answer())
+    cache.heard()
+    assert cache.get(("u_a", b"r")) is None
+    cache.put(("u_a", b"r"), cache.token("u_a"), answer())
+    assert cache.get(("u_a", b"r")) is not None
+    cache.heard(subscribed=False)  # lost
+    assert cache.get(("u_a", b"r")) is None
+    cache.heard()
+    cache._heard_at -= STALE_S  # subscribed but silent (Redis gone, no pong): not served either
+    assert cache.get(("u_a", b"r")) is None
+
+
+def test_bounded() -> None:
+    cache = live_cache(entries=3)
+    for n in range(5):
+        cache.put((f"u_{n}", b"r"), cache.token(f"u_{n}"), answer())
+    assert len(cache) <= 3
+
+
+def wait_until(cond: Callable[[], bool], timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_listener_follows_scoring_writes_and_forget_on_real_redis(infra: Stack, unique: str) -> None:
+    r = redis.Redis.from_url(infra.redis_url)
+    cache = AnswerCache(60.0, 100)
+    listener = UserChangeListener(redis.Redis.from_url(infra.redis_url), cache, retry_s=0.1).start()
+    try:
+        assert wait_until(lambda: cache.live), "never subscribed"
+        a, b = f"u_a{unique}", f"u_b{unique}"
+        for u in (a, b):
+            cache.put((u, b"r"), cache.token(u), answer())
+        # What scoring's RecsWriter publishes in its MULTI/EXEC: space-separated pseudonyms.
+        r.publish(keys.user_changes_channel(), f"{a} u_someone_else")
+        assert wait_until(lambda: cache.get((a, b"r")) is None)
+        assert cache.get((b, b"r")) is not None
+        r.set(keys.recs(b), "x")
+        assert delete_user_keys(r, b) == 1  # ForgetUser's deletion announces the user too
+        assert wait_until(lambda: cache.get((b, b"r")) is None)
+    finally:
+        listener.stop()
+        r.close()
+    assert not cache.live and len(cache) == 0  # stopping drops everything
