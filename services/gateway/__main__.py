@@ -32,6 +32,8 @@ from services.gateway.catalog import ItemCatalog
 from services.gateway.config import GatewaySettings
 from services.gateway.downstream import Downstream
 from services.gateway.embeddings import ItemEmbeddings, StyleCentroid
+from services.gateway.experiments import Experiments
+from services.gateway.impressions import ImpressionPublisher
 from services.gateway.invalidation import ItemCacheInvalidator
 from services.gateway.recommend import Recommender
 from services.gateway.server import GatewayServicer
@@ -48,11 +50,13 @@ class GatewayApp:
     mongo: MongoClient
     scoring_channel: grpc.Channel | None
     invalidator: ItemCacheInvalidator
+    impressions: ImpressionPublisher
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def start_background(self) -> None:
         self.publisher.start()
         self.invalidator.start()
+        self.impressions.start()
         threading.Thread(target=self._gauge_loop, name="dependency-gauges", daemon=True).start()
 
     def _gauge_loop(self) -> None:
@@ -72,6 +76,7 @@ class GatewayApp:
         self._stop.set()
         self.invalidator.stop()
         self.publisher.stop()
+        self.impressions.stop()
         if self.scoring_channel is not None:
             self.scoring_channel.close()
         self.mongo.close()
@@ -108,9 +113,12 @@ def build_app(settings: GatewaySettings) -> GatewayApp:
         centroid,
     )
     similar = SimilarItems(ds, index, settings.style_lambda)
-    servicer = GatewayServicer(settings, ds, pseudonymize, recommender, similar)
+    impressions = ImpressionPublisher(settings)
+    servicer = GatewayServicer(
+        settings, ds, pseudonymize, recommender, similar, Experiments.from_settings(settings), impressions
+    )
     invalidator = ItemCacheInvalidator(settings, ds.redis, catalog.near)
-    return GatewayApp(settings, servicer, ds, publisher, mongo, scoring_channel, invalidator)
+    return GatewayApp(settings, servicer, ds, publisher, mongo, scoring_channel, invalidator, impressions)
 
 
 def main() -> None:

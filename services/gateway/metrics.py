@@ -49,3 +49,13 @@ PARSE_MEMO = Counter(
     "Parsed Redis replies (style profile, recs) served from the content-addressed memo, by kind and result.",
     ["kind", "result"],
 )
+IMPRESSIONS = Counter(
+    "stylerec_gateway_impressions_total",
+    "Impressions (one per GetRecommendations answer) the broker acknowledged, by experiment, arm and strategy.",
+    ["experiment", "arm", "strategy"],
+)
+IMPRESSIONS_DROPPED = Counter(
+    "stylerec_gateway_impressions_dropped_total",
+    "Impressions not published, by reason (queue_full: buffer full; broker: send failed). Never waited on.",
+    ["reason"],
+)
