@@ -7,9 +7,12 @@ further capped by whatever is left of the caller's deadline.
 
 from __future__ import annotations
 
+import json
 import re
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import NoDecode
 
 from libs.common.kafka import IMPRESSIONS
 from libs.common.settings import ServiceSettings
@@ -153,7 +156,8 @@ class GatewaySettings(ServiceSettings):
         max_length=128,
         description="Key of the user→arm hash ('' = the experiment name); a new salt reshuffles users.",
     )
-    experiment_arms: tuple[ExperimentArm, ...] = Field(
+    # NoDecode: parsed by _arms_json below, so an empty variable (compose's default) means "none".
+    experiment_arms: Annotated[tuple[ExperimentArm, ...], NoDecode] = Field(
         (),
         description='JSON list of arms, e.g. [{"name":"cf","style":false},{"name":"style"}] (none = no experiment).',
     )
@@ -168,6 +172,18 @@ class GatewaySettings(ServiceSettings):
     impressions_linger_ms: int = Field(
         50, ge=0, le=5000, description="Producer linger of the impression publisher (batches answers together)."
     )
+
+    @field_validator("experiment_arms", mode="before")
+    @classmethod
+    def _arms_json(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            if not v.strip():
+                return ()
+            try:
+                return json.loads(v)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"experiment_arms must be a JSON list of arms: {exc}") from exc
+        return v
 
     @model_validator(mode="after")
     def _experiment_complete(self) -> GatewaySettings:
