@@ -22,6 +22,13 @@ Two consumer groups, both idempotent:
 Store-then-look on both sides (park, then read impressions; archive impressions, then read the
 parked events) means that whichever of the two arrives second finds the other: no interleaving
 loses an outcome. Unmatched parked events expire by TTL after the window.
+
+An event with a recommendation id names its impression, so it is settled as soon as that is
+archived. An event without one is matched by "latest impression before it", which is only right
+once every earlier impression is archived: the impression consumer may lag behind the event
+consumer (it did on a cold start in the simulation, and a list archived late would lose the
+click to an older one). So window matches wait ``attribution_settle_s`` after the event's time;
+a sweeper settles them when they come due, and replayed old events are settled at once.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -126,8 +134,9 @@ def match(
     """The impression ``o`` counts for, a reason string when it can never count, or None (not yet).
 
     With a recommendation id only that impression qualifies (same user, item shown, inside the
-    window); without one, the user's latest impression that showed the item in
-    ``[ts - window, ts + skew]`` (last touch). ``skew_s`` allows event clocks behind the gateway's.
+    window); without one, the user's latest impression that showed the item in ``[ts - window, ts]``
+    (last touch), else the earliest in ``(ts, ts + skew]``: ``skew_s`` allows event clocks running
+    behind the gateway's without letting a later list steal the click from the one acted on.
     """
     if o.recommendation_id:
         for imp in impressions:
@@ -141,15 +150,19 @@ def match(
                 return "outside_window"
             return imp
         return None
-    best: dict[str, Any] | None = None
+    before: dict[str, Any] | None = None  # latest impression at or before the event
+    after: dict[str, Any] | None = None  # else the earliest one within the skew after it
     for imp in impressions:
         if imp["user_id"] != o.user_id or o.item_id not in imp["items"]:
             continue
-        if not o.ts - window_s <= imp["ts"] <= o.ts + skew_s:
-            continue
-        if best is None or (imp["ts"], imp["_id"]) > (best["ts"], best["_id"]):
-            best = imp
-    return best
+        if o.ts - window_s <= imp["ts"] <= o.ts:
+            if before is None or (imp["ts"], imp["_id"]) > (before["ts"], before["_id"]):
+                before = imp
+        elif o.ts < imp["ts"] <= o.ts + skew_s and (
+            after is None or (imp["ts"], imp["_id"]) < (after["ts"], after["_id"])
+        ):
+            after = imp
+    return before or after
 
 
 class Attribution:
@@ -161,6 +174,9 @@ class Attribution:
         self.pending = db[settings.attribution_pending_collection]
         self.window_s = settings.attribution_window_s
         self.skew_s = settings.attribution_clock_skew_s
+        self.settle_s = settings.attribution_settle_s
+        # Parked events with ts up to here were examined by a sweep; a restart looks 10 minutes back.
+        self.swept_to = time.time() - self.settle_s - 600
         self.ttl_s = settings.impressions_ttl_s
         self.forgotten = forgotten
         self._indexed = False
@@ -176,6 +192,7 @@ class Attribution:
             self.attributions.create_index("user_id")
             self.attributions.create_index("attributed_at", expireAfterSeconds=self.ttl_s)
             self.pending.create_index("user_id")
+            self.pending.create_index("ts")
             self.pending.create_index("parked_at", expireAfterSeconds=int(self.window_s + self.skew_s) + 3600)
         except Exception as exc:
             STORE_ERRORS.labels("mongo", "attribution_create_index").inc()
@@ -220,8 +237,25 @@ class Attribution:
         with_retries(lambda: self.pending.bulk_write(ops, ordered=False))
         self.resolve(todo)
 
-    def resolve(self, outcomes: list[Outcome]) -> None:
+    def sweep(self, now: float | None = None) -> int:
+        """Settle the parked window events that came due since the last sweep; how many were looked at."""
+        cutoff = (time.time() if now is None else now) - self.settle_s
+        low = self.swept_to
+        due: list[dict[str, Any]] = with_retries(
+            lambda: list(self.pending.find({"ts": {"$gt": low, "$lte": cutoff}}).limit(5000))
+        )
+        if due:
+            self.resolve([Outcome.from_doc(d) for d in due], cutoff + self.settle_s)
+        # With a full page, continue from its latest event next time rather than skip the rest.
+        self.swept_to = max(float(d["ts"]) for d in due) if len(due) == 5000 else cutoff
+        return len(due)
+
+    def resolve(self, outcomes: list[Outcome], now: float | None = None) -> None:
         """Attribute what can be attributed now; settled events leave ``attribution_pending``."""
+        due_before = (time.time() if now is None else now) - self.settle_s
+        outcomes = [o for o in outcomes if o.recommendation_id or o.ts <= due_before]
+        if not outcomes:
+            return
         users = list({o.user_id for o in outcomes})
         ids = list({o.recommendation_id for o in outcomes if o.recommendation_id})
         earliest = min(o.ts for o in outcomes) - self.window_s
@@ -302,6 +336,7 @@ class ExperimentsRunner:
         self.producer: ProtoProducer | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._start_loops, name="experiments-start", daemon=True)
+        self._sweeper = threading.Thread(target=self._sweep_loop, name="attribution-sweeper", daemon=True)
 
     def start(self) -> ExperimentsRunner:
         self._thread.start()
@@ -353,6 +388,7 @@ class ExperimentsRunner:
                     ).start()
                 )
                 log.info("impression archive and attribution started", extra={"topic": s.impressions_topic})
+                self._sweeper.start()
                 return
             except KafkaError as exc:
                 log.warning("attribution cannot reach the broker yet", extra={"error": str(exc)})
@@ -362,8 +398,19 @@ class ExperimentsRunner:
     def running(self) -> bool:
         return len(self.loops) == 2
 
+    def _sweep_loop(self) -> None:
+        every = max(0.2, min(1.0, self.settings.attribution_settle_s / 2))
+        while not self._stop.wait(every):
+            try:
+                self.attribution.sweep()
+            except Exception as exc:
+                STORE_ERRORS.labels("mongo", "attribution_sweep").inc()
+                log.warning("attribution sweep failed; retried", extra={"error": type(exc).__name__})
+
     def stop(self) -> None:
         self._stop.set()
+        if self._sweeper.is_alive():
+            self._sweeper.join(5)
         for loop in self.loops:
             loop.stop()
         if self.producer is not None:

@@ -126,6 +126,13 @@ class IngestionSettings(ServiceSettings):
         description="An event without recommendation_id is attributed to the user's latest impression of the item "
         "shown at most this long before it.",
     )
+    attribution_settle_s: float = Field(
+        10.0,
+        ge=0,
+        le=600,
+        description="Events without recommendation_id are matched this long after their time, so impressions "
+        "archived a little late still win (last touch).",
+    )
     attribution_clock_skew_s: float = Field(
         60.0, ge=0, le=3600, description="Event clocks may run this far behind the gateway's impression time."
     )

@@ -73,6 +73,7 @@ def exp(infra: Stack) -> Iterator[Exp]:
             "STYLEREC_ATTRIBUTIONS_COLLECTION": f"att_{token}",
             "STYLEREC_ATTRIBUTION_PENDING_COLLECTION": f"pend_{token}",
             "STYLEREC_ATTRIBUTION_WINDOW_S": "600",
+            "STYLEREC_ATTRIBUTION_SETTLE_S": "2",
         },
     )
     producer = KafkaProducer(bootstrap_servers=[infra.kafka_bootstrap])

@@ -367,6 +367,9 @@ def test_attribution_match_rules() -> None:
     assert match(o("z", 1010, "rec_a"), imps, window, 60) == "item_not_shown"
     assert match(o("x", 5000, "rec_a"), imps, window, 60) == "outside_window"
     assert match(o("x", 1010, "rec_zzz"), imps, window, 60) is None  # its impression may still come
+    # A list shown just after the click (within the skew allowance) does not steal it from the one acted on.
+    later = [*imps, {"_id": "rec_d", "user_id": u, "items": ["y"], "ts": 1560.0}]
+    assert match(o("y", 1550), later, window, 60)["_id"] == "rec_b"  # type: ignore[index]
 
 
 def test_recommendation_id_validation() -> None:
