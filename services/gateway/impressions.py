@@ -2,10 +2,12 @@
 
 An online experiment needs the denominator: which items, in which order, by which strategy and
 arm, were shown to whom. The request thread only stamps the answer with a recommendation id and
-puts a small tuple on a bounded queue (no protobuf, no I/O); one background thread builds the
-``Impression`` messages and hands them to a batching producer (``impressions_linger_ms``). When
-the broker is slow or down the queue fills and further impressions are dropped and counted in
-``stylerec_gateway_impressions_dropped_total`` — the answer is never delayed for measurement.
+puts a small tuple on a bounded queue: the answer's wire bytes (one upb serialization, ~1 µs for
+k=10, cheaper than walking the items in Python) and the pseudonym; no I/O. One background thread
+parses them back, builds the ``Impression`` messages and hands them to a batching producer
+(``impressions_linger_ms``). When the broker is slow or down the queue fills and further
+impressions are dropped and counted in ``stylerec_gateway_impressions_dropped_total``: the
+answer is never delayed for measurement.
 Only the pseudonym travels (the topic is keyed by it); the raw shop id never leaves the edge.
 """
 
@@ -41,29 +43,25 @@ def new_recommendation_id() -> str:
 
 
 class Shown(NamedTuple):
-    """What the request thread queues: plain values, turned into a protobuf off the hot path."""
+    """What the request thread queues; the impression is built from it off the hot path."""
 
-    recommendation_id: str
     user: str
-    strategy: int
-    experiment: str
-    arm: str
-    items: tuple[str, ...]
-    model_version: str
+    answer: bytes  # the stamped GetRecommendationsResponse, serialized
     shown_at: float
 
 
 def impression_message(s: Shown) -> common_pb2.Impression:
+    resp = gateway_pb2.GetRecommendationsResponse.FromString(s.answer)
     imp = common_pb2.Impression(
-        recommendation_id=s.recommendation_id,
+        recommendation_id=resp.recommendation_id,
         user_id=s.user,
-        strategy=STRATEGY_NAMES.get(s.strategy, str(s.strategy)),
-        experiment=s.experiment,
-        arm=s.arm,
-        model_version=s.model_version,
+        strategy=STRATEGY_NAMES.get(resp.strategy, str(resp.strategy)),
+        experiment=resp.experiment,
+        arm=resp.experiment_arm,
+        model_version=resp.model_version,
     )
-    for pos, item in enumerate(s.items):
-        imp.items.add(item_id=item, position=pos)
+    for pos, it in enumerate(resp.items):
+        imp.items.add(item_id=it.item_id, position=pos)
     imp.shown_at.FromNanoseconds(int(s.shown_at * 1e9))
     return imp
 
@@ -112,26 +110,16 @@ class ImpressionPublisher:
             resp.experiment_arm = assignment.arm.name
         if not self.enabled:
             return
-        shown = Shown(
-            rid,
-            user,
-            int(resp.strategy),
-            assignment.experiment,
-            assignment.arm_name,
-            tuple(it.item_id for it in resp.items),
-            resp.model_version,
-            time.time(),
-        )
         try:
-            self._queue.put_nowait(shown)
+            self._queue.put_nowait(Shown(user, resp.SerializeToString(), time.time()))
         except queue.Full:
             self._dropped_full.inc()
 
     def pending(self) -> int:
         return self._queue.qsize()
 
-    def _counter(self, s: Shown) -> Any:
-        key = (s.experiment, s.arm, STRATEGY_NAMES.get(s.strategy, str(s.strategy)))
+    def _counter(self, imp: common_pb2.Impression) -> Any:
+        key = (imp.experiment, imp.arm, imp.strategy)
         child = self._published.get(key)
         if child is None:
             child = IMPRESSIONS.labels(*key)
@@ -177,13 +165,14 @@ class ImpressionPublisher:
             return
         for n, s in enumerate(batch):
             try:
-                fut = producer.send(self.topic, s.user, impression_message(s))
+                imp = impression_message(s)
+                fut = producer.send(self.topic, s.user, imp)
             except Exception as exc:
                 # Metadata wait ran out (broker down): the rest of this batch would wait as long each.
                 self._dropped_broker.inc(len(batch) - n)
                 log.warning("impressions dropped: broker", extra={"error": type(exc).__name__, "n": len(batch) - n})
                 return
-            counter = self._counter(s)
+            counter = self._counter(imp)
             fut.add_callback(lambda _md, c=counter: c.inc())
             fut.add_errback(lambda _e: self._dropped_broker.inc())
 
