@@ -48,7 +48,7 @@ from stylerec.v1 import common_pb2
 
 from libs.common.kafka import Decoded, ProtoConsumerLoop, ProtoProducer, kafka_security
 from libs.common.metrics import STORE_ERRORS
-from libs.common.privacy import ForgottenUsers, UserRefs, redact_user_event
+from libs.common.privacy import ForgottenUsers, UserRefs, redact_impression, redact_user_event
 from libs.common.stores import with_retries
 from services.ingestion import metrics
 from services.ingestion.archiver import DeadLetterProducer, archived_problem
@@ -371,6 +371,7 @@ class ExperimentsRunner:
                             message_type=common_pb2.Impression,
                             handle=self.attribution.on_impressions,
                             validate=impression_problem,
+                            redact=redact_impression,
                             **self._common(),
                         ).start()
                     )

@@ -216,3 +216,28 @@ def test_a_malformed_recommendation_id_is_rejected_with_the_reason(exp: Exp, uni
     resp = ingest(exp, [e, make_event(f"ok-{unique}", "item-1", common_pb2.CLICK)])
     assert resp.accepted == 1 and len(resp.rejected) == 1
     assert resp.rejected[0].reason.startswith("recommendation_id must be")
+
+
+def test_unusable_impressions_are_dead_lettered_with_the_reason(exp: Exp) -> None:
+    from libs.common.kafka import dead_letter_topic
+    from tests.ingestion.conftest import read_records
+
+    raw = common_pb2.Impression(recommendation_id=rec_id(), user_id="raw-shop-id-42")
+    raw.shown_at.GetCurrentTime()
+    exp.producer.send(exp.impressions_topic, key=b"k1", value=b"\xff\x00 not a protobuf").get(10)
+    exp.producer.send(exp.impressions_topic, key=b"k2", value=raw.SerializeToString()).get(10)
+
+    def ours() -> list[common_pb2.DeadLetter]:
+        dls = [
+            common_pb2.DeadLetter.FromString(r.value)
+            for r in read_records(exp.stack.kafka_bootstrap, dead_letter_topic("ingestion"), idle_s=1.0)
+        ]
+        return [d for d in dls if d.source_topic == exp.impressions_topic]
+
+    assert wait_until(lambda: len(ours()) == 2, 30)
+    dls = sorted(ours(), key=lambda d: d.reason)
+    assert dls[0].reason.startswith("invalid: user_id is not a pseudonym") and "redacted" in dls[0].reason
+    assert dls[1].reason.startswith("undecodable") and dls[1].value == b""  # withheld
+    # The raw id is not repeated on the dead-letter topic.
+    assert all(b"raw-shop-id-42" not in d.SerializeToString() for d in dls)
+    assert common_pb2.Impression.FromString(dls[0].value).user_id == "<redacted>"
