@@ -73,7 +73,7 @@ def exp(infra: Stack) -> Iterator[Exp]:
             "STYLEREC_ATTRIBUTIONS_COLLECTION": f"att_{token}",
             "STYLEREC_ATTRIBUTION_PENDING_COLLECTION": f"pend_{token}",
             "STYLEREC_ATTRIBUTION_WINDOW_S": "600",
-            "STYLEREC_ATTRIBUTION_SETTLE_S": "2",
+            "STYLEREC_ATTRIBUTION_SETTLE_S": "4",
         },
     )
     producer = KafkaProducer(bootstrap_servers=[infra.kafka_bootstrap])
@@ -165,9 +165,11 @@ def test_event_before_its_impression_is_attributed_when_the_impression_arrives(
     user = pseudo(raw)
     now = time.time()
     item, other = f"j-{unique}-0", f"j-{unique}-9"
-    # The click (no recommendation id) is consumed before any impression exists: parked.
-    early = make_event(raw, item, common_pb2.CLICK, event_id=f"e-{unique}", ts=now - 5)
-    never = make_event(raw, other, common_pb2.CLICK, event_id=f"n-{unique}", ts=now - 5)
+    # The click (no recommendation id) is consumed before any impression exists: parked. Matching
+    # it by window waits attribution_settle_s (4 s here) after its time, so the impressions that
+    # arrive meanwhile, in whatever batches, all take part in the last-touch choice.
+    early = make_event(raw, item, common_pb2.CLICK, event_id=f"e-{unique}", ts=now)
+    never = make_event(raw, other, common_pb2.CLICK, event_id=f"n-{unique}", ts=now)
     assert ingest(exp, [early, never]).accepted == 2
     pend = mongo_db[f"pend_{exp.coll}"]
     assert wait_until(lambda: pend.count_documents({"user_id": user}) == 2, 30)
