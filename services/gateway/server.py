@@ -61,7 +61,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     ) -> None:
         self.settings = settings
         self.experiments = experiments or Experiments.from_settings(settings)
-        # None only in unit setups without a broker: answers then still get an id, nothing is published.
+        # None (unit setups without a broker): answers get no recommendation id and nothing is published.
         self.impressions = impressions
         self.ds = downstream
         self.pseudonymize = pseudonymize
