@@ -26,6 +26,8 @@ FIELDS = (
     "redis_keys_deleted",
     "stylized_images_deleted",
     "stylized_refs_removed",
+    "impressions_deleted",
+    "attributions_deleted",
 )
 # Errors that mean "the request is wrong", not "try again".
 CALLER_ERRORS = {

@@ -1,4 +1,7 @@
-"""`stylerec experiment style-lambda`: choose λ and the style-confidence threshold offline.
+"""`stylerec experiment ...`: style-lambda (offline λ choice), report (an online experiment's
+per-arm rates with intervals) and online (the report's proof on simulated shoppers).
+
+`stylerec experiment style-lambda` chooses λ and the style-confidence threshold offline.
 
 The gateway's defaults (STYLEREC_STYLE_LAMBDA, STYLEREC_STYLE_CONFIDENCE_THRESHOLD)
 come from this command's output; it runs on a SYNTHETIC labelled benchmark
@@ -18,7 +21,7 @@ DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "images"
 
 
 def register(sub: Any) -> None:
-    exp = sub.add_parser("experiment", help="offline experiments (synthetic benchmarks)")
+    exp = sub.add_parser("experiment", help="offline (synthetic) and online experiments")
     esub = exp.add_subparsers(dest="experiment", required=True)
     p = esub.add_parser("style-lambda", help="choose the gateway's λ and confidence threshold (SYNTHETIC users)")
     p.add_argument(
@@ -39,6 +42,24 @@ def register(sub: Any) -> None:
     p.add_argument("--out-dir", type=Path, default=REPO / "out" / "experiment")
     p.add_argument("--json", action="store_true", help="print the result JSON")
     p.set_defaults(func=cmd_style_lambda)
+
+    r = esub.add_parser("report", help="per-arm CTR and conversion of an online experiment, with 95% intervals")
+    r.add_argument("--experiment", help="experiment name (default: the only one in the archive)")
+    r.add_argument("--control", help="the arm the others are compared with (default: 'control', else the first)")
+    r.add_argument("--mongo-uri", help="MongoDB holding the impression archive (default: the running local stack's)")
+    r.add_argument("--db", default="stylerec", help="database name")
+    r.add_argument("--impressions-collection", default="impressions")
+    r.add_argument("--attributions-collection", default="attributions")
+    r.add_argument("--json", action="store_true", help="print the report as JSON")
+    r.set_defaults(func=cmd_report)
+
+    o = esub.add_parser("online", help="planted-lift and A/A experiments on SIMULATED shoppers through the real stack")
+    o.add_argument("--users", type=int, default=400, help="simulated shoppers per experiment (20..20000)")
+    o.add_argument("--requests-per-user", type=int, default=2, help="recommendation lists each shopper sees (1..20)")
+    o.add_argument("--seed", type=int, default=7, help="seed of the catalog, the users and their reactions")
+    o.add_argument("--out-dir", type=Path, default=REPO / "out" / "experiment")
+    o.add_argument("--json", action="store_true", help="print the result JSON")
+    o.set_defaults(func=cmd_online)
 
 
 def cmd_style_lambda(args: argparse.Namespace) -> int:
@@ -97,3 +118,77 @@ def cmd_style_lambda(args: argparse.Namespace) -> int:
     name = "style_lambda_uncentred.json" if args.uncentred else "style_lambda.json"
     print(f"written: {args.out_dir / name}  ({result['wall_seconds']} s)")
     return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    import sys
+
+    from pymongo import MongoClient
+    from pymongo.errors import PyMongoError
+
+    from cli.errors import UsageError
+    from cli.evaluation.experiment_report import ReportInputError, build_report, format_report
+    from cli.localstack.stack import Stack, stack_dir
+
+    uri = args.mongo_uri
+    if not uri:
+        stack = Stack.load(stack_dir())
+        if "mongo" not in stack.components:
+            raise UsageError(f"no running stack found in {stack.dir}: run `stylerec up` or pass --mongo-uri")
+        uri = stack.mongo_uri
+    if not uri.startswith(("mongodb://", "mongodb+srv://")):
+        raise UsageError(f"--mongo-uri must start with mongodb:// or mongodb+srv://, got {uri[:40]!r}")
+    client: MongoClient[Any] = MongoClient(uri, serverSelectionTimeoutMS=5000)
+    try:
+        report = build_report(
+            client[args.db], args.experiment, args.control, args.impressions_collection, args.attributions_collection
+        )
+    except ReportInputError as exc:
+        raise UsageError(str(exc)) from exc
+    except PyMongoError as exc:
+        print(f"stylerec: error: cannot read the impression archive: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print("\n".join(format_report(report)))
+    return 0
+
+
+def cmd_online(args: argparse.Namespace) -> int:
+    from cli.errors import UsageError
+    from cli.evaluation.experiment_online import SYNTHETIC, run_online, write
+
+    if not 20 <= args.users <= 20000:
+        raise UsageError("--users must be between 20 and 20000")
+    if not 1 <= args.requests_per_user <= 20:
+        raise UsageError("--requests-per-user must be between 1 and 20")
+    quiet = args.json
+
+    def progress(line: str) -> None:
+        if not quiet:
+            print(line, flush=True)
+
+    result = run_online(args.users, args.requests_per_user, args.seed, progress=progress)
+    path = write(result, args.out_dir)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0 if all(result["checks"].values()) else 1
+    from cli.evaluation.experiment_report import format_report
+
+    print(SYNTHETIC)
+    p = result["pipeline"]
+    print(
+        f"pipeline: {p['impressions_archived']}/{p['impressions_sent']} impressions archived, "
+        f"{p['attributed_as_planted']}/{p['outcomes_planted']} planted outcomes attributed "
+        f"({p['attributed_not_planted']} attributed that were not planted)"
+    )
+    for exp, report in result["reports"].items():
+        print(f"[{exp}]")
+        print("\n".join(format_report(report)))
+    for check, ok in result["checks"].items():
+        print(f"check {check}: {'PASS' if ok else 'FAIL'}")
+    print(f"written: {path}  ({result['wall_seconds']} s)")
+    return 0 if all(result["checks"].values()) else 1

@@ -489,6 +489,30 @@ def build() -> dict[str, Any]:
         description="Which dependency made answers degraded (alert StyleRecGatewayDegraded).",
     )
 
+    d.row("Online experiments (docs/experiments.md)")
+    d.add(
+        "CTR by arm and strategy (clicks per impression, 1 h)",
+        [("stylerec:experiment_ctr:ratio_rate1h", "{{experiment}} {{arm}} {{strategy}}")],
+        unit="percentunit",
+        description="Attributed clicks per impression. Confidence intervals and lift: `stylerec experiment report`.",
+    )
+    d.add(
+        "Conversion by arm and strategy (purchases per impression, 1 h)",
+        [("stylerec:experiment_conversion:ratio_rate1h", "{{experiment}} {{arm}} {{strategy}}")],
+        unit="percentunit",
+        description="Attributed purchases per impression (each counted once per impression item).",
+    )
+    d.add(
+        "Impressions and attributed outcomes / s",
+        [
+            (f"sum by (arm) (rate(stylerec_gateway_impressions_total[{RATE}]))", "impressions {{arm}}"),
+            (f"sum by (arm, outcome) (rate(stylerec_ingestion_attributed_total[{RATE}]))", "{{outcome}} {{arm}}"),
+            (f"sum by (reason) (rate(stylerec_gateway_impressions_dropped_total[{RATE}]))", "dropped {{reason}}"),
+        ],
+        unit="ops",
+        description="Impressions dropped (buffer full, broker down) are missing from the denominator.",
+    )
+
     d.row("Stores and processes")
     d.add(
         "Store errors / s",

@@ -37,6 +37,9 @@ MODEL_UPDATES = "model-updates"
 # ForgetUser commands (admin.proto ForgetCommand, key = user reference); every scoring replica
 # reads the whole topic without a consumer group.
 USER_FORGET = "user-forget"
+# What each GetRecommendations answer showed (common.proto Impression, key = user pseudonym);
+# the ingestion archiver stores it and attributes events to it (docs/experiments.md).
+IMPRESSIONS = "impressions"
 
 
 def dead_letter_topic(service: str) -> str:
@@ -53,6 +56,7 @@ TOPICS: dict[str, int] = {
     STYLE_RESULTS: 3,
     MODEL_UPDATES: 1,
     USER_FORGET: 1,
+    IMPRESSIONS: 6,
     **{dead_letter_topic(s): 1 for s in SERVICES_WITH_CONSUMERS},
 }
 
@@ -235,8 +239,12 @@ class ProtoConsumerLoop(Generic[M]):
         fetch_max_wait_ms: int | None = None,
         security: Mapping[str, Any] | None = None,
         redact: Redactor | None = None,
+        dead_letter: bool = True,
     ) -> None:
+        """``dead_letter=False``: unusable records are skipped (counted ``skipped``), for a second
+        group on a topic whose owner already dead-letters them, so none is parked twice."""
         self.group_id = group_id
+        self._dead_letter = dead_letter
         self._redact = redact
         self.topics = list(topics)
         self._type = message_type
@@ -321,7 +329,9 @@ class ProtoConsumerLoop(Generic[M]):
         for tp, records in polled.items():
             for record in records:
                 decoded = self._decode(record)
-                if isinstance(decoded, str):
+                if isinstance(decoded, str) and not self._dead_letter:
+                    CONSUMED.labels(self.group_id, tp.topic, "skipped").inc()
+                elif isinstance(decoded, str):
                     self._producer.dead_letter(self._service, record, decoded, self._redact)
                     CONSUMED.labels(self.group_id, tp.topic, "dead_letter").inc()
                 else:

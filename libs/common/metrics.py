@@ -43,7 +43,7 @@ CONSUMER_LAG = Gauge(
 )
 CONSUMED = Counter(
     "stylerec_kafka_messages_consumed_total",
-    "Kafka messages handled by a consumer, by outcome (ok, dead_letter, error).",
+    "Kafka messages handled by a consumer, by outcome (ok, dead_letter, skipped, error).",
     ["group", "topic", "outcome"],
 )
 PRODUCED = Counter(

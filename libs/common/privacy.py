@@ -128,3 +128,25 @@ def delete_user_keys(r: redis.Redis, user: str) -> int:
     pipe.publish(keys.user_changes_channel(), user)
     deleted, _ = pipe.execute()
     return int(deleted)
+
+
+def redact_impression(record: ConsumerRecord, reason: str) -> tuple[bytes, bytes, str]:
+    """(key, value, reason) to dead-letter for an ``impressions`` record: the same rules as
+    :func:`redact_user_event` (the topic is keyed by and carries pseudonyms only)."""
+    key = record.key or b""
+    try:
+        safe_key = key if is_pseudonym(key.decode()) else b""
+    except UnicodeDecodeError:
+        safe_key = b""
+    value = record.value or b""
+    imp = common_pb2.Impression()
+    try:
+        imp.ParseFromString(value)
+    except (DecodeError, ValueError, RuntimeError):
+        digest = hashlib.sha256(value).hexdigest()[:16]
+        return safe_key, b"", f"{reason} (value withheld: {len(value)} bytes, sha256 {digest})"
+    imp.DiscardUnknownFields()
+    if imp.user_id and not is_pseudonym(imp.user_id):
+        imp.user_id = REDACTED
+        reason = f"{reason} (user_id redacted)"
+    return safe_key, imp.SerializeToString(), reason

@@ -33,6 +33,8 @@ from services.gateway.catalog import ItemCatalog
 from services.gateway.config import GatewaySettings
 from services.gateway.downstream import Downstream
 from services.gateway.embeddings import ItemEmbeddings, StyleCentroid
+from services.gateway.experiments import Experiments
+from services.gateway.impressions import ImpressionPublisher
 from services.gateway.invalidation import ItemCacheInvalidator
 from services.gateway.recommend import Recommender
 from services.gateway.server import GatewayServicer
@@ -50,12 +52,14 @@ class GatewayApp:
     scoring_channel: grpc.Channel | None
     invalidator: ItemCacheInvalidator
     answer_listener: UserChangeListener
+    impressions: ImpressionPublisher
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def start_background(self) -> None:
         self.publisher.start()
         self.invalidator.start()
         self.answer_listener.start()
+        self.impressions.start()
         threading.Thread(target=self._gauge_loop, name="dependency-gauges", daemon=True).start()
 
     def _gauge_loop(self) -> None:
@@ -76,6 +80,7 @@ class GatewayApp:
         self.invalidator.stop()
         self.answer_listener.stop()
         self.publisher.stop()
+        self.impressions.stop()
         if self.scoring_channel is not None:
             self.scoring_channel.close()
         self.mongo.close()
@@ -119,14 +124,17 @@ def build_app(settings: GatewaySettings) -> GatewayApp:
         answers,
     )
     similar = SimilarItems(ds, index, settings.style_lambda)
-    servicer = GatewayServicer(settings, ds, pseudonymize, recommender, similar)
+    impressions = ImpressionPublisher(settings)
+    servicer = GatewayServicer(
+        settings, ds, pseudonymize, recommender, similar, Experiments.from_settings(settings), impressions
+    )
     invalidator = ItemCacheInvalidator(settings, ds.redis, catalog.near, answers)
     # Its own connection: a subscribed one serves no commands (store timeouts, not the request path's).
     listener = UserChangeListener(
         make_redis(settings.redis_url, settings.store_timeout_s, settings.store_retries, **redis_credentials(settings)),
         answers,
     )
-    return GatewayApp(settings, servicer, ds, publisher, mongo, scoring_channel, invalidator, listener)
+    return GatewayApp(settings, servicer, ds, publisher, mongo, scoring_channel, invalidator, listener, impressions)
 
 
 def main() -> None:

@@ -7,9 +7,33 @@ further capped by whatever is left of the caller's deadline.
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+import json
+import re
+from typing import Annotated, Any
 
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import NoDecode
+
+from libs.common.kafka import IMPRESSIONS
 from libs.common.settings import ServiceSettings
+
+ARM_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+
+
+class ExperimentArm(BaseModel):
+    """One arm of STYLEREC_EXPERIMENT_ARMS: what changes for the users hashed into it.
+
+    ``style`` false sends every user down the CF/POPULAR path (the style path off);
+    ``style_lambda`` (unset = the gateway's STYLEREC_STYLE_LAMBDA) changes the blend weight;
+    ``weight`` is the arm's share of users relative to the other arms.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(min_length=1, max_length=32, pattern=ARM_NAME_RE.pattern)
+    style: bool = True
+    style_lambda: float | None = Field(None, ge=0, le=1)
+    weight: int = Field(1, ge=1, le=1000)
 
 
 class GatewaySettings(ServiceSettings):
@@ -131,6 +155,61 @@ class GatewaySettings(ServiceSettings):
     embedding_index_refresh_s: float = Field(
         30.0, gt=0, description="How often the in-process item style-embedding index is reloaded from Redis."
     )
+
+    # --- online experiments (docs/experiments.md) --------------------------------------------
+    experiment_name: str = Field(
+        "",
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_.-]*$",
+        description="Name of the running online experiment ('' = none; answers then carry no arm).",
+    )
+    experiment_salt: str = Field(
+        "",
+        max_length=128,
+        description="Key of the user→arm hash ('' = the experiment name); a new salt reshuffles users.",
+    )
+    # NoDecode: parsed by _arms_json below, so an empty variable (compose's default) means "none".
+    experiment_arms: Annotated[tuple[ExperimentArm, ...], NoDecode] = Field(
+        (),
+        description='JSON list of arms, e.g. [{"name":"cf","style":false},{"name":"style"}] (none = no experiment).',
+    )
+    impressions_enabled: bool = Field(True, description="Publish an impression for every GetRecommendations answer.")
+    impressions_topic: str = Field(IMPRESSIONS, min_length=1, description="Topic impressions are published to.")
+    impressions_queue: int = Field(
+        10_000,
+        ge=1,
+        le=1_000_000,
+        description="Impressions buffered for the broker; beyond it new ones are dropped and counted, never waited on.",
+    )
+    impressions_linger_ms: int = Field(
+        50, ge=0, le=5000, description="Producer linger of the impression publisher (batches answers together)."
+    )
+
+    @field_validator("experiment_arms", mode="before")
+    @classmethod
+    def _arms_json(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            if not v.strip():
+                return ()
+            try:
+                return json.loads(v)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"experiment_arms must be a JSON list of arms: {exc}") from exc
+        return v
+
+    @model_validator(mode="after")
+    def _experiment_complete(self) -> GatewaySettings:
+        if self.experiment_arms and not self.experiment_name:
+            raise ValueError("experiment_arms are set but experiment_name is empty: name the experiment")
+        if self.experiment_name and len(self.experiment_arms) < 2:
+            raise ValueError(
+                f"experiment {self.experiment_name!r} needs at least two experiment_arms "
+                '(e.g. [{"name":"cf","style":false},{"name":"style"}])'
+            )
+        names = [a.name for a in self.experiment_arms]
+        if len(set(names)) != len(names):
+            raise ValueError(f"experiment_arms names must be unique, got {names}")
+        return self
 
     @model_validator(mode="after")
     def _chunk_fits_send_cap(self) -> GatewaySettings:

@@ -61,3 +61,13 @@ ANSWER_CACHE_INVALIDATIONS = Counter(
     "resubscribed / unsubscribed (the user-changes subscription came back or was lost: everything).",
     ["reason"],
 )
+IMPRESSIONS = Counter(
+    "stylerec_gateway_impressions_total",
+    "Impressions (one per GetRecommendations answer) the broker acknowledged, by experiment, arm and strategy.",
+    ["experiment", "arm", "strategy"],
+)
+IMPRESSIONS_DROPPED = Counter(
+    "stylerec_gateway_impressions_dropped_total",
+    "Impressions not published, by reason (queue_full: buffer full; broker: send failed). Never waited on.",
+    ["reason"],
+)

@@ -29,6 +29,7 @@ from services.gateway.config import GatewaySettings
 from services.gateway.deadlines import Deadline, DependencyUnavailable
 from services.gateway.downstream import Degradation, Downstream
 from services.gateway.embeddings import ItemEmbeddings, StyleCentroid, affinities
+from services.gateway.experiments import ExperimentArm
 from services.gateway.memo import ParseMemo
 from services.gateway.metrics import RECOMMENDATIONS
 from services.gateway.similar import EmbeddingIndex
@@ -55,6 +56,12 @@ def pairs(flat: list[Any]) -> dict[Any, Any]:
     """A Lua HGETALL reply (flat [field, value, ...]) as the dict redis-py's HGETALL gives."""
     it = iter(flat or [])
     return dict(zip(it, it, strict=True))
+
+
+def copy_of(resp: gateway_pb2.GetRecommendationsResponse) -> gateway_pb2.GetRecommendationsResponse:
+    out = gateway_pb2.GetRecommendationsResponse()
+    out.CopyFrom(resp)
+    return out
 
 
 @dataclass
@@ -133,40 +140,54 @@ class Recommender:
         return StyleProfile.from_redis(replies[0]), {s.decode() for s in replies[1]}, None
 
     def recommend(
-        self, request: gateway_pb2.GetRecommendationsRequest, deadline: Deadline
+        self,
+        request: gateway_pb2.GetRecommendationsRequest,
+        deadline: Deadline,
+        user: str = "",
+        arm: ExperimentArm | None = None,
     ) -> gateway_pb2.GetRecommendationsResponse:
-        user = self.pseudonymize(request.user_id)
+        """``user``: the pseudonym when the caller computed it already; ``arm``: the experiment
+        arm's overrides (style path off, another λ), None = the configured behaviour.
+
+        With kept answers on, the caller gets its own copy (it stamps the recommendation id on it)."""
+        user = user or self.pseudonymize(request.user_id)
         if self.answers is None:
-            return self._recommend(request, user, deadline)
-        key = (user, request.SerializeToString(deterministic=True))
+            return self._recommend(request, user, deadline, arm)
+        key = (user, request.SerializeToString(deterministic=True) + (arm.name.encode() if arm else b""))
         kept = self.answers.get(key)
         if kept is not None:
             self._count(kept)
-            return kept
+            return copy_of(kept)
         token = self.answers.token(user)  # before the Redis read: a change during the build is caught
-        resp = self._recommend(request, user, deadline)
-        self.answers.put(key, token, resp)
+        resp = self._recommend(request, user, deadline, arm)
+        self.answers.put(key, token, copy_of(resp))
         return resp
 
     def _recommend(
-        self, request: gateway_pb2.GetRecommendationsRequest, user: str, deadline: Deadline
+        self,
+        request: gateway_pb2.GetRecommendationsRequest,
+        user: str,
+        deadline: Deadline,
+        arm: ExperimentArm | None,
     ) -> gateway_pb2.GetRecommendationsResponse:
         s = self.settings
         k = request.k or s.default_k
         f = request.filters
+        style_on = arm is None or arm.style
+        lam = s.style_lambda if arm is None or arm.style_lambda is None else arm.style_lambda
         deg = Degradation()
         profile, seen, recs = self.user_state(user, deadline, deg, with_recs=True)
         pool = max(s.candidate_pool, k * 3)
         cands = self.candidates.for_user(user, pool, f.category, deadline, deg, prefetched=recs)
-        confident = profile is not None and profile.is_confident(s.style_confidence_threshold)
+        confident = style_on and profile is not None and profile.is_confident(s.style_confidence_threshold)
         resp = gateway_pb2.GetRecommendationsResponse(model_version=cands.model_version)
         if profile is not None:
             resp.anchor_item_id = profile.anchor
             resp.style_confidence = profile.confidence
         if confident and profile is not None:
             resp.strategy = gateway_pb2.STYLE_PERSONALIZED
-            resp.style_lambda = s.style_lambda
-            ranked = self._style_ranked(user, profile, cands, seen, pool, f.category, deadline, deg)
+            resp.style_lambda = lam
+            ranked = self._style_ranked(user, profile, cands, seen, pool, f.category, deadline, deg, lam)
         else:
             resp.strategy = gateway_pb2.CF if cands.source == CF else gateway_pb2.POPULAR
             if cands.source != CF and seen:
@@ -231,6 +252,7 @@ class Recommender:
         category: str,
         deadline: Deadline,
         deg: Degradation,
+        lam: float,
     ) -> list[Ranked]:
         s = self.settings
         items = [(i, sc) for i, sc in cands.items if i not in seen]
@@ -283,7 +305,7 @@ class Recommender:
             # No candidate has a look yet (no photos, or not embedded yet): nothing is missing
             # from the answer, style simply has nothing to say, so CF order stands.
             return self._cf_ranked(CandidateSet(cands.source, items))
-        rows = rerank_scored(items, known, self.settings.style_lambda)
+        rows = rerank_scored(items, known, lam)
         return [Ranked(i, c, a, fin) for i, c, a, fin in rows]
 
     def _filter(

@@ -16,6 +16,8 @@ from libs.common.pseudonym import Pseudonymizer
 from services.gateway.config import GatewaySettings
 from services.gateway.deadlines import Deadline, DependencyUnavailable
 from services.gateway.downstream import Degradation, Downstream
+from services.gateway.experiments import Experiments
+from services.gateway.impressions import ImpressionPublisher
 from services.gateway.metrics import STYLIZED_BYTES
 from services.gateway.recommend import Recommender
 from services.gateway.similar import SimilarItems
@@ -54,8 +56,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         pseudonymize: Pseudonymizer,
         recommender: Recommender,
         similar: SimilarItems,
+        experiments: Experiments | None = None,
+        impressions: ImpressionPublisher | None = None,
     ) -> None:
         self.settings = settings
+        self.experiments = experiments or Experiments.from_settings(settings)
+        # None (unit setups without a broker): answers get no recommendation id and nothing is published.
+        self.impressions = impressions
         self.ds = downstream
         self.pseudonymize = pseudonymize
         self.recommender = recommender
@@ -98,7 +105,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                     break
         if violations:
             abort_invalid(context, "invalid GetRecommendations request: " + violations[0][1], violations)
-        return self.recommender.recommend(request, self._deadline(context))
+        user = self.pseudonymize(request.user_id)
+        assignment = self.experiments.assign(user)
+        resp = self.recommender.recommend(request, self._deadline(context), user, assignment.arm)
+        if self.impressions is not None:
+            self.impressions.stamp(resp, user, assignment)
+        return resp
 
     def GetSimilarItems(
         self, request: gateway_pb2.GetSimilarItemsRequest, context: grpc.ServicerContext

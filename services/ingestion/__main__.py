@@ -23,6 +23,7 @@ from libs.common.server import ServiceRuntime, mongo_probe, redis_probe, tcp_pro
 from libs.common.stores import make_mongo, make_redis, mongo_credentials, redis_credentials
 from services.ingestion.admin import AdminServicer, UserForgetter
 from services.ingestion.archiver import ArchiverRunner
+from services.ingestion.attribution import ExperimentsRunner
 from services.ingestion.catalog import ItemCatalog
 from services.ingestion.config import IngestionSettings
 from services.ingestion.dedup import DedupStore
@@ -101,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
             AuditLog(db, settings.service_name),
             settings.events_collection,
             settings.publish_timeout_s,
+            settings.impressions_collection,
+            (settings.attributions_collection, settings.attribution_pending_collection),
         )
         runtime.on_shutdown(forgetter.close)
         runtime.add_service(
@@ -108,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
             admin_pb2_grpc.add_AdminServiceServicer_to_server,
             AdminServicer(forgetter, settings.max_id_length),
         )
+    if settings.runs_archiver and settings.experiments_enabled:
+        experiments = ExperimentsRunner(settings, db, refs).start()
+        runtime.require("attribution", lambda: experiments.running)
+        runtime.on_shutdown(experiments.stop)
     if settings.runs_archiver:
         archiver = ArchiverRunner(settings, db, refs).start()
         runtime.require("archiver", lambda: archiver.running)

@@ -10,7 +10,8 @@ order matters for the consumers racing with it:
    drop the user's row from their in-memory state and their Redis keys;
 3. then the stores are cleaned: archived events, the idempotency markers of those
    events, the per-user Redis keys, stylized images only this user asked for (their
-   name is removed from shared ones).
+   name is removed from shared ones), the impressions shown to the user and their
+   attributed (or still pending) outcomes (docs/experiments.md).
 
 Every step is idempotent, so a failed call is simply repeated and a second call
 finds nothing left (zero counts). Kafka is append-only: the user's pseudonymous
@@ -66,6 +67,8 @@ class UserForgetter:
         audit: AuditLog,
         events_collection: str,
         publish_timeout_s: float = 10.0,
+        impressions_collection: str = "impressions",
+        attribution_collections: tuple[str, ...] = ("attributions", "attribution_pending"),
     ) -> None:
         self.db = db
         self.redis = r
@@ -78,6 +81,8 @@ class UserForgetter:
         self.audit = audit
         self.events = db[events_collection]
         self.publish_timeout_s = publish_timeout_s
+        self.impressions = db[impressions_collection]
+        self.attribution_collections = [db[c] for c in attribution_collections]
 
     def close(self) -> None:
         with self._producer_lock:
@@ -108,6 +113,7 @@ class UserForgetter:
             resp.dedup_keys_deleted = self._delete_keys([keys.dedup_event(e) for e in event_ids])
             resp.redis_keys_deleted = delete_user_keys(self.redis, user)
             self._forget_stylized(user, resp)
+            self._forget_impressions(user, resp)
         except (PyMongoError, redis.RedisError, KafkaError) as exc:
             # Only the exception type: store error texts can quote the query (the pseudonym).
             error = type(exc).__name__
@@ -124,6 +130,12 @@ class UserForgetter:
         if ids:
             resp.events_deleted = with_retries(lambda: self.events.delete_many({"user_id": user})).deleted_count
         return ids
+
+    def _forget_impressions(self, user: str, resp: admin_pb2.ForgetUserResponse) -> None:
+        """What answers showed the user, and which of their clicks and purchases were attributed."""
+        resp.impressions_deleted = with_retries(lambda: self.impressions.delete_many({"user_id": user})).deleted_count
+        for coll in self.attribution_collections:
+            resp.attributions_deleted += with_retries(partial(coll.delete_many, {"user_id": user})).deleted_count
 
     def _delete_keys(self, names: list[str]) -> int:
         n = 0
@@ -164,6 +176,8 @@ def _counts(resp: admin_pb2.ForgetUserResponse) -> dict[str, Any]:
         "redis_keys_deleted": resp.redis_keys_deleted,
         "stylized_images_deleted": resp.stylized_images_deleted,
         "stylized_refs_removed": resp.stylized_refs_removed,
+        "impressions_deleted": resp.impressions_deleted,
+        "attributions_deleted": resp.attributions_deleted,
         "forget_command_offset": resp.forget_command_offset,
     }
 

@@ -72,6 +72,7 @@ def event_document(event: common_pb2.Event, archived_at: float | None = None) ->
             "device": event.context.device,
             "page": event.context.page,
         },
+        "recommendation_id": event.recommendation_id,
     }
 
 

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from libs.common.kafka import USER_EVENTS
+from libs.common.kafka import IMPRESSIONS, USER_EVENTS
 from libs.common.settings import ServiceSettings
 
 
@@ -96,6 +96,47 @@ class IngestionSettings(ServiceSettings):
     )
     archiver_max_poll_records: int = Field(1000, ge=1, le=100_000, description="Records per archiver bulk write.")
 
+    # ---- online experiments: impression archive and attribution (docs/experiments.md) ----
+    experiments_enabled: bool = Field(
+        True, description="The archiver role also archives impressions and attributes clicks/carts/purchases."
+    )
+    impressions_topic: str = Field(IMPRESSIONS, min_length=1, description="Topic the gateway publishes impressions to.")
+    impressions_group: str = Field(
+        "impressions-archiver", min_length=1, description="Consumer group that archives impressions."
+    )
+    attribution_group: str = Field(
+        "attribution", min_length=1, description="Consumer group that attributes user-events to impressions."
+    )
+    impressions_collection: str = Field("impressions", min_length=1, description="MongoDB collection of impressions.")
+    attributions_collection: str = Field(
+        "attributions", min_length=1, description="MongoDB collection of attributed outcomes (one per impression item)."
+    )
+    attribution_pending_collection: str = Field(
+        "attribution_pending",
+        min_length=1,
+        description="MongoDB collection of outcome events waiting for their impression (out-of-order arrival).",
+    )
+    impressions_ttl_s: int = Field(
+        30 * 86400, ge=3600, description="How long impressions and attributions are kept (MongoDB TTL index)."
+    )
+    attribution_window_s: float = Field(
+        86400.0,
+        gt=0,
+        le=30 * 86400,
+        description="An event without recommendation_id is attributed to the user's latest impression of the item "
+        "shown at most this long before it.",
+    )
+    attribution_settle_s: float = Field(
+        10.0,
+        ge=0,
+        le=600,
+        description="Events without recommendation_id are matched this long after their time, so impressions "
+        "archived a little late still win (last touch).",
+    )
+    attribution_clock_skew_s: float = Field(
+        60.0, ge=0, le=3600, description="Event clocks may run this far behind the gateway's impression time."
+    )
+
     # ---- catalog ----
     items_collection: str = Field("items", min_length=1, description="MongoDB collection of catalog items.")
     max_batch_items: int = Field(500, ge=1, le=100_000, description="Max items per UpsertItems call.")
@@ -134,6 +175,16 @@ class IngestionSettings(ServiceSettings):
             raise ValueError(
                 f"max_batch_events ({self.max_batch_events}) must not exceed max_inflight_events "
                 f"({self.max_inflight_events})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _window_fits_ttl(self) -> IngestionSettings:
+        # An impression must outlive the window in which events are attributed to it.
+        if self.attribution_window_s > self.impressions_ttl_s:
+            raise ValueError(
+                f"attribution_window_s ({self.attribution_window_s:g}) must not exceed impressions_ttl_s "
+                f"({self.impressions_ttl_s})"
             )
         return self
 

@@ -78,3 +78,19 @@ ARCHIVE_WRITE_SECONDS = Histogram(
     "Duration of one archiver bulk upsert.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+IMPRESSIONS_ARCHIVED = Counter(
+    "stylerec_ingestion_archived_impressions_total",
+    "Impressions upserted into MongoDB by the impression archiver.",
+)
+ATTRIBUTED = Counter(
+    "stylerec_ingestion_attributed_total",
+    "Outcomes attributed to an impression item (first time only: replays and duplicates are not counted), "
+    "by experiment, arm, strategy and outcome (click, cart, purchase).",
+    ["experiment", "arm", "strategy", "outcome"],
+)
+ATTRIBUTION_SKIPPED = Counter(
+    "stylerec_ingestion_attribution_skipped_total",
+    "Outcome events carrying a recommendation_id that cannot count for it, by reason "
+    "(other_user, item_not_shown, outside_window).",
+    ["reason"],
+)

@@ -15,6 +15,7 @@ from stylerec.v1 import common_pb2
 
 ID_RE = re.compile(r"^[A-Za-z0-9_.:@/+=-]+$")
 PSEUDONYM_RE = re.compile(r"^u_[0-9a-f]{32}$")
+RECOMMENDATION_ID_RE = re.compile(r"^rec_[0-9a-f]{32}$")
 KNOWN_TYPES = {t for t in common_pb2.EventType.values() if t != common_pb2.EVENT_TYPE_UNSPECIFIED}
 TYPE_NAMES = "VIEW, CLICK, FAVORITE, ADD_TO_CART, PURCHASE"
 
@@ -71,6 +72,8 @@ def validate_event(
             return problem
     if event.type not in KNOWN_TYPES:
         return f"type {event.type} is not one of {TYPE_NAMES}"
+    if event.recommendation_id and not RECOMMENDATION_ID_RE.match(event.recommendation_id):
+        return "recommendation_id must be the id a GetRecommendations answer returned (rec_ + 32 hex) or empty"
     if not event.HasField("timestamp"):
         return "timestamp is required"
     if not 0 <= event.timestamp.nanos < 1_000_000_000:

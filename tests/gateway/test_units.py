@@ -104,3 +104,117 @@ def test_breaker_stays_closed_when_the_dependency_answered_with_an_error() -> No
     with pytest.raises(DependencyUnavailable, match="item unknown"):
         b.call(not_found, Deadline(5), is_failure=lambda e: not isinstance(e, LookupError))
     assert not b.is_open() and b.call(lambda: 7, Deadline(5)) == 7
+
+
+# ---------- experiments and impressions ----------
+def test_arm_assignment_is_deterministic_weighted_and_reshuffled_by_the_salt() -> None:
+    from services.gateway.config import ExperimentArm
+    from services.gateway.experiments import Experiments
+
+    arms = (ExperimentArm(name="a"), ExperimentArm(name="b", weight=3))
+    exp = Experiments("e1", "s1", arms)
+    users = [f"u_{n:032x}" for n in range(4000)]
+    first = [exp.assign(u).arm_name for u in users]
+    assert first == [Experiments("e1", "s1", arms).assign(u).arm_name for u in users]  # another replica agrees
+    share_b = first.count("b") / len(first)
+    assert 0.72 < share_b < 0.78  # weight 3 of 4
+    other = [Experiments("e1", "s2", arms).assign(u).arm_name for u in users]
+    assert 0.3 < sum(x != y for x, y in zip(first, other, strict=True)) / len(users) < 0.5
+    assert Experiments("", "", ()).assign(users[0]).arm is None
+
+
+def test_experiment_settings_are_validated() -> None:
+    from pydantic import ValidationError
+
+    from services.gateway.config import GatewaySettings
+
+    ok = GatewaySettings(experiment_name="e", experiment_arms=[{"name": "cf", "style": False}, {"name": "s"}])  # type: ignore[arg-type]
+    assert [a.name for a in ok.experiment_arms] == ["cf", "s"]
+    for bad in (
+        {"experiment_name": "e", "experiment_arms": [{"name": "only"}]},
+        {"experiment_arms": [{"name": "a"}, {"name": "b"}]},
+        {"experiment_name": "e", "experiment_arms": [{"name": "a"}, {"name": "a"}]},
+        {"experiment_name": "e", "experiment_arms": [{"name": "a", "style_lambda": 2}, {"name": "b"}]},
+        {"experiment_name": "e", "experiment_arms": [{"name": "a", "colour": "red"}, {"name": "b"}]},
+        {"experiment_name": "e", "experiment_arms": [{"name": "a b"}, {"name": "b"}]},
+    ):
+        with pytest.raises(ValidationError):
+            GatewaySettings(**bad)  # type: ignore[arg-type]
+
+
+class FakeProducer:
+    """Stands in for the broker client in a unit test: records sends; acknowledges at once."""
+
+    def __init__(self, block_s: float = 0.0) -> None:
+        self.sent: list[tuple[str, str, object]] = []
+        self.block_s = block_s
+
+    def send(self, topic: str, key: str, message: object) -> object:
+        time.sleep(self.block_s)
+        self.sent.append((topic, key, message))
+
+        class Done:
+            def add_callback(self, fn: object) -> None:
+                fn(None)  # type: ignore[operator]
+
+            def add_errback(self, fn: object) -> None:
+                pass
+
+        return Done()
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        pass
+
+    def close(self, timeout_s: float = 5) -> None:
+        pass
+
+
+def test_impressions_never_block_the_answer_and_overflow_is_counted() -> None:
+    from prometheus_client import REGISTRY
+    from stylerec.v1 import gateway_pb2
+
+    from services.gateway.config import GatewaySettings
+    from services.gateway.experiments import NO_EXPERIMENT
+    from services.gateway.impressions import ImpressionPublisher
+
+    def dropped() -> float:
+        return REGISTRY.get_sample_value("stylerec_gateway_impressions_dropped_total", {"reason": "queue_full"}) or 0.0
+
+    slow = FakeProducer(block_s=0.5)  # a broker that takes 0.5 s per send
+    pub = ImpressionPublisher(GatewaySettings(impressions_queue=5), lambda: slow).start()  # type: ignore[arg-type,return-value]
+    before = dropped()
+    t0 = time.perf_counter()
+    for _ in range(50):
+        resp = gateway_pb2.GetRecommendationsResponse(strategy=gateway_pb2.CF, model_version="m")
+        resp.items.add(item_id="a")
+        pub.stamp(resp, "u_" + "0" * 32, NO_EXPERIMENT)
+    assert time.perf_counter() - t0 < 0.2  # 50 answers, no waiting on the 0.5 s sends
+    assert dropped() - before >= 40
+    pub.stop()
+    topic, key, imp = slow.sent[0]
+    assert topic == "impressions" and key == "u_" + "0" * 32
+    assert imp.strategy == "CF" and [i.item_id for i in imp.items] == ["a"]  # type: ignore[attr-defined]
+
+
+def test_impressions_without_a_broker_are_dropped_and_counted() -> None:
+    from prometheus_client import REGISTRY
+    from stylerec.v1 import gateway_pb2
+
+    from services.gateway.config import GatewaySettings
+    from services.gateway.experiments import NO_EXPERIMENT
+    from services.gateway.impressions import ImpressionPublisher
+
+    def no_broker() -> object:
+        raise ConnectionError("NoBrokersAvailable")
+
+    def dropped() -> float:
+        return REGISTRY.get_sample_value("stylerec_gateway_impressions_dropped_total", {"reason": "broker"}) or 0.0
+
+    before = dropped()
+    pub = ImpressionPublisher(GatewaySettings(), no_broker).start()  # type: ignore[arg-type]
+    pub.stamp(gateway_pb2.GetRecommendationsResponse(), "u_" + "1" * 32, NO_EXPERIMENT)
+    deadline = time.monotonic() + 5
+    while dropped() - before < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert dropped() - before == 1
+    pub.stop()

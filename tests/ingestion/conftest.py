@@ -77,7 +77,7 @@ def ing(infra: Stack) -> Iterator[Ingestion]:
         collection=f"events_t_{token}",
         group=f"archiver-t-{token}",
     )
-    ensure_topics([infra.kafka_bootstrap], {handle.topic: 3})
+    ensure_topics([infra.kafka_bootstrap], {handle.topic: 3, f"{handle.topic}-impressions": 1})
     start_ingestion(
         infra,
         handle.name,
@@ -85,6 +85,13 @@ def ing(infra: Stack) -> Iterator[Ingestion]:
             "STYLEREC_EVENTS_TOPIC": handle.topic,
             "STYLEREC_EVENTS_COLLECTION": handle.collection,
             "STYLEREC_ARCHIVER_GROUP": handle.group,
+            # Attribution on its own groups and collections (tests/ingestion/test_attribution.py has its own).
+            "STYLEREC_IMPRESSIONS_TOPIC": f"{handle.topic}-impressions",
+            "STYLEREC_IMPRESSIONS_GROUP": f"{handle.group}-impressions",
+            "STYLEREC_ATTRIBUTION_GROUP": f"{handle.group}-attribution",
+            "STYLEREC_IMPRESSIONS_COLLECTION": f"{handle.collection}_impressions",
+            "STYLEREC_ATTRIBUTIONS_COLLECTION": f"{handle.collection}_attributions",
+            "STYLEREC_ATTRIBUTION_PENDING_COLLECTION": f"{handle.collection}_pending",
         },
     )
     yield handle

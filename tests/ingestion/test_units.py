@@ -340,3 +340,44 @@ def test_publisher_admission_budget_and_broker_circuit() -> None:
     with pytest.raises(BrokerUnavailable, match="failing"):
         pub.admit(1)  # the circuit is open: fail fast instead of waiting on a dead broker
     assert pub.inflight == 0
+
+
+# ---------- attribution matching ----------
+def test_attribution_match_rules() -> None:
+    from services.ingestion.attribution import Outcome, match
+
+    u, v = "u_" + "1" * 32, "u_" + "2" * 32
+    imps = [
+        {"_id": "rec_a", "user_id": u, "items": ["x", "y"], "ts": 1000.0},
+        {"_id": "rec_b", "user_id": u, "items": ["y"], "ts": 1500.0},
+        {"_id": "rec_c", "user_id": v, "items": ["x"], "ts": 1900.0},
+    ]
+    window = 600.0
+
+    def o(item: str, ts: float, rid: str = "", user: str = u) -> Outcome:
+        return Outcome("e", user, item, "click", ts, rid)
+
+    assert match(o("y", 1550), imps, window, 60)["_id"] == "rec_b"  # type: ignore[index]  # last touch
+    assert match(o("x", 1550), imps, window, 60)["_id"] == "rec_a"  # type: ignore[index]
+    assert match(o("x", 1700), imps, window, 60) is None  # rec_a is 700 s back: outside the window
+    assert match(o("x", 990), imps, window, 60)["_id"] == "rec_a"  # type: ignore[index]  # clock skew allowed
+    assert match(o("x", 900), imps, window, 60) is None  # before the skew allowance: not yet
+    assert match(o("x", 1010, "rec_a"), imps, window, 60)["_id"] == "rec_a"  # type: ignore[index]
+    assert match(o("x", 1010, "rec_c"), imps, window, 60) == "other_user"
+    assert match(o("z", 1010, "rec_a"), imps, window, 60) == "item_not_shown"
+    assert match(o("x", 5000, "rec_a"), imps, window, 60) == "outside_window"
+    assert match(o("x", 1010, "rec_zzz"), imps, window, 60) is None  # its impression may still come
+    # A list shown just after the click (within the skew allowance) does not steal it from the one acted on.
+    later = [*imps, {"_id": "rec_d", "user_id": u, "items": ["y"], "ts": 1560.0}]
+    assert match(o("y", 1550), later, window, 60)["_id"] == "rec_b"  # type: ignore[index]
+
+
+def test_recommendation_id_validation() -> None:
+    from services.ingestion.validation import validate_event
+
+    e = make_event("shopper", "i1", common_pb2.CLICK)
+    assert validate_event(e) is None
+    e.recommendation_id = "rec_" + "ab" * 16
+    assert validate_event(e) is None
+    e.recommendation_id = "rec_" + "AB" * 16
+    assert (validate_event(e) or "").startswith("recommendation_id must be")

@@ -105,7 +105,8 @@ def test_histogram_quantile_interpolates_like_prometheus() -> None:
     assert histogram_quantile(0.95, buckets) == 1.0  # in +Inf: the last finite bound, as Prometheus
     assert histogram_quantile(0.5, [(0.1, 0.0), (float("inf"), 0.0)]) is None
     side = scoring_side({0.1: 10.0, 0.5: 10.0, float("inf"): 10.0}, {0.1: 60.0, 0.5: 110.0, float("inf"): 110.0})
-    assert side["events"] == 100 and side["p50_ms"] == 100.0 and side["p95_ms"] == pytest.approx(460.0)  # 0.1 + 0.4 * 45/50
+    # p95: rank 95 lies in (0.1, 0.5], 45 of its 50: 0.1 + 0.4 * 45/50.
+    assert side["events"] == 100 and side["p50_ms"] == 100.0 and side["p95_ms"] == pytest.approx(460.0)
 
 
 def test_entry_costs_are_measured_on_the_real_state() -> None:

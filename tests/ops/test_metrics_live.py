@@ -200,6 +200,17 @@ def drive_traffic(stack: Stack, broken: dict[str, Component], tag: str) -> None:
 
     # scoring folds the purchases in and writes the style profile; then stylized images are requested.
     wait_for("a STYLE_PERSONALIZED answer with items", personalized, 60)
+    # The shopper clicks the top item of an answer: attributed to its impression (experiment panels).
+    shown = gw.GetRecommendations(gateway_pb2.GetRecommendationsRequest(user_id=f"ops-{tag}-u0", k=5), timeout=10)
+    click = common_pb2.Event(
+        event_id=f"ops-{tag}-click",
+        user_id=f"ops-{tag}-u0",
+        item_id=shown.items[0].item_id,
+        type=common_pb2.CLICK,
+        timestamp=now_ts(),
+        recommendation_id=shown.recommendation_id,
+    )
+    assert ing.IngestEvents(ingestion_pb2.IngestEventsRequest(events=[click]), timeout=30).accepted == 1
     gw.GetRecommendations(gateway_pb2.GetRecommendationsRequest(user_id=f"ops-{tag}-nobody", k=5), timeout=10)
     gw.GetSimilarItems(gateway_pb2.GetSimilarItemsRequest(item_id=item_ids[0], k=3), timeout=10)
 

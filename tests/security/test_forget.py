@@ -85,6 +85,8 @@ def test_forget_user_end_to_end(run: tuple[Stack, Clients, Scenario]) -> None:
     assert c.db["stylized"].count_documents({"users": user}) >= 1
     before_events = state_events(c.scoring)
     assert before_events == sc.total_events
+    # The gateway's answers were archived as impressions (pseudonym only; the scans below check it).
+    poll("the lover's impressions archived", lambda: c.db["impressions"].count_documents({"user_id": user}), bool, 30)
 
     resp = c.admin.ForgetUser(admin_pb2.ForgetUserRequest(user_id=sc.lover), timeout=60)
     assert resp.user_ref == ref and not resp.already_forgotten
@@ -94,6 +96,7 @@ def test_forget_user_end_to_end(run: tuple[Stack, Clients, Scenario]) -> None:
     # delete the user's keys before ingestion gets to them. The scan below proves they are gone.
     assert 0 <= resp.redis_keys_deleted <= len(keys.per_user(user))
     assert resp.stylized_images_deleted + resp.stylized_refs_removed >= 1
+    assert resp.impressions_deleted >= 1 and c.db["impressions"].count_documents({"user_id": user}) == 0
 
     # Scoring replicas drop the row from the user-forget command.
     poll(
@@ -145,7 +148,9 @@ def test_forget_user_end_to_end(run: tuple[Stack, Clients, Scenario]) -> None:
         again.redis_keys_deleted,
         again.stylized_images_deleted,
         again.stylized_refs_removed,
-    ) == (0, 0, 0, 0, 0)
+        again.impressions_deleted,
+        again.attributions_deleted,
+    ) == (0, 0, 0, 0, 0, 0, 0)
     assert c.db["audit"].count_documents({"action": FORGET, "target": ref}) == 2
 
     # Events the user sends afterwards are published (Kafka is the shop's pipe) but never archived

@@ -1,0 +1,418 @@
+"""Impression archive and attribution: which shown item a click, cart or purchase belongs to.
+
+Why here (the archiver role of ingestion) and not in a new service or in the gateway: ingestion
+already owns the system of record in MongoDB (the event archive), the suppression list and
+ForgetUser, and its archiver role is the one place that turns Kafka topics into MongoDB rows with
+commit-after-write. Attribution is exactly that — two more consumer groups next to the event
+archiver — so it reuses the same loop, dead-lettering, redaction and scaling knob
+(``--role archiver``), and keeps the gateway's request path free of any store write.
+
+Two consumer groups, both idempotent:
+
+* ``impressions`` → MongoDB ``impressions`` (``_id`` = recommendation id, TTL on ``shown_at``);
+  afterwards the pending outcome events of those users are re-examined (an event may have been
+  consumed before its impression: different topics, different lags);
+* ``user-events`` → for CLICK / ADD_TO_CART / PURCHASE: the event is first *parked* in
+  ``attribution_pending``, then matched: by its ``recommendation_id`` when it carries one, else to
+  the same user's latest impression that showed the item within ``attribution_window_s`` before
+  the event. A match writes ``attributions`` with ``_id`` = recommendation id | item | outcome via
+  ``$setOnInsert``, so a replayed, duplicated or re-matched event never counts twice, and the
+  ``stylerec_ingestion_attributed_total`` counter only moves when the row was new.
+
+Store-then-look on both sides (park, then read impressions; archive impressions, then read the
+parked events) means that whichever of the two arrives second finds the other: no interleaving
+loses an outcome. Unmatched parked events expire by TTL after the window.
+
+An event with a recommendation id names its impression, so it is settled as soon as that is
+archived. An event without one is matched by "latest impression before it", which is only right
+once every earlier impression is archived: the impression consumer may lag behind the event
+consumer (it did on a cold start in the simulation, and a list archived late would lose the
+click to an older one). So window matches wait ``attribution_settle_s`` after the event's time;
+a sweeper settles them when they come due, and replayed old events are settled at once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from kafka.errors import KafkaError
+from pymongo import UpdateOne
+from pymongo.database import Database
+from stylerec.v1 import common_pb2
+
+from libs.common.kafka import Decoded, ProtoConsumerLoop, ProtoProducer, kafka_security
+from libs.common.metrics import STORE_ERRORS
+from libs.common.privacy import ForgottenUsers, UserRefs, redact_impression, redact_user_event
+from libs.common.stores import with_retries
+from services.ingestion import metrics
+from services.ingestion.archiver import DeadLetterProducer, archived_problem
+from services.ingestion.config import IngestionSettings
+from services.ingestion.validation import PSEUDONYM_RE, RECOMMENDATION_ID_RE
+
+log = logging.getLogger(__name__)
+
+# Event type -> outcome name (labels, report columns). VIEW and FAVORITE are not outcomes.
+OUTCOMES: dict[int, str] = {
+    common_pb2.CLICK: "click",
+    common_pb2.ADD_TO_CART: "cart",
+    common_pb2.PURCHASE: "purchase",
+}
+
+
+def impression_problem(imp: common_pb2.Impression) -> str | None:
+    """Why an ``impressions`` record cannot be archived (it goes to the dead-letter topic)."""
+    if not RECOMMENDATION_ID_RE.match(imp.recommendation_id):
+        return "recommendation_id is not rec_ + 32 hex"
+    if not PSEUDONYM_RE.match(imp.user_id):
+        return "user_id is not a pseudonym (raw ids are never archived)"
+    if not imp.HasField("shown_at"):
+        return "shown_at is required"
+    return None
+
+
+def ts_of(msg: common_pb2.Event | common_pb2.Impression) -> float:
+    t = msg.timestamp if isinstance(msg, common_pb2.Event) else msg.shown_at
+    return t.seconds + t.nanos / 1e9
+
+
+def impression_document(imp: common_pb2.Impression) -> dict[str, Any]:
+    ts = ts_of(imp)
+    return {
+        "user_id": imp.user_id,
+        "strategy": imp.strategy,
+        "experiment": imp.experiment,
+        "arm": imp.arm,
+        "items": [it.item_id for it in sorted(imp.items, key=lambda it: it.position)],
+        "model_version": imp.model_version,
+        "ts": ts,
+        # A BSON date: what the TTL index expires by.
+        "shown_at": dt.datetime.fromtimestamp(ts, dt.UTC),
+    }
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """An outcome event as parked in ``attribution_pending`` (``_id`` = event id)."""
+
+    event_id: str
+    user_id: str
+    item_id: str
+    outcome: str
+    ts: float
+    recommendation_id: str
+
+    @classmethod
+    def of(cls, e: common_pb2.Event) -> Outcome:
+        return cls(e.event_id, e.user_id, e.item_id, OUTCOMES[e.type], ts_of(e), e.recommendation_id)
+
+    @classmethod
+    def from_doc(cls, d: dict[str, Any]) -> Outcome:
+        return cls(
+            str(d["_id"]), d["user_id"], d["item_id"], d["outcome"], float(d["ts"]), d.get("recommendation_id", "")
+        )
+
+    def doc(self) -> dict[str, Any]:
+        return {
+            "user_id": self.user_id,
+            "item_id": self.item_id,
+            "outcome": self.outcome,
+            "ts": self.ts,
+            "recommendation_id": self.recommendation_id,
+            "parked_at": dt.datetime.now(dt.UTC),
+        }
+
+
+def match(
+    o: Outcome, impressions: Iterable[dict[str, Any]], window_s: float, skew_s: float
+) -> dict[str, Any] | str | None:
+    """The impression ``o`` counts for, a reason string when it can never count, or None (not yet).
+
+    With a recommendation id only that impression qualifies (same user, item shown, inside the
+    window); without one, the user's latest impression that showed the item in ``[ts - window, ts]``
+    (last touch), else the earliest in ``(ts, ts + skew]``: ``skew_s`` allows event clocks running
+    behind the gateway's without letting a later list steal the click from the one acted on.
+    """
+    if o.recommendation_id:
+        for imp in impressions:
+            if imp["_id"] != o.recommendation_id:
+                continue
+            if imp["user_id"] != o.user_id:
+                return "other_user"
+            if o.item_id not in imp["items"]:
+                return "item_not_shown"
+            if not imp["ts"] - skew_s <= o.ts <= imp["ts"] + window_s:
+                return "outside_window"
+            return imp
+        return None
+    before: dict[str, Any] | None = None  # latest impression at or before the event
+    after: dict[str, Any] | None = None  # else the earliest one within the skew after it
+    for imp in impressions:
+        if imp["user_id"] != o.user_id or o.item_id not in imp["items"]:
+            continue
+        if o.ts - window_s <= imp["ts"] <= o.ts:
+            if before is None or (imp["ts"], imp["_id"]) > (before["ts"], before["_id"]):
+                before = imp
+        elif o.ts < imp["ts"] <= o.ts + skew_s and (
+            after is None or (imp["ts"], imp["_id"]) < (after["ts"], after["_id"])
+        ):
+            after = imp
+    return before or after
+
+
+class Attribution:
+    """Both handlers over one set of collections; each is safe to replay."""
+
+    def __init__(self, db: Database, settings: IngestionSettings, forgotten: ForgottenUsers | None = None) -> None:
+        self.impressions = db[settings.impressions_collection]
+        self.attributions = db[settings.attributions_collection]
+        self.pending = db[settings.attribution_pending_collection]
+        self.window_s = settings.attribution_window_s
+        self.skew_s = settings.attribution_clock_skew_s
+        self.settle_s = settings.attribution_settle_s
+        # Parked events with ts up to here were examined by a sweep; a restart looks 10 minutes back.
+        self.swept_to = time.time() - self.settle_s - 600
+        self.ttl_s = settings.impressions_ttl_s
+        self.forgotten = forgotten
+        self._indexed = False
+        self._counters: dict[tuple[str, str, str, str], Any] = {}
+
+    def ensure_indexes(self) -> None:
+        """TTL indexes bound the stores; user_id serves lookups and ForgetUser. Retried until done once."""
+        if self._indexed:
+            return
+        try:
+            self.impressions.create_index("user_id")
+            self.impressions.create_index("shown_at", expireAfterSeconds=self.ttl_s)
+            self.attributions.create_index("user_id")
+            self.attributions.create_index("attributed_at", expireAfterSeconds=self.ttl_s)
+            self.pending.create_index("user_id")
+            self.pending.create_index("ts")
+            self.pending.create_index("parked_at", expireAfterSeconds=int(self.window_s + self.skew_s) + 3600)
+        except Exception as exc:
+            STORE_ERRORS.labels("mongo", "attribution_create_index").inc()
+            log.warning("attribution indexes not created yet", extra={"error": type(exc).__name__})
+            return
+        self._indexed = True
+
+    def _drop_forgotten(self, users: Iterable[str]) -> set[str]:
+        return self.forgotten.forgotten_among(users) if self.forgotten is not None else set()
+
+    # ---- impressions topic ----
+    def on_impressions(self, batch: list[Decoded[common_pb2.Impression]]) -> None:
+        self.ensure_indexes()
+        gone = self._drop_forgotten(d.message.user_id for d in batch)
+        imps = {d.message.recommendation_id: d.message for d in batch if d.message.user_id not in gone}
+        if not imps:
+            return
+        ops = [UpdateOne({"_id": rid}, {"$set": impression_document(m)}, upsert=True) for rid, m in imps.items()]
+        try:
+            with_retries(lambda: self.impressions.bulk_write(ops, ordered=False))
+        except Exception:
+            STORE_ERRORS.labels("mongo", "impressions_bulk_write").inc()
+            raise
+        metrics.IMPRESSIONS_ARCHIVED.inc(len(ops))
+        users = list({m.user_id for m in imps.values()})
+        parked: list[dict[str, Any]] = with_retries(lambda: list(self.pending.find({"user_id": {"$in": users}})))
+        if parked:
+            self.resolve([Outcome.from_doc(d) for d in parked])
+
+    # ---- user-events topic ----
+    def on_events(self, batch: list[Decoded[common_pb2.Event]]) -> None:
+        self.ensure_indexes()
+        outcomes = {d.message.event_id: Outcome.of(d.message) for d in batch if d.message.type in OUTCOMES}
+        if not outcomes:
+            return
+        gone = self._drop_forgotten(o.user_id for o in outcomes.values())
+        todo = [o for o in outcomes.values() if o.user_id not in gone]
+        if not todo:
+            return
+        # Park first (see the module docstring), then look for the impressions.
+        ops = [UpdateOne({"_id": o.event_id}, {"$set": o.doc()}, upsert=True) for o in todo]
+        with_retries(lambda: self.pending.bulk_write(ops, ordered=False))
+        self.resolve(todo)
+
+    def sweep(self, now: float | None = None) -> int:
+        """Settle the parked window events that came due since the last sweep; how many were looked at."""
+        cutoff = (time.time() if now is None else now) - self.settle_s
+        low = self.swept_to
+        due: list[dict[str, Any]] = with_retries(
+            lambda: list(self.pending.find({"ts": {"$gt": low, "$lte": cutoff}}).limit(5000))
+        )
+        if due:
+            self.resolve([Outcome.from_doc(d) for d in due], cutoff + self.settle_s)
+        # With a full page, continue from its latest event next time rather than skip the rest.
+        self.swept_to = max(float(d["ts"]) for d in due) if len(due) == 5000 else cutoff
+        return len(due)
+
+    def resolve(self, outcomes: list[Outcome], now: float | None = None) -> None:
+        """Attribute what can be attributed now; settled events leave ``attribution_pending``."""
+        due_before = (time.time() if now is None else now) - self.settle_s
+        outcomes = [o for o in outcomes if o.recommendation_id or o.ts <= due_before]
+        if not outcomes:
+            return
+        users = list({o.user_id for o in outcomes})
+        ids = list({o.recommendation_id for o in outcomes if o.recommendation_id})
+        earliest = min(o.ts for o in outcomes) - self.window_s
+        found: list[dict[str, Any]] = with_retries(
+            lambda: list(self.impressions.find({"user_id": {"$in": users}, "ts": {"$gte": earliest}}))
+        )
+        known = {d["_id"] for d in found}
+        missing = [i for i in ids if i not in known]
+        if missing:
+            # An id may name an impression older than the window start or another user's.
+            found += with_retries(lambda: list(self.impressions.find({"_id": {"$in": missing}})))
+        by_user: dict[str, list[dict[str, Any]]] = {}
+        for d in found:
+            by_user.setdefault(d["user_id"], []).append(d)
+        by_id = {d["_id"]: d for d in found}
+        writes: dict[str, tuple[dict[str, Any], Outcome]] = {}
+        settled: list[str] = []
+        for o in outcomes:
+            pool = [by_id[o.recommendation_id]] if o.recommendation_id in by_id else by_user.get(o.user_id, [])
+            hit = match(o, pool, self.window_s, self.skew_s)
+            if hit is None:
+                continue
+            settled.append(o.event_id)
+            if isinstance(hit, str):
+                metrics.ATTRIBUTION_SKIPPED.labels(hit).inc()
+                continue
+            key = f"{hit['_id']}|{o.item_id}|{o.outcome}"
+            # Within a batch the earliest event of an impression item is the one recorded.
+            if key not in writes or o.ts < writes[key][1].ts:
+                writes[key] = (hit, o)
+        if writes:
+            self._record(writes)
+        if settled:
+            with_retries(lambda: self.pending.delete_many({"_id": {"$in": settled}}))
+
+    def _record(self, writes: dict[str, tuple[dict[str, Any], Outcome]]) -> None:
+        keys_ = list(writes)
+        ops = []
+        now = dt.datetime.now(dt.UTC)
+        for key in keys_:
+            imp, o = writes[key]
+            row = {
+                "recommendation_id": imp["_id"],
+                "user_id": o.user_id,
+                "item_id": o.item_id,
+                "position": imp["items"].index(o.item_id),
+                "outcome": o.outcome,
+                "experiment": imp.get("experiment", ""),
+                "arm": imp.get("arm", ""),
+                "strategy": imp.get("strategy", ""),
+                "event_id": o.event_id,
+                "event_ts": o.ts,
+                "matched_by": "id" if o.recommendation_id else "window",
+                "attributed_at": now,
+            }
+            ops.append(UpdateOne({"_id": key}, {"$setOnInsert": row}, upsert=True))
+        try:
+            res = with_retries(lambda: self.attributions.bulk_write(ops, ordered=False))
+        except Exception:
+            STORE_ERRORS.labels("mongo", "attributions_bulk_write").inc()
+            raise
+        for n in res.upserted_ids or {}:
+            imp, o = writes[keys_[n]]
+            label = (imp.get("experiment", ""), imp.get("arm", ""), imp.get("strategy", ""), o.outcome)
+            child = self._counters.get(label)
+            if child is None:
+                child = self._counters[label] = metrics.ATTRIBUTED.labels(*label)
+            child.inc()
+
+
+class ExperimentsRunner:
+    """Starts the two consumer loops once the broker answers (like the event archiver); stops them."""
+
+    def __init__(self, settings: IngestionSettings, db: Database, refs: UserRefs | None = None) -> None:
+        self.settings = settings
+        self.attribution = Attribution(db, settings, ForgottenUsers(db, refs) if refs is not None else None)
+        self.loops: list[ProtoConsumerLoop[Any]] = []
+        self.producer: ProtoProducer | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._start_loops, name="experiments-start", daemon=True)
+        self._sweeper = threading.Thread(target=self._sweep_loop, name="attribution-sweeper", daemon=True)
+
+    def start(self) -> ExperimentsRunner:
+        self._thread.start()
+        return self
+
+    def _common(self) -> dict[str, Any]:
+        s = self.settings
+        return {
+            "bootstrap": s.kafka_servers,
+            "producer": self.producer,
+            "service": "ingestion",
+            "max_poll_records": s.archiver_max_poll_records,
+            "max_poll_interval_ms": s.kafka_max_poll_interval_ms,
+            "session_timeout_ms": s.kafka_session_timeout_ms,
+            "security": kafka_security(s),
+            # The embedded broker does not wake parked fetches: keep attribution within ~0.1 s.
+            "fetch_max_wait_ms": 100,
+        }
+
+    def _start_loops(self) -> None:
+        s = self.settings
+        while not self._stop.is_set():
+            try:
+                self.producer = self.producer or DeadLetterProducer(
+                    s.kafka_servers, client_id="ingestion-attribution", security=kafka_security(s)
+                )
+                if not self.loops:
+                    self.loops.append(
+                        ProtoConsumerLoop(
+                            group_id=s.impressions_group,
+                            topics=[s.impressions_topic],
+                            message_type=common_pb2.Impression,
+                            handle=self.attribution.on_impressions,
+                            validate=impression_problem,
+                            redact=redact_impression,
+                            **self._common(),
+                        ).start()
+                    )
+                self.loops.append(
+                    ProtoConsumerLoop(
+                        group_id=s.attribution_group,
+                        topics=[s.events_topic],
+                        message_type=common_pb2.Event,
+                        handle=self.attribution.on_events,
+                        validate=archived_problem,
+                        redact=redact_user_event,
+                        # The event archiver dead-letters bad user-events records; not twice.
+                        dead_letter=False,
+                        **self._common(),
+                    ).start()
+                )
+                log.info("impression archive and attribution started", extra={"topic": s.impressions_topic})
+                self._sweeper.start()
+                return
+            except KafkaError as exc:
+                log.warning("attribution cannot reach the broker yet", extra={"error": str(exc)})
+                self._stop.wait(1.0)
+
+    @property
+    def running(self) -> bool:
+        return len(self.loops) == 2
+
+    def _sweep_loop(self) -> None:
+        every = max(0.2, min(1.0, self.settings.attribution_settle_s / 2))
+        while not self._stop.wait(every):
+            try:
+                self.attribution.sweep()
+            except Exception as exc:
+                STORE_ERRORS.labels("mongo", "attribution_sweep").inc()
+                log.warning("attribution sweep failed; retried", extra={"error": type(exc).__name__})
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._sweeper.is_alive():
+            self._sweeper.join(5)
+        for loop in self.loops:
+            loop.stop()
+        if self.producer is not None:
+            self.producer.close()

@@ -1,0 +1,245 @@
+"""Attribution on the real stack: a dedicated ingestion process (its own topics, groups and
+collections) archives impressions published the way the gateway publishes them and attributes
+the events sent through IngestEvents, under duplicates, replays and out-of-order arrival."""
+
+from __future__ import annotations
+
+import os
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import pytest
+from kafka import KafkaProducer
+from prometheus_client.parser import text_string_to_metric_families
+from pymongo.database import Database
+from stylerec.v1 import common_pb2, ingestion_pb2
+
+from cli.localstack.stack import Stack
+from libs.common.kafka import ensure_topics
+from libs.common.pseudonym import Pseudonymizer
+from tests.ingestion.conftest import LIMITS_ENV, make_event, start_ingestion, wait_until
+
+pytestmark = pytest.mark.integration
+
+pseudo = Pseudonymizer(LIMITS_ENV["STYLEREC_PSEUDONYM_SECRET"])
+
+
+@dataclass
+class Exp:
+    stack: Stack
+    name: str
+    events_topic: str
+    impressions_topic: str
+    coll: str
+    producer: KafkaProducer
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(self.stack.addr_of(self.name))
+
+    def metric(self, name: str, **labels: str) -> float:
+        port = self.stack.components[self.name].metrics_port
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        return sum(
+            s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name == name and labels.items() <= s.labels.items()
+        )
+
+
+@pytest.fixture(scope="module")
+def exp(infra: Stack) -> Iterator[Exp]:
+    token = uuid.uuid4().hex[:8]
+    events, imps = f"att-ev-{token}", f"att-imp-{token}"
+    ensure_topics([infra.kafka_bootstrap], {events: 2, imps: 2})
+    name = f"ingestion-att-{token}"
+    start_ingestion(
+        infra,
+        name,
+        {
+            "STYLEREC_EVENTS_TOPIC": events,
+            "STYLEREC_EVENTS_COLLECTION": f"events_att_{token}",
+            "STYLEREC_ARCHIVER_GROUP": f"archiver-att-{token}",
+            "STYLEREC_IMPRESSIONS_TOPIC": imps,
+            "STYLEREC_IMPRESSIONS_GROUP": f"imp-att-{token}",
+            "STYLEREC_ATTRIBUTION_GROUP": f"att-{token}",
+            "STYLEREC_IMPRESSIONS_COLLECTION": f"imp_{token}",
+            "STYLEREC_ATTRIBUTIONS_COLLECTION": f"att_{token}",
+            "STYLEREC_ATTRIBUTION_PENDING_COLLECTION": f"pend_{token}",
+            "STYLEREC_ATTRIBUTION_WINDOW_S": "600",
+            "STYLEREC_ATTRIBUTION_SETTLE_S": "4",
+        },
+    )
+    producer = KafkaProducer(bootstrap_servers=[infra.kafka_bootstrap])
+    yield Exp(infra, name, events, imps, token, producer)
+    producer.close()
+    infra.stop_component(name)
+
+
+def rec_id() -> str:
+    return "rec_" + os.urandom(16).hex()
+
+
+def publish_impression(
+    exp: Exp, user: str, items: list[str], shown_at: float, rid: str = "", arm: str = "style"
+) -> str:
+    """An impression exactly as the gateway publishes it (topic keyed by the pseudonym)."""
+    rid = rid or rec_id()
+    imp = common_pb2.Impression(
+        recommendation_id=rid, user_id=user, strategy="STYLE_PERSONALIZED", experiment="exp-t", arm=arm
+    )
+    for n, item in enumerate(items):
+        imp.items.add(item_id=item, position=n)
+    imp.shown_at.FromNanoseconds(int(shown_at * 1e9))
+    exp.producer.send(exp.impressions_topic, key=user.encode(), value=imp.SerializeToString()).get(10)
+    return rid
+
+
+def ingest(exp: Exp, events: list[common_pb2.Event]) -> ingestion_pb2.IngestEventsResponse:
+    from stylerec.v1 import ingestion_pb2_grpc
+
+    with exp.channel() as ch:
+        return ingestion_pb2_grpc.IngestionServiceStub(ch).IngestEvents(
+            ingestion_pb2.IngestEventsRequest(events=events), timeout=30
+        )
+
+
+def attributions(db: Database[Any], exp: Exp, **query: Any) -> list[dict[str, Any]]:
+    return list(db[f"att_{exp.coll}"].find(query))
+
+
+def test_outcomes_count_once_per_impression_item_under_duplicates_and_replay(
+    exp: Exp, mongo_db: Database[Any], unique: str
+) -> None:
+    raw = f"shopper-{unique}"
+    user = pseudo(raw)
+    now = time.time()
+    items = [f"i-{unique}-{n}" for n in range(4)]
+    rid = publish_impression(exp, user, items, now - 60)
+    assert wait_until(lambda: mongo_db[f"imp_{exp.coll}"].count_documents({"_id": rid}) == 1, 30)
+    before = exp.metric("stylerec_ingestion_attributed_total", arm="style", outcome="click")
+
+    def ev(item: str, etype: int, eid: str, ts: float) -> common_pb2.Event:
+        e = make_event(raw, item, etype, event_id=eid, ts=ts)
+        e.recommendation_id = rid
+        return e
+
+    batch = [
+        ev(items[0], common_pb2.CLICK, f"c1-{unique}", now - 50),
+        ev(items[0], common_pb2.CLICK, f"c2-{unique}", now - 40),  # second click on the same item
+        ev(items[0], common_pb2.PURCHASE, f"p1-{unique}", now - 30),
+        ev(items[1], common_pb2.ADD_TO_CART, f"k1-{unique}", now - 20),
+        ev(items[2], common_pb2.VIEW, f"v1-{unique}", now - 20),  # a view is not an outcome
+    ]
+    assert ingest(exp, batch).accepted == len(batch)
+    assert ingest(exp, batch).duplicates == len(batch)  # the edge deduplicates the retry
+    # A replay past the edge (a consumer rewinding, a producer retry): the same records again on the topic.
+    for e in batch:
+        e.user_id = user
+        exp.producer.send(exp.events_topic, key=user.encode(), value=e.SerializeToString()).get(10)
+
+    want = {(items[0], "click"), (items[0], "purchase"), (items[1], "cart")}
+    assert wait_until(
+        lambda: {(a["item_id"], a["outcome"]) for a in attributions(mongo_db, exp, recommendation_id=rid)} == want, 30
+    )
+    time.sleep(2)  # let the replayed records be consumed too
+    rows = attributions(mongo_db, exp, recommendation_id=rid)
+    assert len(rows) == 3
+    click = next(r for r in rows if r["outcome"] == "click")
+    assert click["event_id"] == f"c1-{unique}" and click["position"] == 0 and click["matched_by"] == "id"
+    assert click["arm"] == "style" and click["experiment"] == "exp-t" and click["user_id"] == user
+    assert exp.metric("stylerec_ingestion_attributed_total", arm="style", outcome="click") - before == 1
+    assert mongo_db[f"pend_{exp.coll}"].count_documents({"user_id": user}) == 0
+
+
+def test_event_before_its_impression_is_attributed_when_the_impression_arrives(
+    exp: Exp, mongo_db: Database[Any], unique: str
+) -> None:
+    raw = f"early-{unique}"
+    user = pseudo(raw)
+    now = time.time()
+    item, other = f"j-{unique}-0", f"j-{unique}-9"
+    # The click (no recommendation id) is consumed before any impression exists: parked. Matching
+    # it by window waits attribution_settle_s (4 s here) after its time, so the impressions that
+    # arrive meanwhile, in whatever batches, all take part in the last-touch choice.
+    early = make_event(raw, item, common_pb2.CLICK, event_id=f"e-{unique}", ts=now)
+    never = make_event(raw, other, common_pb2.CLICK, event_id=f"n-{unique}", ts=now)
+    assert ingest(exp, [early, never]).accepted == 2
+    pend = mongo_db[f"pend_{exp.coll}"]
+    assert wait_until(lambda: pend.count_documents({"user_id": user}) == 2, 30)
+    assert attributions(mongo_db, exp, user_id=user) == []
+    # Two impressions showed the item before the click; last touch wins. One is outside the window.
+    publish_impression(exp, user, [item], now - 3000, arm="cf")
+    old = publish_impression(exp, user, [item, f"j-{unique}-1"], now - 300, arm="cf")
+    latest = publish_impression(exp, user, [f"j-{unique}-2", item], now - 30, arm="cf")
+    assert wait_until(lambda: len(attributions(mongo_db, exp, user_id=user)) == 1, 30)
+    (row,) = attributions(mongo_db, exp, user_id=user)
+    assert row["recommendation_id"] == latest != old
+    assert row["position"] == 1 and row["matched_by"] == "window" and row["arm"] == "cf"
+    # The click on an item no impression showed stays parked (until its TTL); the matched one left.
+    assert [d["_id"] for d in pend.find({"user_id": user})] == [f"n-{unique}"]
+
+
+def test_a_recommendation_id_cannot_attribute_another_users_or_an_unshown_item(
+    exp: Exp, mongo_db: Database[Any], unique: str
+) -> None:
+    owner, thief = f"own-{unique}", f"thief-{unique}"
+    now = time.time()
+    items = [f"m-{unique}-0", f"m-{unique}-1"]
+    rid = publish_impression(exp, pseudo(owner), items, now - 30)
+    assert wait_until(lambda: mongo_db[f"imp_{exp.coll}"].count_documents({"_id": rid}) == 1, 30)
+    foreign = make_event(thief, items[0], common_pb2.CLICK, event_id=f"f-{unique}", ts=now - 10)
+    unshown = make_event(owner, f"m-{unique}-7", common_pb2.CLICK, event_id=f"u-{unique}", ts=now - 10)
+    for e in (foreign, unshown):
+        e.recommendation_id = rid
+    before = {
+        r: exp.metric("stylerec_ingestion_attribution_skipped_total", reason=r)
+        for r in ("other_user", "item_not_shown")
+    }
+    assert ingest(exp, [foreign, unshown]).accepted == 2
+    assert wait_until(
+        lambda: all(
+            exp.metric("stylerec_ingestion_attribution_skipped_total", reason=r) - before[r] == 1 for r in before
+        ),
+        30,
+    )
+    assert attributions(mongo_db, exp, recommendation_id=rid) == []
+
+
+def test_a_malformed_recommendation_id_is_rejected_with_the_reason(exp: Exp, unique: str) -> None:
+    e = make_event(f"bad-{unique}", "item-1", common_pb2.CLICK)
+    e.recommendation_id = "rec_not-hex"
+    resp = ingest(exp, [e, make_event(f"ok-{unique}", "item-1", common_pb2.CLICK)])
+    assert resp.accepted == 1 and len(resp.rejected) == 1
+    assert resp.rejected[0].reason.startswith("recommendation_id must be")
+
+
+def test_unusable_impressions_are_dead_lettered_with_the_reason(exp: Exp) -> None:
+    from libs.common.kafka import dead_letter_topic
+    from tests.ingestion.conftest import read_records
+
+    raw = common_pb2.Impression(recommendation_id=rec_id(), user_id="raw-shop-id-42")
+    raw.shown_at.GetCurrentTime()
+    exp.producer.send(exp.impressions_topic, key=b"k1", value=b"\xff\x00 not a protobuf").get(10)
+    exp.producer.send(exp.impressions_topic, key=b"k2", value=raw.SerializeToString()).get(10)
+
+    def ours() -> list[common_pb2.DeadLetter]:
+        dls = [
+            common_pb2.DeadLetter.FromString(r.value)
+            for r in read_records(exp.stack.kafka_bootstrap, dead_letter_topic("ingestion"), idle_s=1.0)
+        ]
+        return [d for d in dls if d.source_topic == exp.impressions_topic]
+
+    assert wait_until(lambda: len(ours()) == 2, 30)
+    dls = sorted(ours(), key=lambda d: d.reason)
+    assert dls[0].reason.startswith("invalid: user_id is not a pseudonym") and "redacted" in dls[0].reason
+    assert dls[1].reason.startswith("undecodable") and dls[1].value == b""  # withheld
+    # The raw id is not repeated on the dead-letter topic.
+    assert all(b"raw-shop-id-42" not in d.SerializeToString() for d in dls)
+    assert common_pb2.Impression.FromString(dls[0].value).user_id == "<redacted>"
