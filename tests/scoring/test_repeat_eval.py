@@ -100,7 +100,7 @@ def retail_slice(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.skip(f"{src} not present")
     out = tmp_path_factory.mktemp("retail") / "slice.csv.gz"
     with gzip.open(src, "rt", encoding="utf-8", errors="replace") as f, gzip.open(out, "wt") as g:
-        g.writelines(itertools.islice(f, 40_001))  # header + the first 40,000 lines (Dec 2010 - Jan 2011)
+        g.writelines(itertools.islice(f, 25_001))  # header + the first 25,000 lines (December 2010)
     return out
 
 
