@@ -100,6 +100,13 @@ def test_off_never_decay_marks_rebuys_and_forget_removes_all(shop: tuple[Scoring
         doc = env.db[f"models_{env.tag}"].find_one({"_id": trained.model_version})
         assert doc is not None and set(doc["repeat"]["weights"]) >= {"bias", "seen", "cf"}
         assert doc["repeat"]["learned_on"]
+        wait_for(
+            lambda: stub.ModelInfo(scoring_pb2.ModelInfoRequest(), timeout=5).model_version == trained.model_version,
+            20,
+            what="the trained model hot-loaded",
+        )
+        info = stub.ModelInfo(scoring_pb2.ModelInfoRequest(), timeout=5)
+        assert "repeat_weight.bias" in info.metrics and info.parameters["repeat_learned_on"]
 
         # Fold-in: a purchase of a never-bought item becomes a rebuy live, without retraining.
         env.send(user, b0)
