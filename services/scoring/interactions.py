@@ -242,45 +242,43 @@ class InteractionState:
         like :meth:`scale`, so replicas agree."""
         ref = now if now is not None else (self.watermark if self.watermark > 0 else time.time())
         classes = self.repeat_classes
-        indptr = [0]
-        cols: list[int] = []
-        counts: list[float] = []
-        latest: list[float] = []
-        vals: list[list[float]] = [[] for _ in classes]
-        stamps: list[list[float]] = [[] for _ in classes]
+        width = 2 + 2 * len(classes)
+        items: list[str] = []
+        records: list[list[float]] = []
+        per_user = np.zeros(len(users), dtype=np.int64)
         events = np.zeros(len(users))
         distinct = np.zeros(len(users))
         with self._lock:
             for r, user in enumerate(users):
                 events[r] = self._user_events.get(user, 0)
                 distinct[r] = len(self._user_items.get(user, ()))
-                for item, rec in self._repeat.get(user, {}).items():
-                    j = item_index.get(item)
-                    if j is None:
-                        continue
-                    cols.append(j)
-                    counts.append(rec[0])
-                    latest.append(rec[1])
-                    for c in range(len(classes)):
-                        vals[c].append(rec[2 + 2 * c])
-                        stamps[c].append(rec[3 + 2 * c])
-                indptr.append(len(cols))
+                pairs = self._repeat.get(user)
+                if pairs:
+                    items.extend(pairs)
+                    records.extend(pairs.values())
+                    per_user[r] = len(pairs)
+            # Copied into one array while the lock is held: the records are updated in place.
+            R = np.array(records, dtype=np.float64).reshape(len(records), width)
+        cols = np.fromiter((item_index.get(i, -1) for i in items), dtype=np.int64, count=len(items))
+        rows = np.repeat(np.arange(len(users)), per_user)
+        known = cols >= 0
+        rows, cols, R = rows[known], cols[known], R[known]
         decayed = np.zeros(len(cols))
         for c, hl in enumerate(classes):
-            age = np.maximum(ref - np.asarray(stamps[c], dtype=np.float64), 0.0)
-            decayed += np.asarray(vals[c], dtype=np.float64) * np.exp2(-age / hl)
+            age = np.maximum(ref - R[:, 3 + 2 * c], 0.0)
+            decayed += R[:, 2 + 2 * c] * np.exp2(-age / hl)
         # An interaction decayed below resolution is still one: keep it visible.
         decayed = np.maximum(decayed, 1e-12)
-        age_days = np.maximum(ref - np.asarray(latest, dtype=np.float64), 0.0) / 86400.0 + 1.0
+        age_days = np.maximum(ref - R[:, 1], 0.0) / 86400.0 + 1.0
         shape = (len(users), len(item_index))
-        ind = np.asarray(cols, dtype=np.int32)
-        ptr = np.asarray(indptr, dtype=np.int32)
+        ind = cols.astype(np.int32)
+        ptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=len(users)))]).astype(np.int32)
 
         def csr(data: np.ndarray) -> sp.csr_matrix:
             return sp.csr_matrix((np.asarray(data, dtype=np.float64), ind, ptr), shape=shape)
 
         rates = np.where(events > 0, 1.0 - distinct / np.maximum(events, 1.0), 0.0)
-        return csr(np.asarray(counts)), csr(decayed), csr(age_days), rates, distinct
+        return csr(R[:, 0]), csr(decayed), csr(age_days), rates, distinct
 
     def forget(self, user: str) -> int:
         """Drop a user's row and take their weight out of item popularity; returns their event count.
