@@ -34,6 +34,7 @@ BLEND_SUFFIX = "+history"
 CANDIDATES = 50  # new items per user the CF model proposes (besides all of the user's own items)
 TREND_HALF_LIFE_DAYS = 7.0  # item trend: popularity decayed with this half-life
 REBUY_PRIOR_WEIGHT = 20.0  # smoothing of an item's rebuy share toward the catalog's
+REBUY_FLOOR = 1e-4  # added before the log of a rebuy share
 L2 = 1.0
 NEWTON_STEPS = 25
 FEATURES = (
@@ -191,7 +192,8 @@ def candidates(cf: np.ndarray, hist: UserHistory, stats: ItemStats, n_new: int =
             on_seen(np.log1p(seen.data.astype(np.float64))),
             on_seen(row_relative(hist.decayed.tocsr())),
             on_seen(-np.log1p(np.maximum(hist.age_days.tocsr().data.astype(np.float64) - 1.0, 0.0))),
-            on_seen(np.log(stats.rebuy[s_items].astype(np.float64))),
+            # + REBUY_FLOOR: a catalog where nobody ever rebought (ML-100K ratings) has shares of 0.
+            on_seen(np.log(stats.rebuy[s_items].astype(np.float64) + REBUY_FLOOR)),
             np.log(stats.trend[items].astype(np.float64) + 1e-4),
             cf_at,
             is_seen * hist.rebuy_rate[rows],
@@ -219,6 +221,8 @@ class RepeatWeights:
 
 def fit_weights(F: np.ndarray, y: np.ndarray) -> RepeatWeights:
     """L2-regularised logistic regression by Newton's method on standardised features."""
+    if not np.isfinite(F).all():
+        raise ValueError("blend features are not all finite")
     mu, sd = F.mean(axis=0), F.std(axis=0) + 1e-9
     Z = np.column_stack([np.ones(len(F)), (F - mu) / sd])
     w = np.zeros(Z.shape[1])
