@@ -16,6 +16,21 @@ from tqdm import tqdm
 
 from cli.errors import UsageError
 
+# Kept here rather than imported from the harness: building the parser must not import torch.
+DEFAULT_ALGORITHMS = (
+    "popularity",
+    "itemknn",
+    "als",
+    "bpr",
+    "ease",
+    "history",
+    "itemknn+history",
+    "als+history",
+    "bpr+history",
+    "ease+history",
+)
+TARGETS = ("new", "all", "repeat")
+
 REPO = Path(__file__).resolve().parents[2]  # cli/<package>/<module>.py -> the repository
 OUT_DIR = REPO / "out" / "eval"
 DATASETS = ["ml-100k", "online-retail", "csv", "synthetic"]
@@ -53,7 +68,20 @@ def register(sub: Any) -> None:
         choices=["stratified-item", "temporal", "leave-last-out"],
         help="default: stratified-item for ml-100k/csv/synthetic, temporal for online-retail",
     )
-    p.add_argument("--algorithms", default="popularity,itemknn,als,bpr,ease", help="comma separated")
+    p.add_argument(
+        "--algorithms",
+        default=",".join(DEFAULT_ALGORITHMS),
+        help="comma separated; a model name or a repeat-aware blend <model>+history (e.g. ease+history)",
+    )
+    p.add_argument(
+        "--targets",
+        default="new",
+        choices=TARGETS,
+        help=(
+            "which test items count: new = only items the user never had (default, seen items left out of"
+            " the rankings), all = every test item, repeat = only rebuys of items the user had"
+        ),
+    )
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--no-tune", action="store_true", help="use default parameters (no validation search)")
@@ -119,9 +147,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from services.scoring.models import ALGORITHMS
 
     algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
-    unknown = [a for a in algorithms if a not in ALGORITHMS]
+    unknown = [a for a in algorithms if not harness.known_algorithm(a)]
     if unknown:
-        raise UsageError(f"unknown algorithm(s) {unknown}; known: {', '.join(sorted(ALGORITHMS))}")
+        raise UsageError(
+            f"unknown algorithm(s) {unknown}; known: {', '.join(sorted(ALGORITHMS))}, or <model>+history"
+            " (a repeat-aware blend of any of them but history)"
+        )
     if not 1 <= args.k <= 1000:
         raise UsageError("-k must be between 1 and 1000")
     args.dataset = resolve_dataset(args)
@@ -129,7 +160,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if protocol in TIME_PROTOCOLS and args.dataset == "csv" and not args.time_col:
         raise UsageError(f"protocol {protocol} orders interactions by time: pass --time-col (the column with times)")
     data = load_dataset(args)
-    steps = len(dict.fromkeys(["popularity", *algorithms]))
+    steps = len(harness.run_order(algorithms))
     with tqdm(total=steps, desc=f"eval {data.name}", unit="algo", file=sys.stderr) as bar:
         try:
             report = harness.evaluate(
@@ -141,10 +172,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 do_tune=not args.no_tune,
                 progress=lambda msg: bar.set_postfix_str(msg[:60]),
                 on_step=lambda: bar.update(1),
+                targets=args.targets,
             )
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
-    out = args.out or OUT_DIR / f"{data.name}-{protocol}.json"
+    suffix = "" if args.targets == "new" else f"-{args.targets}"
+    out = args.out or OUT_DIR / f"{data.name}-{protocol}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     if args.json:

@@ -14,6 +14,7 @@ named in ``degraded_reason`` and the rest of the answer is still given.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,17 +40,30 @@ from services.gateway.stylized import StylizedImages
 # The common answer's whole Redis read as ONE command: profile, seen items, recs, their model
 # version and the global one. A 5-command pipeline cost ~125 us of client CPU per answer in
 # redis-py (packing and parsing each reply), the script ~70 us (docs/gateway.md, "Profile").
-# KEYS = [style_profile, user_seen, recs, recs_meta, model_version]. Like the stylize script,
+# KEYS = [style_profile, user_seen, recs, recs_meta, model_version]; recs_meta gives the model
+# version and the listed items that are the user's own again (scoring's repeat_policy decay;
+# absent otherwise). Like the stylize script,
 # in Redis Cluster these keys would need a common hash tag; the embedded/compose Redis is one node.
 USER_STATE_LUA = """
 return {
   redis.call('HGETALL', KEYS[1]),
   redis.call('SMEMBERS', KEYS[2]),
   redis.call('HGETALL', KEYS[3]),
-  redis.call('HGET', KEYS[4], 'model_version'),
+  redis.call('HMGET', KEYS[4], 'model_version', 'rebuy'),
   redis.call('GET', KEYS[5]),
 }
 """
+
+
+def parse_rebuys(raw: bytes | None) -> frozenset[str]:
+    """recs_meta's ``rebuy`` field (a JSON list of item ids); empty when absent or unreadable."""
+    if not raw:
+        return frozenset()
+    try:
+        items = json.loads(raw)
+    except ValueError:
+        return frozenset()
+    return frozenset(str(i) for i in items) if isinstance(items, list) else frozenset()
 
 
 def pairs(flat: list[Any]) -> dict[Any, Any]:
@@ -105,8 +119,9 @@ class Recommender:
 
     def user_state(
         self, user: str, deadline: Deadline, deg: Degradation, with_recs: bool = False
-    ) -> tuple[StyleProfile | None, set[str], tuple[list[tuple[str, float]], str] | None]:
-        """Style profile, seen items and (optionally) CF recs of a user in one Redis round trip."""
+    ) -> tuple[StyleProfile | None, set[str], tuple[list[tuple[str, float]], str] | None, frozenset[str]]:
+        """Style profile, seen items, (optionally) CF recs of a user and which of those recs are
+        rebuys, in one Redis round trip."""
 
         def read(r: redis.Redis) -> list[Any]:
             if with_recs:
@@ -129,15 +144,16 @@ class Recommender:
             replies = self.ds.redis_call("user_state", read, deadline)
         except DependencyUnavailable as exc:
             deg.add(exc)
-            return None, set(), None
+            return None, set(), None, frozenset()
         if with_recs:
             # Parsed once per distinct reply (content-addressed memo: a changed hash is a new key).
             raw_profile, raw_recs = replies[0] or [], replies[2] or []
-            rv, gv = replies[3] or None, replies[4] or None
+            meta = replies[3] or [None, None]
+            rv, raw_rebuy, gv = meta[0] or None, meta[1] or None, replies[4] or None
             profile = self._profiles.get(tuple(raw_profile), lambda: StyleProfile.from_redis(pairs(raw_profile)))
             recs = self._recs.get((tuple(raw_recs), rv, gv), lambda: parse_recs([pairs(raw_recs), rv, gv]))
-            return profile, {s.decode() for s in replies[1]}, recs
-        return StyleProfile.from_redis(replies[0]), {s.decode() for s in replies[1]}, None
+            return profile, {s.decode() for s in replies[1]}, recs, parse_rebuys(raw_rebuy)
+        return StyleProfile.from_redis(replies[0]), {s.decode() for s in replies[1]}, None, frozenset()
 
     def recommend(
         self,
@@ -176,9 +192,13 @@ class Recommender:
         style_on = arm is None or arm.style
         lam = s.style_lambda if arm is None or arm.style_lambda is None else arm.style_lambda
         deg = Degradation()
-        profile, seen, recs = self.user_state(user, deadline, deg, with_recs=True)
+        profile, seen, recs, rebuys = self.user_state(user, deadline, deg, with_recs=True)
         pool = max(s.candidate_pool, k * 3)
         cands = self.candidates.for_user(user, pool, f.category, deadline, deg, prefetched=recs)
+        # Rebuys count only in the list they were written with (not in a fallback's).
+        rebuys = rebuys if cands.source == CF and recs is not None and cands.items else frozenset()
+        # The user's own items stay out, except those scoring put back as rebuys.
+        seen = seen - rebuys
         confident = style_on and profile is not None and profile.is_confident(s.style_confidence_threshold)
         resp = gateway_pb2.GetRecommendationsResponse(model_version=cands.model_version)
         if profile is not None:
@@ -224,6 +244,7 @@ class Recommender:
                 image_ref=meta.image_ref,
                 stylized_status=st.status if st else gateway_pb2.STYLIZED_NOT_REQUESTED,
                 stylized_image_ref=st.ref if st else "",
+                rebuy=meta.item_id in rebuys,
             )
         resp.degraded = deg.degraded
         resp.degraded_reason = deg.reason()

@@ -17,6 +17,7 @@ import sys
 import threading
 from typing import Any
 
+from pydantic import ValidationError
 from stylerec.v1 import common_pb2, scoring_pb2_grpc
 
 from libs.common.audit import AuditLog
@@ -58,7 +59,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    settings = ScoringSettings()
+    try:
+        settings = ScoringSettings()
+    except ValidationError as exc:
+        # A bad setting (e.g. STYLEREC_REPEAT_POLICY=sometimes) is refused before anything starts,
+        # with pydantic's message naming the variable and the allowed values, and exit code 2.
+        print(f"scoring: invalid settings:\n{exc}", file=sys.stderr)
+        sys.exit(2)
     if args.role:
         settings = settings.model_copy(update={"role": args.role})
     replica = settings.replica_name or f"{socket.gethostname()}:{os.getpid()}"
@@ -124,12 +131,19 @@ def run_serving(settings: ScoringSettings) -> None:
 
     # Applied ids are kept at least as long as the archive sync can read their events again.
     id_window_s = settings.archive_slack_s + settings.archive_sync_s + 60.0
-    state = InteractionState(settings.event_weights(), settings.half_life_days * 86400, id_window_s=id_window_s)
+    state = InteractionState(
+        settings.event_weights(),
+        settings.half_life_days * 86400,
+        id_window_s=id_window_s,
+        repeat_half_lives_s=settings.repeat_half_lives_s(),
+    )
     forgotten = ForgottenFilter(refs)
     state.exclude = forgotten
     holder = ModelHolder()
     categories = CategoryCache(db, settings.items_collection)
-    engine = Recommender(state, holder, settings.new_item_slots, categories, categories.newest)
+    engine = Recommender(
+        state, holder, settings.new_item_slots, categories, categories.newest, repeat=settings.repeat_policy == "decay"
+    )
     embeddings = EmbeddingSource(
         r, db, settings.items_collection, settings.embedding_dim, cache_ttl_s=settings.embedding_cache_s
     )

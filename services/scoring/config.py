@@ -9,6 +9,9 @@ from pydantic import Field, field_validator
 
 from libs.common.settings import ServiceSettings
 
+REPEAT_POLICIES = ("off", "decay")
+PURCHASE = 5  # EventType.PURCHASE (common.proto)
+
 
 class ScoringSettings(ServiceSettings):
     service_name: str = "scoring"
@@ -47,6 +50,22 @@ class ScoringSettings(ServiceSettings):
             "Most user-events records one consumer poll hands to the fold-in (its micro-batch); a poll"
             " never waits to fill it, so a quiet stream is folded in one event at a time."
         ),
+    )
+    repeat_policy: str = Field(
+        "off",
+        description=(
+            "Whether a user's own items come back in their list: off = never (seen items left out, as"
+            " recs_exclude_seen says); decay = the list mixes the user's time-decayed history with CF"
+            " using the weights the model learned offline, and marks those items as rebuys."
+        ),
+    )
+    repeat_half_life_purchase_days: float = Field(
+        365.0, gt=0, description="repeat_policy decay: half-life of a PURCHASE in a user's rebuy history."
+    )
+    repeat_half_life_view_days: float = Field(
+        7.0,
+        gt=0,
+        description="repeat_policy decay: half-life of a VIEW, CLICK, FAVORITE or ADD_TO_CART in the rebuy history.",
     )
     popular_size: int = Field(200, ge=1, le=10000, description="Items kept in each popular zset.")
     popular_every_s: float = Field(1.0, ge=0, description="Minimum seconds between popularity rewrites.")
@@ -111,6 +130,13 @@ class ScoringSettings(ServiceSettings):
             raise ValueError(f"unknown algorithm {v!r}; known: {sorted(ALGORITHMS)}")
         return v
 
+    @field_validator("repeat_policy")
+    @classmethod
+    def _known_repeat_policy(cls, v: str) -> str:
+        if v not in REPEAT_POLICIES:
+            raise ValueError(f"unknown repeat_policy {v!r}; allowed: {', '.join(REPEAT_POLICIES)}")
+        return v
+
     @field_validator("algorithm_params")
     @classmethod
     def _json_object(cls, v: str) -> str:
@@ -138,3 +164,10 @@ class ScoringSettings(ServiceSettings):
             4: self.weight_add_to_cart,
             5: self.weight_purchase,
         }
+
+    def repeat_half_lives_s(self) -> dict[int, float] | None:
+        """Per event type, the half-life of its weight in the rebuy history; None with policy off."""
+        if self.repeat_policy == "off":
+            return None
+        view = self.repeat_half_life_view_days * 86400
+        return {t: (self.repeat_half_life_purchase_days * 86400 if t == PURCHASE else view) for t in range(1, 6)}

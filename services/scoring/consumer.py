@@ -118,7 +118,9 @@ class Publisher:
         self.redis = r
         self.state = state
         self.engine = engine
-        self.recs = RecsWriter(r, engine, settings.top_n, settings.recs_ttl_s, settings.recs_exclude_seen)
+        # With repeat_policy decay the user's own items may come back: the lists keep them.
+        exclude_seen = settings.recs_exclude_seen and settings.repeat_policy == "off"
+        self.recs = RecsWriter(r, engine, settings.top_n, settings.recs_ttl_s, exclude_seen)
         self.profiles = profiles
         self.categories = categories
         self._pop_at = 0.0

@@ -11,10 +11,12 @@ never mixes two versions.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import redis
@@ -24,6 +26,7 @@ from libs.common import keys
 from services.scoring import metrics
 from services.scoring.interactions import InteractionState
 from services.scoring.models.base import top_k_rows
+from services.scoring.models.blend import RepeatBlend, RepeatWeights, UserHistory, blend_scores, neutral_stats
 from services.scoring.registry import ServingModel
 
 POPULARITY_VERSION = "popularity-v1"
@@ -69,6 +72,7 @@ class Recs:
     items: list[tuple[str, float]]
     version: str
     source: str  # "personalized" | "popularity"
+    rebuys: frozenset[str] = frozenset()  # items of the list from the user's own history (policy decay)
 
 
 class Recommender:
@@ -89,7 +93,12 @@ class Recommender:
         new_item_slots: int = 2,
         categories: Callable[[], dict[str, str]] | None = None,
         arrivals: Callable[[], list[tuple[str, float]]] | None = None,
+        repeat: bool = False,
     ) -> None:
+        """``repeat``: repeat_policy decay: a list asked for without excluding seen items mixes the
+        user's rebuy history (the state's per-event-type decayed record) with CF by the weights the
+        model learned (services/scoring/models/blend.py)."""
+        self.repeat = repeat
         self.state = state
         self.holder = holder
         self.new_item_slots = new_item_slots
@@ -183,6 +192,11 @@ class Recommender:
         # float32 as the models produce it: the values (and so the ranking) are the ones the float64
         # copy had, and the copy of a batch x catalog matrix was a tenth of the batch's time.
         scores = np.array(sm.model.score(rows), dtype=np.float32, copy=None)
+        repeat = self.repeat and not exclude_seen
+        if repeat:
+            blend = sm.repeat or RepeatBlend(RepeatWeights(), neutral_stats(len(sm.item_ids)), "defaults")
+            hist = UserHistory(*self.state.repeat_histories(scored, sm.item_index))
+            scores = blend_scores(scores, hist, blend.stats, blend.weights)
         if exclude_seen:
             # The CSR structure is the seen set of each row: mask it in one fancy-index assignment.
             scores[np.repeat(np.arange(len(scored)), np.diff(rows.indptr)), rows.indices] = -np.inf
@@ -200,7 +214,9 @@ class Recommender:
             keep = finite[r]
             items = [(ids[j], v) for j, v in zip(top[r][keep].tolist(), top_scores[r][keep].tolist(), strict=True)]
             exclude = set(histories[u]) if exclude_seen else set()
-            out[u] = Recs(self._with_new_items(items, k, exclude, fresh), sm.version, "personalized")
+            listed = self._with_new_items(items, k, exclude, fresh)
+            rebuys = frozenset(i for i, _ in listed if i in histories[u]) if repeat else frozenset()
+            out[u] = Recs(listed, sm.version, "personalized", rebuys)
         return out
 
     def _fresh_candidates(self, sm: ServingModel, k: int, allowed: set[str] | None) -> list[str]:
@@ -320,7 +336,11 @@ class RecsWriter:
                 if r.items:
                     pipe.hset(keys.recs(user), mapping={i: f"{s:.6g}" for i, s in r.items})
                     pipe.expire(keys.recs(user), self.ttl_s)
-                pipe.hset(keys.recs_meta(user), mapping={"model_version": r.version, "updated_at": now})
+                meta: dict[Any, Any] = {"model_version": r.version, "updated_at": now}
+                if self.engine.repeat:
+                    # Which listed items are the user's own again (the gateway marks them "rebuy").
+                    meta["rebuy"] = json.dumps(sorted(r.rebuys))
+                pipe.hset(keys.recs_meta(user), mapping=meta)
                 pipe.expire(keys.recs_meta(user), self.ttl_s)
                 new = added.get(user, set()) if added is not None else None
                 if new is not None and seen[user] and len(new) <= SEEN_ADD_MAX:

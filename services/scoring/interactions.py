@@ -135,6 +135,7 @@ class InteractionState:
         half_life_s: float,
         max_event_ids: int = 5_000_000,
         id_window_s: float = 3600.0,
+        repeat_half_lives_s: dict[int, float] | None = None,
     ) -> None:
         """``id_window_s``: how long (wall time, and event time behind the newest event) applied
         ids are kept whatever ``max_event_ids`` says; at least the archive sync's slack."""
@@ -158,6 +159,13 @@ class InteractionState:
         self._ranking: list[tuple[str, float]] | None = None
         # Users whose events are never applied (the suppression list of forgotten users).
         self.exclude: Callable[[str], bool] | None = None
+        # Rebuy history (repeat_policy decay only): per event type its own half-life, so a purchase
+        # and a view fade differently. Each pair keeps [count, latest ts, then per half-life class
+        # (value, as-of ts)]: exact decay for any half-life, where the fixed-epoch growth trick of
+        # _user_items would overflow (a 7-day half-life passes 2**700 within 14 years of EPOCH).
+        self.repeat_classes: list[float] = sorted(set((repeat_half_lives_s or {}).values()))
+        self._repeat_class_of = {t: self.repeat_classes.index(h) for t, h in (repeat_half_lives_s or {}).items()}
+        self._repeat: dict[str, dict[str, list[float]]] = defaultdict(dict)
 
     # ---------- writing ----------
     def _growth(self, ts: float) -> float:
@@ -196,6 +204,8 @@ class InteractionState:
                 items[item] = (old or 0.0) + w
                 self._item_score[item] += w
                 self._item_last_ts[item] = max(ev.ts, self._item_last_ts.get(item, 0.0))
+                if self.repeat_classes:
+                    self._add_repeat(user, item, ev)
                 self._user_events[user] += 1
                 self.watermark = max(self.watermark, ev.ts)
                 self.events += 1
@@ -203,6 +213,72 @@ class InteractionState:
             if any(out):
                 self._ranking = None
         return out
+
+    def _add_repeat(self, user: str, item: str, ev: EventRecord) -> None:
+        """Fold one event into the pair's rebuy record (caller holds the lock)."""
+        c = self._repeat_class_of.get(ev.type)
+        rec = self._repeat[user].get(item)
+        if rec is None:
+            rec = self._repeat[user][item] = [0.0, ev.ts] + [0.0, ev.ts] * len(self.repeat_classes)
+        rec[0] += 1.0
+        rec[1] = max(rec[1], ev.ts)
+        if c is None:
+            return
+        w = self.weights.get(ev.type, 0.0)
+        hl = self.repeat_classes[c]
+        v, t = rec[2 + 2 * c], rec[3 + 2 * c]
+        if ev.ts >= t:
+            rec[2 + 2 * c] = v * math.pow(2.0, -(ev.ts - t) / hl) + w
+            rec[3 + 2 * c] = ev.ts
+        else:
+            rec[2 + 2 * c] = v + w * math.pow(2.0, -(t - ev.ts) / hl)
+
+    def repeat_histories(
+        self, users: Sequence[str], item_index: dict[str, int], now: float | None = None
+    ) -> tuple[sp.csr_matrix, sp.csr_matrix, sp.csr_matrix, np.ndarray, np.ndarray]:
+        """Rebuy inputs of a batch over a model's items: counts, decayed weights and days since the
+        latest event (+1) per pair (one sparsity for all three), and per user their rebuy rate
+        (1 - distinct items / events) and distinct items. Decay is as of the newest event applied,
+        like :meth:`scale`, so replicas agree."""
+        ref = now if now is not None else (self.watermark if self.watermark > 0 else time.time())
+        classes = self.repeat_classes
+        width = 2 + 2 * len(classes)
+        items: list[str] = []
+        records: list[list[float]] = []
+        per_user = np.zeros(len(users), dtype=np.int64)
+        events = np.zeros(len(users))
+        distinct = np.zeros(len(users))
+        with self._lock:
+            for r, user in enumerate(users):
+                events[r] = self._user_events.get(user, 0)
+                distinct[r] = len(self._user_items.get(user, ()))
+                pairs = self._repeat.get(user)
+                if pairs:
+                    items.extend(pairs)
+                    records.extend(pairs.values())
+                    per_user[r] = len(pairs)
+            # Copied into one array while the lock is held: the records are updated in place.
+            R = np.array(records, dtype=np.float64).reshape(len(records), width)
+        cols = np.fromiter((item_index.get(i, -1) for i in items), dtype=np.int64, count=len(items))
+        rows = np.repeat(np.arange(len(users)), per_user)
+        known = cols >= 0
+        rows, cols, R = rows[known], cols[known], R[known]
+        decayed = np.zeros(len(cols))
+        for c, hl in enumerate(classes):
+            age = np.maximum(ref - R[:, 3 + 2 * c], 0.0)
+            decayed += R[:, 2 + 2 * c] * np.exp2(-age / hl)
+        # An interaction decayed below resolution is still one: keep it visible.
+        decayed = np.maximum(decayed, 1e-12)
+        age_days = np.maximum(ref - R[:, 1], 0.0) / 86400.0 + 1.0
+        shape = (len(users), len(item_index))
+        ind = cols.astype(np.int32)
+        ptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=len(users)))]).astype(np.int32)
+
+        def csr(data: np.ndarray) -> sp.csr_matrix:
+            return sp.csr_matrix((np.asarray(data, dtype=np.float64), ind, ptr), shape=shape)
+
+        rates = np.where(events > 0, 1.0 - distinct / np.maximum(events, 1.0), 0.0)
+        return csr(R[:, 0]), csr(decayed), csr(age_days), rates, distinct
 
     def forget(self, user: str) -> int:
         """Drop a user's row and take their weight out of item popularity; returns their event count.
@@ -213,6 +289,7 @@ class InteractionState:
         """
         with self._lock:
             items = self._user_items.pop(user, None)
+            self._repeat.pop(user, None)
             n = self._user_events.pop(user, 0)
             self._written.pop(user, None)
             if items is None:

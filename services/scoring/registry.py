@@ -10,6 +10,7 @@ aggregation), and old versions are pruned so GridFS does not grow without bound.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import time
 import uuid
@@ -23,6 +24,7 @@ from pymongo.database import Database
 
 from libs.common.stores import with_retries
 from services.scoring.models import Recommender, model_from_bytes
+from services.scoring.models.blend import ItemStats, RepeatBlend, RepeatWeights
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,8 @@ class ServingModel:
     trained_at: float = 0.0
     users: int = 0
     item_index: dict[str, int] = field(default_factory=dict)
+    # Learned rebuy blend (repeat_policy decay); None for models trained with the policy off.
+    repeat: RepeatBlend | None = None
 
     def __post_init__(self) -> None:
         if not self.item_index:
@@ -55,11 +59,19 @@ def new_version(algorithm: str) -> str:
 def artifact_bytes(sm: ServingModel) -> bytes:
     """The model's own npz plus the item ids, in one npz (no pickle anywhere)."""
     buf = io.BytesIO()
-    np.savez(
-        buf,
-        model=np.frombuffer(sm.model.to_bytes(), dtype=np.uint8),
-        item_ids=np.asarray(sm.item_ids, dtype=np.str_),
-    )
+    extra: dict[str, np.ndarray] = {}
+    if sm.repeat is not None:
+        # The rebuy blend travels with the model it was learned for (docs/evaluation.md).
+        extra = {
+            "repeat": np.frombuffer(json.dumps(sm.repeat.meta()).encode(), dtype=np.uint8),
+            **sm.repeat.stats.arrays(),
+        }
+    arrays: dict[str, Any] = {
+        "model": np.frombuffer(sm.model.to_bytes(), dtype=np.uint8),
+        "item_ids": np.asarray(sm.item_ids, dtype=np.str_),
+        **extra,
+    }
+    np.savez(buf, **arrays)
     return buf.getvalue()
 
 
@@ -70,6 +82,19 @@ def parse_artifact(data: bytes) -> tuple[Recommender, list[str]]:
     if model.n_items != len(item_ids):
         raise ValueError(f"artifact corrupt: model has {model.n_items} items, index has {len(item_ids)}")
     return model, item_ids
+
+
+def parse_repeat(data: bytes, n_items: int) -> RepeatBlend | None:
+    """The artifact's rebuy blend; None in artifacts trained without one (policy off, or older)."""
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        if "repeat" not in npz.files:
+            return None
+        meta = json.loads(npz["repeat"].tobytes().decode())
+        stats = ItemStats.from_arrays({k: npz[k] for k in npz.files if k.startswith("repeat_item_")})
+    if stats.rebuy.shape[0] != n_items:
+        raise ValueError("artifact corrupt: rebuy item statistics do not match the item index")
+    weights = RepeatWeights({k: float(v) for k, v in meta["weights"].items()})
+    return RepeatBlend(weights, stats, str(meta.get("learned_on", "")))
 
 
 class ModelRegistry:
@@ -96,6 +121,8 @@ class ModelRegistry:
             "items": len(sm.item_ids),
             "status": "ok",
         }
+        if sm.repeat is not None:
+            doc["repeat"] = sm.repeat.meta()
         with_retries(lambda: self.col.replace_one({"_id": sm.version}, doc, upsert=True))
         return str(file_id)
 
@@ -113,6 +140,7 @@ class ModelRegistry:
 
         data = with_retries(lambda: self.fs.get(ObjectId(doc["artifact_ref"])).read())
         model, item_ids = parse_artifact(data)
+        repeat = parse_repeat(data, len(item_ids))
         params: dict[str, Any] = dict(model.params)
         return ServingModel(
             version=str(doc["_id"]),
@@ -124,6 +152,7 @@ class ModelRegistry:
             data_watermark=float(doc.get("data_watermark", 0.0)),
             trained_at=float(doc.get("trained_at", 0.0)),
             users=int(doc.get("users", 0)),
+            repeat=repeat,
         )
 
     def load_version(self, version: str) -> ServingModel | None:

@@ -160,6 +160,10 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
             resp.algorithm = sm.algorithm
             resp.parameters.update({k: str(val) for k, val in sm.parameters.items()})
             resp.metrics.update({k: float(val) for k, val in sm.metrics.items()})
+            if sm.repeat is not None:
+                # The learned rebuy blend (repeat_policy decay), as the registry shows it.
+                resp.metrics.update({f"repeat_weight.{k}": float(v) for k, v in sm.repeat.weights.weights.items()})
+                resp.parameters["repeat_learned_on"] = sm.repeat.learned_on
             resp.trained_at.FromNanoseconds(int(sm.trained_at * 1e9))
             resp.data_watermark = int(sm.data_watermark)
             resp.users = sm.users

@@ -29,6 +29,7 @@ from services.scoring.forget import load_filter
 from services.scoring.interactions import EventRecord, InteractionState
 from services.scoring.models import make_model
 from services.scoring.registry import ModelRegistry, ServingModel, new_version
+from services.scoring.repeat_learning import learn_repeat
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +87,14 @@ def newest_archived_at(db: Database, collection: str) -> float | None:
         return None
 
 
-def state_from_archive(settings: ScoringSettings, db: Database) -> InteractionState:
-    state = InteractionState(settings.event_weights(), settings.half_life_days * 86400)
+def state_from_archive(
+    settings: ScoringSettings, db: Database, keep_events: list[EventRecord] | None = None
+) -> InteractionState:
+    """The whole archive applied to a fresh state; ``keep_events`` also collects the events read
+    (the rebuy blend learns from a held-out part of them, services/scoring/repeat_learning.py)."""
+    state = InteractionState(
+        settings.event_weights(), settings.half_life_days * 86400, repeat_half_lives_s=settings.repeat_half_lives_s()
+    )
     # Forgotten users are deleted from the archive; the filter also covers events archived
     # by a replay racing with the deletion.
     try:
@@ -95,9 +102,22 @@ def state_from_archive(settings: ScoringSettings, db: Database) -> InteractionSt
     except ValueError as exc:
         raise TrainingError(str(exc)) from exc
     state.exclude = load_filter(db, refs)
-    n = state.apply_all(archive_events(db, settings.events_collection))
+    events = archive_events(db, settings.events_collection)
+    if keep_events is not None:
+        events = collected(events, keep_events, state.exclude)
+    n = state.apply_all(events)
     metrics.EVENTS_APPLIED.labels("archive", "new").inc(n)
     return state
+
+
+def collected(
+    events: Iterator[EventRecord], into: list[EventRecord], exclude: Callable[[str], bool] | None
+) -> Iterator[EventRecord]:
+    """Pass ``events`` through, keeping those of users not excluded in ``into``."""
+    for ev in events:
+        if exclude is None or not exclude(ev.user_id):
+            into.append(ev)
+        yield ev
 
 
 def fit_model(state: InteractionState, algorithm: str, params: dict[str, Any]) -> ServingModel:
@@ -162,12 +182,18 @@ class Trainer:
                 raise TrainingError("another replica is training (lock held)")
             start = time.perf_counter()
             try:
-                state = state_from_archive(self.settings, self.db)
+                decay = self.settings.repeat_policy == "decay"
+                events: list[EventRecord] | None = [] if decay else None
+                state = state_from_archive(self.settings, self.db, events)
                 if state.events < self.settings.min_train_events:
                     raise TrainingError(
                         f"only {state.events} archived events; need at least {self.settings.min_train_events}"
                     )
                 sm = fit_model(state, algorithm, self.settings.params_for(algorithm))
+                if events is not None:
+                    sm.repeat = learn_repeat(
+                        self.settings, events, state, sm.item_index, algorithm, self.settings.params_for(algorithm)
+                    )
                 sm.metrics["train_seconds"] = round(time.perf_counter() - start, 4)
                 artifact = self.registry.publish(sm)
                 self.registry.prune(self.settings.keep_models)

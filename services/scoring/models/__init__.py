@@ -12,10 +12,13 @@ from services.scoring.models.als import ALS
 from services.scoring.models.base import Recommender, top_k_indices
 from services.scoring.models.bpr import BPR
 from services.scoring.models.ease import EASE
+from services.scoring.models.history import History
 from services.scoring.models.itemknn import ItemKNN
 from services.scoring.models.popularity import Popularity
 
-ALGORITHMS: dict[str, type[Recommender]] = {cls.algorithm: cls for cls in (Popularity, ItemKNN, ALS, BPR, EASE)}
+ALGORITHMS: dict[str, type[Recommender]] = {
+    cls.algorithm: cls for cls in (Popularity, ItemKNN, ALS, BPR, EASE, History)
+}
 
 
 def make_model(algorithm: str, **params: Any) -> Recommender:

@@ -24,6 +24,9 @@ class Recommender(ABC):
     defaults: ClassVar[dict[str, Any]] = {}
     # Small hyper-parameter grids searched on a validation split carved from training data.
     grid: ClassVar[list[dict[str, Any]]] = []
+    # True for models whose history rows must hold time-decayed weights rather than counts
+    # (models/history.py): the evaluation builds such rows for them.
+    uses_time: ClassVar[bool] = False
 
     def __init__(self, **params: Any) -> None:
         unknown = set(params) - set(self.defaults)
