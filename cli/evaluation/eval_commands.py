@@ -15,21 +15,7 @@ from typing import Any
 from tqdm import tqdm
 
 from cli.errors import UsageError
-
-# Kept here rather than imported from the harness: building the parser must not import torch.
-DEFAULT_ALGORITHMS = (
-    "popularity",
-    "itemknn",
-    "als",
-    "bpr",
-    "ease",
-    "history",
-    "itemknn+history",
-    "als+history",
-    "bpr+history",
-    "ease+history",
-)
-TARGETS = ("new", "all", "repeat")
+from services.scoring.evaluation.choices import DEFAULT_ALGORITHMS, TARGETS
 
 REPO = Path(__file__).resolve().parents[2]  # cli/<package>/<module>.py -> the repository
 OUT_DIR = REPO / "out" / "eval"

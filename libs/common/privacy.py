@@ -100,24 +100,35 @@ def redact_user_event(record: ConsumerRecord, reason: str) -> tuple[bytes, bytes
     non-pseudonym ``user_id``; bytes that do not decode are withheld (only their size and
     a SHA-256 prefix remain, enough to match them against the producer's own logs).
     """
+    return _redact(record, reason, common_pb2.Event())
+
+
+def redact_impression(record: ConsumerRecord, reason: str) -> tuple[bytes, bytes, str]:
+    """(key, value, reason) to dead-letter for an ``impressions`` record: the same rules as
+    :func:`redact_user_event` (the topic is keyed by and carries pseudonyms only)."""
+    return _redact(record, reason, common_pb2.Impression())
+
+
+def _redact(
+    record: ConsumerRecord, reason: str, msg: common_pb2.Event | common_pb2.Impression
+) -> tuple[bytes, bytes, str]:
     key = record.key or b""
     try:
         safe_key = key if is_pseudonym(key.decode()) else b""
     except UnicodeDecodeError:
         safe_key = b""
     value = record.value or b""
-    event = common_pb2.Event()
     try:
-        event.ParseFromString(value)
+        msg.ParseFromString(value)
     except (DecodeError, ValueError, RuntimeError):
         digest = hashlib.sha256(value).hexdigest()[:16]
         return safe_key, b"", f"{reason} (value withheld: {len(value)} bytes, sha256 {digest})"
     # Unknown fields are bytes nobody can vouch for: they do not travel on.
-    event.DiscardUnknownFields()
-    if event.user_id and not is_pseudonym(event.user_id):
-        event.user_id = REDACTED
+    msg.DiscardUnknownFields()
+    if msg.user_id and not is_pseudonym(msg.user_id):
+        msg.user_id = REDACTED
         reason = f"{reason} (user_id redacted)"
-    return safe_key, event.SerializeToString(), reason
+    return safe_key, msg.SerializeToString(), reason
 
 
 def delete_user_keys(r: redis.Redis, user: str) -> int:
@@ -128,25 +139,3 @@ def delete_user_keys(r: redis.Redis, user: str) -> int:
     pipe.publish(keys.user_changes_channel(), user)
     deleted, _ = pipe.execute()
     return int(deleted)
-
-
-def redact_impression(record: ConsumerRecord, reason: str) -> tuple[bytes, bytes, str]:
-    """(key, value, reason) to dead-letter for an ``impressions`` record: the same rules as
-    :func:`redact_user_event` (the topic is keyed by and carries pseudonyms only)."""
-    key = record.key or b""
-    try:
-        safe_key = key if is_pseudonym(key.decode()) else b""
-    except UnicodeDecodeError:
-        safe_key = b""
-    value = record.value or b""
-    imp = common_pb2.Impression()
-    try:
-        imp.ParseFromString(value)
-    except (DecodeError, ValueError, RuntimeError):
-        digest = hashlib.sha256(value).hexdigest()[:16]
-        return safe_key, b"", f"{reason} (value withheld: {len(value)} bytes, sha256 {digest})"
-    imp.DiscardUnknownFields()
-    if imp.user_id and not is_pseudonym(imp.user_id):
-        imp.user_id = REDACTED
-        reason = f"{reason} (user_id redacted)"
-    return safe_key, imp.SerializeToString(), reason

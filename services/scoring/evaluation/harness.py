@@ -19,6 +19,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from services.scoring.evaluation.choices import DEFAULT_ALGORITHMS, TARGETS
 from services.scoring.evaluation.datasets import Interactions, iter_batches
 from services.scoring.evaluation.metrics import ranking_metrics
 from services.scoring.evaluation.splits import Split, make_split, subset
@@ -41,19 +42,6 @@ from services.scoring.models.blend import (
 )
 from services.scoring.models.history import DAY_S, decayed_rows
 
-DEFAULT_ALGORITHMS = (
-    "popularity",
-    "itemknn",
-    "als",
-    "bpr",
-    "ease",
-    "history",
-    "itemknn+history",
-    "als+history",
-    "bpr+history",
-    "ease+history",
-)
-TARGETS = ("new", "all", "repeat")
 TARGET_MEANING = {
     "new": "only test items the user had not interacted with in training; seen items left out of the rankings",
     "all": "every test item; seen items stay in the rankings",
