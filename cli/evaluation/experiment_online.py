@@ -41,10 +41,12 @@ from cli.localstack.stack import Stack
 from libs.common import keys
 from libs.common.kafka import ensure_topics
 from libs.common.pseudonym import Pseudonymizer
+from libs.common.settings import DEV_PSEUDONYM_SECRET
 from services.gateway.style import encode_embedding
 
 SYNTHETIC = "SYNTHETIC SIMULATION: generated catalog, seeded model outputs and simulated shoppers, not real users"
-SECRET = "stylerec-online-experiment-simulation"
+# The public dev pseudonym key (libs/common/settings.py): simulated shoppers on a throw-away stack.
+SECRET = DEV_PSEUDONYM_SECRET
 EXPERIMENTS: dict[str, list[dict[str, Any]]] = {
     "planted": [{"name": "control", "style": False}, {"name": "style", "style_lambda": 0.5}],
     "aa": [{"name": "a"}, {"name": "b"}],

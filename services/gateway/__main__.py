@@ -129,10 +129,10 @@ def build_app(settings: GatewaySettings) -> GatewayApp:
         settings, ds, pseudonymize, recommender, similar, Experiments.from_settings(settings), impressions
     )
     invalidator = ItemCacheInvalidator(settings, ds.redis, catalog.near, answers)
-    # Its own connection: a subscribed one serves no commands (store timeouts, not the request path's).
+    # Its own connection: a subscribed one serves no commands. No retries: a lost connection must
+    # end the subscription (and serving from memory) at once, not after silent reconnect attempts.
     listener = UserChangeListener(
-        make_redis(settings.redis_url, settings.store_timeout_s, settings.store_retries, **redis_credentials(settings)),
-        answers,
+        make_redis(settings.redis_url, settings.store_timeout_s, 0, **redis_credentials(settings)), answers
     )
     return GatewayApp(settings, servicer, ds, publisher, mongo, scoring_channel, invalidator, listener, impressions)
 

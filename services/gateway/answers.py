@@ -20,10 +20,11 @@ Exactness comes from invalidation, not from the lifetime:
 
 What stays bounded by ``STYLEREC_ANSWER_CACHE_S`` (default 2 s, the popularity near cache's
 bound already): the popularity list an answer's popular candidates came from and a reload of the
-embedding index. Never kept: degraded answers. An answer with a stylized image still PENDING is
-kept only ``STYLEREC_STYLIZED_PENDING_RECHECK_S`` (default 1 s), the time this replica already
-reports PENDING without asking Redis again (services/gateway/stylized.py), so READY shows as
-soon as it did before. Hit rate and invalidations:
+embedding index. Never kept: degraded answers, and answers shorter than asked (an empty or short
+popularity list may fill any moment, as the popularity near cache already assumes). An answer
+with a stylized image still PENDING is kept only ``STYLEREC_STYLIZED_PENDING_RECHECK_S``
+(default 1 s), the time this replica already reports PENDING without asking Redis again
+(services/gateway/stylized.py), so READY shows as soon as it did before. Hit rate and invalidations:
 ``stylerec_gateway_answer_cache_total{result}``, ``stylerec_gateway_answer_cache_invalidations_total{reason}``.
 """
 
@@ -91,8 +92,11 @@ class AnswerCache:
         """Taken before the answer's Redis read; :meth:`put` refuses the answer if it moved."""
         return self._epoch, self._changes.get(user, 0)
 
-    def put(self, key: Key, token: tuple[int, int], answer: gateway_pb2.GetRecommendationsResponse) -> None:
+    def put(self, key: Key, token: tuple[int, int], answer: gateway_pb2.GetRecommendationsResponse, k: int) -> None:
         if not self.live:
+            return
+        if len(answer.items) < k:
+            self._skipped.inc()
             return
         ttl = self.ttl_s
         if any(i.stylized_status == gateway_pb2.STYLIZED_PENDING for i in answer.items):

@@ -52,7 +52,7 @@ PARSE_MEMO = Counter(
 ANSWER_CACHE = Counter(
     "stylerec_gateway_answer_cache_total",
     "GetRecommendations answers by whether the kept answer was served (hit), built (miss) or, once built, "
-    "not kept (not_kept: degraded, a stylized image pending, or its user changed meanwhile).",
+    "not kept (not_kept: degraded, shorter than asked, or its user changed meanwhile).",
     ["result"],
 )
 ANSWER_CACHE_INVALIDATIONS = Counter(

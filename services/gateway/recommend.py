@@ -176,7 +176,7 @@ class Recommender:
             return copy_of(kept)
         token = self.answers.token(user)  # before the Redis read: a change during the build is caught
         resp = self._recommend(request, user, deadline, arm)
-        self.answers.put(key, token, copy_of(resp))
+        self.answers.put(key, token, copy_of(resp), request.k or self.settings.default_k)
         return resp
 
     def _recommend(

@@ -30,7 +30,7 @@ def live_cache(ttl_s: float = 60.0, entries: int = 100) -> AnswerCache:
 def test_kept_until_the_user_changes() -> None:
     cache = live_cache()
     key = ("u_a", b"req")
-    cache.put(key, cache.token("u_a"), answer())
+    cache.put(key, cache.token("u_a"), answer(), 1)
     assert cache.get(key) is not None
     cache.invalidate_users(["u_b"])
     assert cache.get(key) is not None  # another user's change
@@ -43,22 +43,22 @@ def test_an_answer_built_across_a_change_is_not_kept() -> None:
     key = ("u_a", b"req")
     token = cache.token("u_a")  # taken before the Redis read
     cache.invalidate_users(["u_a"])  # scoring wrote the user while the answer was being built
-    cache.put(key, token, answer())
+    cache.put(key, token, answer(), 1)
     assert cache.get(key) is None
     token = cache.token("u_a")
     cache.clear("item")  # so is one built across a catalog change
-    cache.put(key, token, answer())
+    cache.put(key, token, answer(), 1)
     assert cache.get(key) is None
 
 
 def test_degraded_answers_are_never_kept_pending_ones_briefly_and_entries_expire() -> None:
     cache = AnswerCache(0.4, 100, pending_ttl_s=0.1)
     cache.heard()
-    cache.put(("u_a", b"1"), cache.token("u_a"), answer(degraded=True, degraded_reason="redis: timeout"))
+    cache.put(("u_a", b"1"), cache.token("u_a"), answer(degraded=True, degraded_reason="redis: timeout"), 1)
     pending = answer()
     pending.items[0].stylized_status = gateway_pb2.STYLIZED_PENDING
-    cache.put(("u_a", b"2"), cache.token("u_a"), pending)
-    cache.put(("u_a", b"3"), cache.token("u_a"), answer())
+    cache.put(("u_a", b"2"), cache.token("u_a"), pending, 1)
+    cache.put(("u_a", b"3"), cache.token("u_a"), answer(), 1)
     assert cache.get(("u_a", b"1")) is None
     assert cache.get(("u_a", b"2")) is not None and cache.get(("u_a", b"3")) is not None
     time.sleep(0.15)  # PENDING is re-asked as often as before: its READY must show
@@ -68,16 +68,16 @@ def test_degraded_answers_are_never_kept_pending_ones_briefly_and_entries_expire
     assert cache.get(("u_a", b"3")) is None
     no_pending = AnswerCache(60.0, 100, pending_ttl_s=0.0)
     no_pending.heard()
-    no_pending.put(("u_a", b"2"), no_pending.token("u_a"), pending)
+    no_pending.put(("u_a", b"2"), no_pending.token("u_a"), pending, 1)
     assert no_pending.get(("u_a", b"2")) is None
 
 
 def test_nothing_is_served_or_kept_while_the_subscription_is_down() -> None:
     cache = AnswerCache(60.0, 100)  # not subscribed yet: a change could be missed
-    cache.put(("u_a", b"r"), cache.token("u_a"), answer())
+    cache.put(("u_a", b"r"), cache.token("u_a"), answer(), 1)
     cache.heard()
     assert cache.get(("u_a", b"r")) is None
-    cache.put(("u_a", b"r"), cache.token("u_a"), answer())
+    cache.put(("u_a", b"r"), cache.token("u_a"), answer(), 1)
     assert cache.get(("u_a", b"r")) is not None
     cache.heard(subscribed=False)  # lost
     assert cache.get(("u_a", b"r")) is None
@@ -86,10 +86,18 @@ def test_nothing_is_served_or_kept_while_the_subscription_is_down() -> None:
     assert cache.get(("u_a", b"r")) is None
 
 
+def test_short_answers_are_not_kept() -> None:
+    cache = live_cache()
+    cache.put(("u_a", b"r"), cache.token("u_a"), answer(), 2)  # one item of two asked: may fill any moment
+    assert cache.get(("u_a", b"r")) is None
+    cache.put(("u_a", b"r"), cache.token("u_a"), answer(), 1)
+    assert cache.get(("u_a", b"r")) is not None
+
+
 def test_bounded() -> None:
     cache = live_cache(entries=3)
     for n in range(5):
-        cache.put((f"u_{n}", b"r"), cache.token(f"u_{n}"), answer())
+        cache.put((f"u_{n}", b"r"), cache.token(f"u_{n}"), answer(), 1)
     assert len(cache) <= 3
 
 
@@ -110,7 +118,7 @@ def test_listener_follows_scoring_writes_and_forget_on_real_redis(infra: Stack, 
         assert wait_until(lambda: cache.live), "never subscribed"
         a, b = f"u_a{unique}", f"u_b{unique}"
         for u in (a, b):
-            cache.put((u, b"r"), cache.token(u), answer())
+            cache.put((u, b"r"), cache.token(u), answer(), 1)
         # What scoring's RecsWriter publishes in its MULTI/EXEC: space-separated pseudonyms.
         r.publish(keys.user_changes_channel(), f"{a} u_someone_else")
         assert wait_until(lambda: cache.get((a, b"r")) is None)
