@@ -58,7 +58,8 @@ class AnswerCache:
         self._entries: dict[Key, tuple[float, gateway_pb2.GetRecommendationsResponse]] = {}
         self._by_user: dict[str, set[Key]] = {}
         self._changes: dict[str, int] = {}  # user -> invalidations seen (for the race check)
-        self._epoch = 0  # bumped by clear(): a store started before it is refused
+        self._epoch = 0  # bumped by clear() and each sweep: a store started before it is refused
+        self._sweep_at = 0.0
         self._lock = threading.Lock()
         self._hit = ANSWER_CACHE.labels("hit")
         self._miss = ANSWER_CACHE.labels("miss")
@@ -105,13 +106,16 @@ class AnswerCache:
             self._skipped.inc()
             return
         user = key[0]
+        now = time.monotonic()
         with self._lock:
             if token != (self._epoch, self._changes.get(user, 0)):
                 self._skipped.inc()
                 return
+            if now >= self._sweep_at:
+                self._sweep(now)
             if len(self._entries) >= self.max_entries:
                 self._drop_all()
-            self._entries[key] = (time.monotonic() + ttl, answer)
+            self._entries[key] = (now + ttl, answer)
             self._by_user.setdefault(user, set()).add(key)
 
     def invalidate_users(self, users: list[str]) -> None:
@@ -120,16 +124,24 @@ class AnswerCache:
                 self._changes[user] = self._changes.get(user, 0) + 1
                 for key in self._by_user.pop(user, ()):
                     self._entries.pop(key, None)
-            if len(self._changes) > 4 * max(1, self.max_entries):
-                # The counters only guard answers in flight; resetting them is safe with a new epoch.
-                self._changes.clear()
-                self._drop_all()
         ANSWER_CACHE_INVALIDATIONS.labels("user").inc(len(users))
 
     def clear(self, reason: str) -> None:
         with self._lock:
             self._drop_all()
         ANSWER_CACHE_INVALIDATIONS.labels(reason).inc()
+
+    def _sweep(self, now: float) -> None:
+        """Drop expired answers and forget the change counters, once per lifetime: a shop's
+        one-visit shoppers (never invalidated) would otherwise fill the cache to its bound, and
+        the counters grow with every user scoring writes. A new epoch keeps the counters' guard:
+        an answer started before the sweep is refused, not stored unchecked."""
+        self._entries = {k: e for k, e in self._entries.items() if e[0] > now}
+        self._by_user = {u: {k for k in ks if k in self._entries} for u, ks in self._by_user.items()}
+        self._by_user = {u: ks for u, ks in self._by_user.items() if ks}
+        self._changes = {}
+        self._epoch += 1
+        self._sweep_at = now + max(self.ttl_s, 0.5)
 
     def _drop_all(self) -> None:
         self._epoch += 1
