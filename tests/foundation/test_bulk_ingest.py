@@ -353,7 +353,9 @@ def test_ctrl_c_on_the_real_cli_loses_nothing_acknowledged(stack: Stack, tmp_pat
     import re
     import signal
 
-    n = 20_000
+    # Big enough that the CLI is still sending when Ctrl-C lands on a busy CI box (with 20,000 rows
+    # it twice finished first, exit 0), and Ctrl-C as soon as one batch is acknowledged.
+    n = 40_000
     now = int(time.time())
     f = tmp_path / "big.csv"
     f.write_text(
@@ -375,7 +377,7 @@ def test_ctrl_c_on_the_real_cli_loses_nothing_acknowledged(stack: Stack, tmp_pat
             break
         seen += chunk
         done = [int(x) for x in re.findall(rb"\| *(\d+)/\d+ \[", seen)]
-        if done and max(done) >= 400:
+        if done and max(done) >= 200:
             break
     proc.send_signal(signal.SIGINT)
     stdout, _ = proc.communicate(timeout=60)
