@@ -20,6 +20,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.partitioner.default import murmur2
 from stylerec.v1 import common_pb2
 
 from libs.common.metrics import CONSUMED, CONSUMER_LAG, DEAD_LETTERS, PRODUCED
@@ -37,8 +38,9 @@ MODEL_UPDATES = "model-updates"
 # ForgetUser commands (admin.proto ForgetCommand, key = user reference); every scoring replica
 # reads the whole topic without a consumer group.
 USER_FORGET = "user-forget"
-# What each GetRecommendations answer showed (common.proto Impression, key = user pseudonym);
-# the ingestion archiver stores it and attributes events to it (docs/experiments.md).
+# What GetRecommendations answers showed (common.proto ImpressionBatch: impressions whose users
+# share a partition, key = the first one's pseudonym); the ingestion archiver stores them and
+# attributes events to them (docs/experiments.md).
 IMPRESSIONS = "impressions"
 
 
@@ -59,6 +61,12 @@ TOPICS: dict[str, int] = {
     IMPRESSIONS: 6,
     **{dead_letter_topic(s): 1 for s in SERVICES_WITH_CONSUMERS},
 }
+
+
+def partition_of(key: str, partitions: int = TOPICS[USER_EVENTS]) -> int:
+    """The partition kafka's default (murmur2) partitioner gives a record with this key."""
+    return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
+
 
 M = TypeVar("M", bound=Message)
 # (record, reason) -> (key, value, reason) actually written to the dead-letter topic.

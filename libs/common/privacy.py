@@ -103,10 +103,27 @@ def redact_user_event(record: ConsumerRecord, reason: str) -> tuple[bytes, bytes
     return _redact(record, reason, common_pb2.Event())
 
 
-def redact_impression(record: ConsumerRecord, reason: str) -> tuple[bytes, bytes, str]:
-    """(key, value, reason) to dead-letter for an ``impressions`` record: the same rules as
-    :func:`redact_user_event` (the topic is keyed by and carries pseudonyms only)."""
-    return _redact(record, reason, common_pb2.Impression())
+def redact_impressions(record: ConsumerRecord, reason: str) -> tuple[bytes, bytes, str]:
+    """(key, value, reason) to dead-letter for an ``impressions`` record (an ``ImpressionBatch``,
+    or one ``Impression`` from an older gateway): the rules of :func:`redact_user_event`
+    applied to every impression of the batch (the topic carries pseudonyms only)."""
+    batch = common_pb2.ImpressionBatch()
+    try:
+        batch.ParseFromString(record.value or b"")
+    except (DecodeError, ValueError, RuntimeError):
+        batch.Clear()
+    if not batch.impressions:
+        return _redact(record, reason, common_pb2.Impression())
+    key, _, _ = _redact(record, reason, common_pb2.Impression())
+    batch.DiscardUnknownFields()
+    redacted = 0
+    for imp in batch.impressions:
+        if imp.user_id and not is_pseudonym(imp.user_id):
+            imp.user_id = REDACTED
+            redacted += 1
+    if redacted:
+        reason = f"{reason} (user_id redacted in {redacted} of {len(batch.impressions)})"
+    return key, batch.SerializeToString(), reason
 
 
 def _redact(

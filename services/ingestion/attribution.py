@@ -48,7 +48,7 @@ from stylerec.v1 import common_pb2
 
 from libs.common.kafka import Decoded, ProtoConsumerLoop, ProtoProducer, kafka_security
 from libs.common.metrics import STORE_ERRORS
-from libs.common.privacy import ForgottenUsers, UserRefs, redact_impression, redact_user_event
+from libs.common.privacy import ForgottenUsers, UserRefs, redact_impressions, redact_user_event
 from libs.common.stores import with_retries
 from services.ingestion import metrics
 from services.ingestion.archiver import DeadLetterProducer, archived_problem
@@ -73,6 +73,30 @@ def impression_problem(imp: common_pb2.Impression) -> str | None:
         return "user_id is not a pseudonym (raw ids are never archived)"
     if not imp.HasField("shown_at"):
         return "shown_at is required"
+    return None
+
+
+def impressions_of(batch: common_pb2.ImpressionBatch) -> list[common_pb2.Impression]:
+    """The impressions of an ``impressions`` record. A record from an older gateway holds one
+    bare ``Impression``: it parses as a batch with none, its fields kept as unknown ones, and
+    re-serializing gives its bytes back (common.proto, ImpressionBatch)."""
+    if batch.impressions:
+        return list(batch.impressions)
+    raw = batch.SerializeToString()
+    return [common_pb2.Impression.FromString(raw)] if raw else []
+
+
+def batch_problem(batch: common_pb2.ImpressionBatch) -> str | None:
+    """Why an ``impressions`` record cannot be archived. The record is the unit the consumer
+    dead-letters, so one bad impression sends its batch there whole (redacted, replayable): only
+    a faulty producer writes one, and its batch mates are kept rather than half-archived."""
+    imps = impressions_of(batch)
+    if not imps:
+        return "empty impression batch"
+    for n, imp in enumerate(imps):
+        problem = impression_problem(imp)
+        if problem:
+            return problem if len(imps) == 1 else f"impression {n + 1} of {len(imps)}: {problem}"
     return None
 
 
@@ -204,10 +228,11 @@ class Attribution:
         return self.forgotten.forgotten_among(users) if self.forgotten is not None else set()
 
     # ---- impressions topic ----
-    def on_impressions(self, batch: list[Decoded[common_pb2.Impression]]) -> None:
+    def on_impressions(self, batch: list[Decoded[common_pb2.ImpressionBatch]]) -> None:
         self.ensure_indexes()
-        gone = self._drop_forgotten(d.message.user_id for d in batch)
-        imps = {d.message.recommendation_id: d.message for d in batch if d.message.user_id not in gone}
+        shown = [imp for d in batch for imp in impressions_of(d.message)]
+        gone = self._drop_forgotten(m.user_id for m in shown)
+        imps = {m.recommendation_id: m for m in shown if m.user_id not in gone}
         if not imps:
             return
         ops = [UpdateOne({"_id": rid}, {"$set": impression_document(m)}, upsert=True) for rid, m in imps.items()]
@@ -368,10 +393,10 @@ class ExperimentsRunner:
                         ProtoConsumerLoop(
                             group_id=s.impressions_group,
                             topics=[s.impressions_topic],
-                            message_type=common_pb2.Impression,
+                            message_type=common_pb2.ImpressionBatch,
                             handle=self.attribution.on_impressions,
-                            validate=impression_problem,
-                            redact=redact_impression,
+                            validate=batch_problem,
+                            redact=redact_impressions,
                             **self._common(),
                         ).start()
                     )

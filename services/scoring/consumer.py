@@ -22,13 +22,12 @@ from collections.abc import Callable, Iterable
 import redis
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
-from kafka.partitioner.default import murmur2
 from pymongo.database import Database
 from stylerec.v1 import common_pb2, scoring_pb2
 
 from libs.common import keys
 from libs.common.archive_progress import Progress, TailCursor, live_progress
-from libs.common.kafka import MODEL_UPDATES, TOPICS, USER_EVENTS, Decoded, kafka_security
+from libs.common.kafka import MODEL_UPDATES, USER_EVENTS, Decoded, kafka_security, partition_of
 from libs.common.metrics import STORE_ERRORS
 from services.scoring import metrics
 from services.scoring.config import ScoringSettings
@@ -58,11 +57,6 @@ def event_problem(event: common_pb2.Event) -> str | None:
     if event.type not in KNOWN_TYPES:
         return f"type {event.type} is unknown"
     return None
-
-
-def partition_of(user: str, partitions: int = TOPICS[USER_EVENTS]) -> int:
-    """The user-events partition of a user (kafka's default murmur2 partitioner on the key)."""
-    return (murmur2(user.encode()) & 0x7FFFFFFF) % partitions
 
 
 class CategoryCache:

@@ -15,7 +15,7 @@ from kafka import KafkaConsumer
 from stylerec.v1 import common_pb2, gateway_pb2
 
 from cli.localstack.stack import Stack
-from libs.common.kafka import ensure_topics
+from libs.common.kafka import IMPRESSIONS, TOPICS, ensure_topics, partition_of
 from services.gateway.config import ExperimentArm
 from services.gateway.experiments import Experiments
 from tests.gateway.conftest import Gateway, Seeder, basis, pseudo
@@ -36,7 +36,8 @@ def impressions_on(
     try:
         while time.monotonic() < end and len(out) < want:
             for batch in consumer.poll(timeout_ms=300).values():
-                out += [(rec.key, common_pb2.Impression.FromString(rec.value)) for rec in batch]
+                for rec in batch:
+                    out += [(rec.key, imp) for imp in common_pb2.ImpressionBatch.FromString(rec.value).impressions]
     finally:
         consumer.close()
     return out
@@ -93,8 +94,10 @@ def test_arms_change_the_answer_and_every_answer_becomes_an_impression(
     for arm, resp in answers.items():
         key, imp = by_id[resp.recommendation_id]
         user = pseudo(by_arm[arm])
+        # A record holds the impressions of users sharing a partition, keyed by one of them.
         assert (
-            key == user.encode()
+            key.decode() in {pseudo(raw) for raw in by_arm.values()}
+            and partition_of(key.decode(), TOPICS[IMPRESSIONS]) == partition_of(user, TOPICS[IMPRESSIONS])
             and imp.user_id == user
             and by_arm[arm] not in imp.SerializeToString().decode(errors="replace")
         )

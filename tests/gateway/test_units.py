@@ -191,9 +191,47 @@ def test_impressions_never_block_the_answer_and_overflow_is_counted() -> None:
     assert time.perf_counter() - t0 < 0.2  # 50 answers, no waiting on the 0.5 s sends
     assert dropped() - before >= 40
     pub.stop()
-    topic, key, imp = slow.sent[0]
+    topic, key, batch = slow.sent[0]
+    imp = batch.impressions[0]  # type: ignore[attr-defined]
     assert topic == "impressions" and key == "u_" + "0" * 32
-    assert imp.strategy == "CF" and [i.item_id for i in imp.items] == ["a"]  # type: ignore[attr-defined]
+    assert imp.strategy == "CF" and [i.item_id for i in imp.items] == ["a"]
+
+
+def test_impressions_go_one_record_per_partition_keyed_into_it() -> None:
+    """A record per answer cost more than building it; a batch per partition keeps each user's
+    impressions in the partition their key hashes to, and splits before a record grows large."""
+    from stylerec.v1 import gateway_pb2
+
+    from libs.common.kafka import partition_of
+    from services.gateway.impressions import RECORD_BYTES, Shown, batch_by_partition
+
+    def shown(n: int, items: int = 3) -> Shown:
+        resp = gateway_pb2.GetRecommendationsResponse(
+            strategy=gateway_pb2.CF, model_version="m", recommendation_id=f"rec_{n:032x}"
+        )
+        for i in range(items):
+            resp.items.add(item_id=f"i{n}-{i}")
+        return Shown(f"u_{n:032x}", resp.SerializeToString(), 1_700_000_000.0 + n)
+
+    answers = [shown(n) for n in range(60)]
+    batches = batch_by_partition(answers, 6)
+    assert len(batches) == len({partition_of(a.user, 6) for a in answers}) <= 6
+    got = [imp for b in batches for imp in b.impressions]
+    assert sorted(i.recommendation_id for i in got) == sorted(f"rec_{n:032x}" for n in range(60))
+    for b in batches:
+        key = b.impressions[0].user_id
+        assert {partition_of(i.user_id, 6) for i in b.impressions} == {partition_of(key, 6)}
+    first = next(i for i in got if i.recommendation_id == f"rec_{7:032x}")
+    assert [(it.item_id, it.position) for it in first.items] == [("i7-0", 0), ("i7-1", 1), ("i7-2", 2)]
+    assert first.strategy == "CF" and first.shown_at.seconds == 1_700_000_007
+    # Answers of one user that together pass RECORD_BYTES go in more than one record, each at
+    # most RECORD_BYTES plus one impression.
+    one = batch_by_partition([shown(0, items=1000)], 6)[0].ByteSize()
+    big = [shown(0, items=1000)] * (2 * RECORD_BYTES // one + 1)
+    split = batch_by_partition(big, 6)
+    assert len(split) >= 2 and sum(len(b.impressions) for b in split) == len(big)
+    assert all(RECORD_BYTES <= b.ByteSize() <= RECORD_BYTES + one for b in split[:-1])
+    assert split[-1].ByteSize() <= RECORD_BYTES + one
 
 
 def test_impressions_without_a_broker_are_dropped_and_counted() -> None:

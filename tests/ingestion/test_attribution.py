@@ -87,9 +87,10 @@ def rec_id() -> str:
 
 
 def publish_impression(
-    exp: Exp, user: str, items: list[str], shown_at: float, rid: str = "", arm: str = "style"
+    exp: Exp, user: str, items: list[str], shown_at: float, rid: str = "", arm: str = "style", legacy: bool = False
 ) -> str:
-    """An impression exactly as the gateway publishes it (topic keyed by the pseudonym)."""
+    """An impression as the gateway publishes it: in an ImpressionBatch keyed by its pseudonym
+    (``legacy``: bare, as gateways before the batches did)."""
     rid = rid or rec_id()
     imp = common_pb2.Impression(
         recommendation_id=rid, user_id=user, strategy="STYLE_PERSONALIZED", experiment="exp-t", arm=arm
@@ -97,7 +98,8 @@ def publish_impression(
     for n, item in enumerate(items):
         imp.items.add(item_id=item, position=n)
     imp.shown_at.FromNanoseconds(int(shown_at * 1e9))
-    exp.producer.send(exp.impressions_topic, key=user.encode(), value=imp.SerializeToString()).get(10)
+    value = imp.SerializeToString() if legacy else common_pb2.ImpressionBatch(impressions=[imp]).SerializeToString()
+    exp.producer.send(exp.impressions_topic, key=user.encode(), value=value).get(10)
     return rid
 
 
@@ -220,14 +222,35 @@ def test_a_malformed_recommendation_id_is_rejected_with_the_reason(exp: Exp, uni
     assert resp.rejected[0].reason.startswith("recommendation_id must be")
 
 
+def test_an_older_gateways_bare_impression_is_archived_and_attributed(
+    exp: Exp, mongo_db: Database[Any], unique: str
+) -> None:
+    """A rolling upgrade: gateways not yet upgraded still publish one Impression per record."""
+    raw = f"legacy-{unique}"
+    user = pseudo(raw)
+    item = f"l-{unique}-0"
+    rid = publish_impression(exp, user, [item, f"l-{unique}-1"], time.time() - 5, legacy=True)
+    assert ingest(exp, [make_event(raw, item, common_pb2.CLICK, event_id=f"l-{unique}", ts=time.time())]).accepted
+    assert wait_until(lambda: len(attributions(mongo_db, exp, user_id=user)) == 1, 30)
+    doc = mongo_db[f"imp_{exp.coll}"].find_one({"_id": rid})
+    assert doc and doc["user_id"] == user and doc["items"] == [item, f"l-{unique}-1"]
+    assert attributions(mongo_db, exp, user_id=user)[0]["recommendation_id"] == rid
+
+
 def test_unusable_impressions_are_dead_lettered_with_the_reason(exp: Exp) -> None:
     from libs.common.kafka import dead_letter_topic
     from tests.ingestion.conftest import read_records
 
     raw = common_pb2.Impression(recommendation_id=rec_id(), user_id="raw-shop-id-42")
     raw.shown_at.GetCurrentTime()
+    good = common_pb2.Impression(recommendation_id=rec_id(), user_id="u_" + "c" * 32)
+    good.shown_at.GetCurrentTime()
+    mixed = common_pb2.ImpressionBatch(impressions=[good, raw])
     exp.producer.send(exp.impressions_topic, key=b"k1", value=b"\xff\x00 not a protobuf").get(10)
+    # An older gateway's bare Impression is still read (and refused for its raw id) ...
     exp.producer.send(exp.impressions_topic, key=b"k2", value=raw.SerializeToString()).get(10)
+    # ... and a batch with one bad impression is dead-lettered whole, every raw id redacted.
+    exp.producer.send(exp.impressions_topic, key=b"k3", value=mixed.SerializeToString()).get(10)
 
     def ours() -> list[common_pb2.DeadLetter]:
         dls = [
@@ -236,10 +259,14 @@ def test_unusable_impressions_are_dead_lettered_with_the_reason(exp: Exp) -> Non
         ]
         return [d for d in dls if d.source_topic == exp.impressions_topic]
 
-    assert wait_until(lambda: len(ours()) == 2, 30)
+    assert wait_until(lambda: len(ours()) == 3, 30)
     dls = sorted(ours(), key=lambda d: d.reason)
-    assert dls[0].reason.startswith("invalid: user_id is not a pseudonym") and "redacted" in dls[0].reason
-    assert dls[1].reason.startswith("undecodable") and dls[1].value == b""  # withheld
+    assert dls[0].reason.startswith("invalid: impression 2 of 2: user_id is not a pseudonym")
+    assert dls[0].reason.endswith("(user_id redacted in 1 of 2)")
+    redacted = common_pb2.ImpressionBatch.FromString(dls[0].value).impressions
+    assert [i.user_id for i in redacted] == [good.user_id, "<redacted>"]
+    assert dls[1].reason.startswith("invalid: user_id is not a pseudonym") and "redacted" in dls[1].reason
+    assert common_pb2.Impression.FromString(dls[1].value).user_id == "<redacted>"
+    assert dls[2].reason.startswith("undecodable") and dls[2].value == b""  # withheld
     # The raw id is not repeated on the dead-letter topic.
     assert all(b"raw-shop-id-42" not in d.SerializeToString() for d in dls)
-    assert common_pb2.Impression.FromString(dls[0].value).user_id == "<redacted>"

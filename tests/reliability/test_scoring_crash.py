@@ -36,8 +36,7 @@ from pymongo import MongoClient
 from stylerec.v1 import scoring_pb2, scoring_pb2_grpc
 
 from cli.localstack.stack import Stack
-from libs.common.kafka import TOPICS, USER_EVENTS
-from services.scoring.consumer import partition_of
+from libs.common.kafka import TOPICS, USER_EVENTS, partition_of
 from tests.reliability.conftest import (
     FAST_ENV,
     PSEUDONYMIZE,

@@ -18,8 +18,9 @@ from pymongo.database import Database
 
 from cli.localstack.stack import Stack
 from libs.common.archive_progress import STALE_S, ProgressWriter, live_progress
+from libs.common.kafka import partition_of
 from services.scoring.config import ScoringSettings
-from services.scoring.consumer import ArchiveSync, CategoryCache, partition_of
+from services.scoring.consumer import ArchiveSync, CategoryCache
 from services.scoring.interactions import InteractionState
 from services.scoring.trainer import archive_events, newest_archived_at
 

@@ -13,8 +13,7 @@ from stylerec.v1 import common_pb2, scoring_pb2
 
 from libs.common import keys
 from libs.common.errors import violations_of
-from libs.common.kafka import USER_EVENTS, dead_letter_topic
-from services.scoring.consumer import partition_of
+from libs.common.kafka import USER_EVENTS, dead_letter_topic, partition_of
 from tests.scoring.conftest import ScoringEnv, cluster_events, topn, wait_for
 
 pytestmark = pytest.mark.integration
