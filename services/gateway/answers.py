@@ -22,10 +22,14 @@ What stays bounded by ``STYLEREC_ANSWER_CACHE_S`` (default 2 s, the popularity n
 bound already): the popularity list an answer's popular candidates came from and a reload of the
 embedding index. Never kept: degraded answers, and answers shorter than asked (an empty or short
 popularity list may fill any moment, as the popularity near cache already assumes). An answer
-with a stylized image still PENDING is kept only ``STYLEREC_STYLIZED_PENDING_RECHECK_S``
+with a stylized image still PENDING is served as kept only for ``STYLEREC_STYLIZED_PENDING_RECHECK_S``
 (default 1 s), the time this replica already reports PENDING without asking Redis again
-(services/gateway/stylized.py), so READY shows as soon as it did before. Hit rate and invalidations:
-``stylerec_gateway_answer_cache_total{result}``, ``stylerec_gateway_answer_cache_invalidations_total{reason}``.
+(services/gateway/stylized.py), so READY shows as soon as it did before; after that it comes back
+marked ``restyle``: the caller re-asks only the stylized states (one Redis script call) and keeps
+the result for the rest of the answer's lifetime, instead of rebuilding the whole answer (nothing
+else of it can have changed unnoticed: its user's changes and item updates still drop it).
+Hit rate and invalidations: ``stylerec_gateway_answer_cache_total{result}``,
+``stylerec_gateway_answer_cache_invalidations_total{reason}``.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import contextlib
 import logging
 import threading
 import time
+from typing import NamedTuple
 
 import redis
 from stylerec.v1 import gateway_pb2
@@ -44,6 +49,14 @@ from services.gateway.metrics import ANSWER_CACHE, ANSWER_CACHE_INVALIDATIONS
 log = logging.getLogger(__name__)
 
 Key = tuple[str, bytes]  # (user pseudonym, the request's bytes)
+
+
+class Kept(NamedTuple):
+    answer: gateway_pb2.GetRecommendationsResponse
+    expires_at: float  # monotonic; a restyled answer keeps its original lifetime
+    restyle: bool  # its PENDING images are due for a re-check (the rest of it is still exact)
+
+
 PING_S = 0.25  # the listener's heartbeat on its subscribed connection
 STALE_S = 1.0  # no hits once the subscription has been silent this long
 
@@ -55,7 +68,8 @@ class AnswerCache:
         self.max_entries = max_entries
         self._subscribed = False
         self._heard_at = 0.0  # last time the listener heard from Redis (a message or a pong)
-        self._entries: dict[Key, tuple[float, gateway_pb2.GetRecommendationsResponse]] = {}
+        # key -> (expires at, answer, PENDING images re-checked from); monotonic times
+        self._entries: dict[Key, tuple[float, gateway_pb2.GetRecommendationsResponse, float]] = {}
         self._by_user: dict[str, set[Key]] = {}
         self._changes: dict[str, int] = {}  # user -> invalidations seen (for the race check)
         self._epoch = 0  # bumped by clear() and each sweep: a store started before it is refused
@@ -64,6 +78,7 @@ class AnswerCache:
         self._hit = ANSWER_CACHE.labels("hit")
         self._miss = ANSWER_CACHE.labels("miss")
         self._skipped = ANSWER_CACHE.labels("not_kept")
+        self._restyle = ANSWER_CACHE.labels("restyle")
 
     @property
     def enabled(self) -> bool:
@@ -78,7 +93,7 @@ class AnswerCache:
     def live(self) -> bool:
         return self._subscribed and time.monotonic() - self._heard_at < STALE_S
 
-    def get(self, key: Key) -> gateway_pb2.GetRecommendationsResponse | None:
+    def get(self, key: Key) -> Kept | None:
         now = time.monotonic()
         if not self._subscribed or now - self._heard_at >= STALE_S:
             return None
@@ -86,27 +101,38 @@ class AnswerCache:
         if entry is None or entry[0] <= now:
             self._miss.inc()
             return None
+        if entry[2] <= now:
+            self._restyle.inc()
+            return Kept(entry[1], entry[0], True)
         self._hit.inc()
-        return entry[1]
+        return Kept(entry[1], entry[0], False)
 
     def token(self, user: str) -> tuple[int, int]:
         """Taken before the answer's Redis read; :meth:`put` refuses the answer if it moved."""
         return self._epoch, self._changes.get(user, 0)
 
-    def put(self, key: Key, token: tuple[int, int], answer: gateway_pb2.GetRecommendationsResponse, k: int) -> None:
+    def put(
+        self,
+        key: Key,
+        token: tuple[int, int],
+        answer: gateway_pb2.GetRecommendationsResponse,
+        k: int,
+        expires_at: float | None = None,
+    ) -> None:
+        """``expires_at``: the lifetime of the answer this one restyles (None: a new answer)."""
         if not self.live:
             return
         if len(answer.items) < k:
             self._skipped.inc()
             return
-        ttl = self.ttl_s
-        if any(i.stylized_status == gateway_pb2.STYLIZED_PENDING for i in answer.items):
-            ttl = self.pending_ttl_s
-        if answer.degraded or ttl <= 0:
+        now = time.monotonic()
+        until = now + self.ttl_s if expires_at is None else expires_at
+        pending = any(i.stylized_status == gateway_pb2.STYLIZED_PENDING for i in answer.items)
+        if answer.degraded or until <= now or (pending and self.pending_ttl_s <= 0):
             self._skipped.inc()
             return
+        restyle_at = now + self.pending_ttl_s if pending else float("inf")
         user = key[0]
-        now = time.monotonic()
         with self._lock:
             if token != (self._epoch, self._changes.get(user, 0)):
                 self._skipped.inc()
@@ -115,7 +141,7 @@ class AnswerCache:
                 self._sweep(now)
             if len(self._entries) >= self.max_entries:
                 self._drop_all()
-            self._entries[key] = (now + ttl, answer)
+            self._entries[key] = (until, answer, restyle_at)
             self._by_user.setdefault(user, set()).add(key)
 
     def invalidate_users(self, users: list[str]) -> None:

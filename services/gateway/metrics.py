@@ -51,8 +51,9 @@ PARSE_MEMO = Counter(
 )
 ANSWER_CACHE = Counter(
     "stylerec_gateway_answer_cache_total",
-    "GetRecommendations answers by whether the kept answer was served (hit), built (miss) or, once built, "
-    "not kept (not_kept: degraded, shorter than asked, or its user changed meanwhile).",
+    "GetRecommendations answers by whether the kept answer was served (hit), served with its PENDING "
+    "stylized images asked again (restyle), built (miss) or, once built, not kept (not_kept: degraded, "
+    "shorter than asked, or its user changed meanwhile).",
     ["result"],
 )
 ANSWER_CACHE_INVALIDATIONS = Counter(

@@ -171,12 +171,37 @@ class Recommender:
             return self._recommend(request, user, deadline, arm)
         key = (user, request.SerializeToString(deterministic=True) + (arm.name.encode() if arm else b""))
         kept = self.answers.get(key)
-        if kept is not None:
-            self._count(kept)
-            return copy_of(kept)
         token = self.answers.token(user)  # before the Redis read: a change during the build is caught
+        k = request.k or self.settings.default_k
+        if kept is not None and kept.restyle:
+            resp = self._restyle(kept.answer, user, deadline)
+            self.answers.put(key, token, copy_of(resp), k, expires_at=kept.expires_at)
+            self._count(resp)
+            return resp
+        if kept is not None:
+            self._count(kept.answer)
+            return copy_of(kept.answer)
         resp = self._recommend(request, user, deadline, arm)
-        self.answers.put(key, token, copy_of(resp), request.k or self.settings.default_k)
+        self.answers.put(key, token, copy_of(resp), k)
+        return resp
+
+    def _restyle(
+        self, kept: gateway_pb2.GetRecommendationsResponse, user: str, deadline: Deadline
+    ) -> gateway_pb2.GetRecommendationsResponse:
+        """A kept answer with its PENDING images asked again, the rest as built: what a rebuild
+        would answer (the answer cache's invalidation covers everything but these states)."""
+        resp = copy_of(kept)
+        pending = [it for it in resp.items if it.stylized_status == gateway_pb2.STYLIZED_PENDING]
+        deg = Degradation()
+        metas = [ItemMeta(item_id=it.item_id, image_ref=it.image_ref) for it in pending]
+        states = self.stylized.resolve(user, resp.anchor_item_id, metas, deadline, deg)
+        for it in pending:
+            st = states.get(it.item_id)
+            if st is not None:
+                it.stylized_status = gateway_pb2.StylizedStatus.ValueType(st.status)
+                it.stylized_image_ref = st.ref
+        resp.degraded = deg.degraded
+        resp.degraded_reason = deg.reason()
         return resp
 
     def _recommend(

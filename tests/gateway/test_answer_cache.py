@@ -60,12 +60,19 @@ def test_degraded_answers_are_never_kept_pending_ones_briefly_and_entries_expire
     cache.put(("u_a", b"2"), cache.token("u_a"), pending, 1)
     cache.put(("u_a", b"3"), cache.token("u_a"), answer(), 1)
     assert cache.get(("u_a", b"1")) is None
-    assert cache.get(("u_a", b"2")) is not None and cache.get(("u_a", b"3")) is not None
+    kept_pending, kept = cache.get(("u_a", b"2")), cache.get(("u_a", b"3"))
+    assert kept_pending is not None and not kept_pending.restyle and kept is not None and not kept.restyle
     time.sleep(0.15)  # PENDING is re-asked as often as before: its READY must show
-    assert cache.get(("u_a", b"2")) is None and cache.get(("u_a", b"3")) is not None
+    due = cache.get(("u_a", b"2"))
+    assert due is not None and due.restyle and due.expires_at == kept_pending.expires_at
+    assert (kept := cache.get(("u_a", b"3"))) is not None and not kept.restyle
+    # The restyled answer (still PENDING) is put back for the original lifetime only.
+    cache.put(("u_a", b"2"), cache.token("u_a"), pending, 1, expires_at=due.expires_at)
+    again = cache.get(("u_a", b"2"))
+    assert again is not None and not again.restyle and again.expires_at == due.expires_at
     cache.heard()
     time.sleep(0.3)
-    assert cache.get(("u_a", b"3")) is None
+    assert cache.get(("u_a", b"3")) is None and cache.get(("u_a", b"2")) is None
     no_pending = AnswerCache(60.0, 100, pending_ttl_s=0.0)
     no_pending.heard()
     no_pending.put(("u_a", b"2"), no_pending.token("u_a"), pending, 1)

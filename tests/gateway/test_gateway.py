@@ -159,6 +159,60 @@ def test_style_path_reranks_enqueues_once_and_streams_ready_images(
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def test_a_kept_pending_answer_is_restyled_not_rebuilt(
+    gateway_factory: Any, mongo: Any, infra: Stack, unique: str
+) -> None:
+    """Past the PENDING re-check a kept answer asks Redis only for its images' states: READY
+    shows as soon as before, and everything else is the kept answer (the ranking is not redone,
+    the recs written meanwhile without a user-change message are not read)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    gw = gateway_factory(
+        f"gw-restyle-{unique}", {"STYLEREC_ANSWER_CACHE_S": "30", "STYLEREC_STYLIZED_PENDING_RECHECK_S": "0.3"}
+    )
+    seed = Seeder(gw.redis, mongo)
+
+    def restyled() -> float:
+        url = f"http://127.0.0.1:{gw.component.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            text = resp.read().decode()
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "stylerec_gateway_answer_cache_total" and sample.labels.get("result") == "restyle"
+        )
+
+    user = f"restyle-{unique}"
+    u = pseudo(user)
+    anchor, styled, other = f"ra-{unique}", f"rs-{unique}", f"ro-{unique}"
+    seed.item(anchor, category="art", photo=png_bytes((20, 30, 200)), embedding=basis(0))
+    seed.item(styled, photo=png_bytes((10, 200, 10)), embedding=basis(0, mix=0.2))
+    seed.item(other, photo=png_bytes((200, 10, 10)), embedding=basis(0, mix=3.0, j=5))
+    seed.recs(u, {styled: 0.9, other: 0.8})
+    seed.seen(u, [anchor])
+    seed.profile(u, basis(0), confidence=0.9, anchor=anchor)
+    first = recommend(gw, user, k=2, want_stylized=True)
+    assert first.strategy == gateway_pb2.STYLE_PERSONALIZED and not first.degraded
+    pending = {r.item_id for r in first.items if r.stylized_status == gateway_pb2.STYLIZED_PENDING}
+    assert styled in pending, first
+    before = restyled()
+    # Recs rewritten without the user-change message scoring would publish: a rebuild would see
+    # them, a restyle must not (it changes only the images' states).
+    gw.redis.delete(keys.recs(u))
+    ref = seed.stylized(styled, anchor, png_bytes((1, 2, 3), size=64))
+    time.sleep(0.5)
+    ready = recommend(gw, user, k=2, want_stylized=True)
+    by_id = {r.item_id: r for r in ready.items}
+    assert by_id[styled].stylized_status == gateway_pb2.STYLIZED_READY and by_id[styled].stylized_image_ref == ref
+    assert all(by_id[i].stylized_status == gateway_pb2.STYLIZED_PENDING for i in pending - {styled})
+    assert [(r.item_id, r.final_score) for r in ready.items] == [(r.item_id, r.final_score) for r in first.items]
+    assert ready.recommendation_id != first.recommendation_id and not ready.degraded
+    assert restyled() == before + 1
+
+
 def test_stylized_image_streams_in_chunks_and_rate_limit(
     infra: Stack, gateway_factory: Any, mongo: Any, unique: str
 ) -> None:
