@@ -278,6 +278,8 @@ def gateway_rows(d: dict[str, Any]) -> list[Row]:
         )
     if d.get("answer_cache_hit_rate") is not None:
         out.append(row(b, "answer cache hit rate (synthetic users that never change)", d["answer_cache_hit_rate"]))
+    if d.get("answer_cache_restyle_rate") is not None:
+        out.append(row(b, "answer cache restyle rate (PENDING images re-asked)", d["answer_cache_restyle_rate"]))
     if not gw:
         out.append(row(b, "GetRecommendations p50 ms (vs no-op)", None))
     errors = d.get("errors")
