@@ -30,6 +30,13 @@ def user_seen(user: str) -> str:
     return f"{NS}:{SCHEMA}:seen:{user}"
 
 
+def user_known(user: str) -> str:
+    """ "1" while scoring holds state for the user; owner: scoring, written with every recs write
+    (TTL known_user_ttl, longer than the recs'). No recs and no marker: a shopper scoring has
+    never seen, whom the gateway answers from popularity without asking scoring's TopN."""
+    return f"{NS}:{SCHEMA}:known:{user}"
+
+
 def model_version() -> str:
     return f"{NS}:{SCHEMA}:model-version"
 
@@ -94,4 +101,4 @@ def style_centroid() -> str:
 def per_user(user: str) -> list[str]:
     """Every key named after one (pseudonymized) user: what AdminService.ForgetUser and the
     scoring replicas delete when the user is forgotten. A new per-user key belongs here too."""
-    return [recs(user), recs_meta(user), user_seen(user), style_profile(user), stylize_rate(user)]
+    return [recs(user), recs_meta(user), user_seen(user), user_known(user), style_profile(user), stylize_rate(user)]

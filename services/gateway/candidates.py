@@ -1,8 +1,9 @@
 """Where candidate items come from, in order of preference.
 
 1. ``recs(user)`` in Redis — the per-user top-N scoring keeps fresh (the fast path);
-2. scoring ``TopN`` over gRPC when Redis has none (a user scoring knows but has
-   not written yet, or Redis is down);
+2. scoring ``TopN`` over gRPC when Redis has none (a user scoring knows whose recs
+   expired, per the ``user_known`` marker, or Redis is down); a shopper with neither recs
+   nor the marker is one scoring never saw, answered from popularity without the call;
 3. popularity (``popular(category)`` in Redis, else the last popularity list
    this process saw) — for unknown users, or when both of the above failed.
 
@@ -53,6 +54,7 @@ class CandidateSource:
         deadline: Deadline,
         deg: Degradation,
         prefetched: tuple[list[tuple[str, float]], str] | None = None,
+        unknown: bool = False,
     ) -> CandidateSet:
         """CF candidates, else popularity. ``prefetched``: recs the caller already read in its own
         pipeline (saves a round trip); None = read them here."""
@@ -64,8 +66,10 @@ class CandidateSource:
         except DependencyUnavailable as exc:
             deg.add(exc)
             recs_failed = True
-        if self.ds.scoring is None:
+        if self.ds.scoring is None or (unknown and not recs_failed):
             # A deployment without scoring replicas: Redis is the only CF source, not a degradation.
+            # A shopper scoring never wrote (no recs, no user_known marker): its TopN would answer
+            # popularity too, after a round trip through the busiest service (docs/gateway.md).
             return self.popular(pool, category, deadline, deg)
         try:
             resp = self.ds.scoring_call(

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 from stylerec.v1 import gateway_pb2
@@ -40,9 +40,10 @@ from services.gateway.stylized import StylizedImages
 # The common answer's whole Redis read as ONE command: profile, seen items, recs, their model
 # version and the global one. A 5-command pipeline cost ~125 us of client CPU per answer in
 # redis-py (packing and parsing each reply), the script ~70 us (docs/gateway.md, "Profile").
-# KEYS = [style_profile, user_seen, recs, recs_meta, model_version]; recs_meta gives the model
-# version and the listed items that are the user's own again (scoring's repeat_policy decay;
-# absent otherwise). Like the stylize script,
+# KEYS = [style_profile, user_seen, recs, recs_meta, model_version, user_known]; recs_meta gives
+# the model version and the listed items that are the user's own again (scoring's repeat_policy
+# decay; absent otherwise); user_known says whether scoring holds state for the user at all
+# (without it and without recs, scoring's TopN would only answer popularity). Like the stylize script,
 # in Redis Cluster these keys would need a common hash tag; the embedded/compose Redis is one node.
 USER_STATE_LUA = """
 return {
@@ -51,6 +52,7 @@ return {
   redis.call('HGETALL', KEYS[3]),
   redis.call('HMGET', KEYS[4], 'model_version', 'rebuy'),
   redis.call('GET', KEYS[5]),
+  redis.call('EXISTS', KEYS[6]),
 }
 """
 
@@ -76,6 +78,16 @@ def copy_of(resp: gateway_pb2.GetRecommendationsResponse) -> gateway_pb2.GetReco
     out = gateway_pb2.GetRecommendationsResponse()
     out.CopyFrom(resp)
     return out
+
+
+class UserState(NamedTuple):
+    profile: StyleProfile | None
+    seen: set[str]
+    recs: tuple[list[tuple[str, float]], str] | None  # (items, model version); None: not read
+    rebuys: frozenset[str]
+    # Redis answered: no recs and no user_known marker, so scoring holds nothing for the user
+    # and its TopN could only answer popularity (docs/contracts.md, user_known).
+    unknown: bool = False
 
 
 @dataclass
@@ -117,11 +129,9 @@ class Recommender:
         # Labelled children looked up once, not per answer (.labels() hashes and locks).
         self._answers: dict[tuple[int, bool], Any] = {}
 
-    def user_state(
-        self, user: str, deadline: Deadline, deg: Degradation, with_recs: bool = False
-    ) -> tuple[StyleProfile | None, set[str], tuple[list[tuple[str, float]], str] | None, frozenset[str]]:
-        """Style profile, seen items, (optionally) CF recs of a user and which of those recs are
-        rebuys, in one Redis round trip."""
+    def user_state(self, user: str, deadline: Deadline, deg: Degradation, with_recs: bool = False) -> UserState:
+        """Style profile, seen items, (optionally) CF recs of a user, which of those recs are
+        rebuys and whether scoring has never seen the user, in one Redis round trip."""
 
         def read(r: redis.Redis) -> list[Any]:
             if with_recs:
@@ -131,6 +141,7 @@ class Recommender:
                     keys.recs(user),
                     keys.recs_meta(user),
                     self._model_version_key,
+                    keys.user_known(user),
                 ]
                 return list(self._user_state(names, []))
             pipe = r.pipeline(transaction=False)
@@ -144,7 +155,7 @@ class Recommender:
             replies = self.ds.redis_call("user_state", read, deadline)
         except DependencyUnavailable as exc:
             deg.add(exc)
-            return None, set(), None, frozenset()
+            return UserState(None, set(), None, frozenset())
         if with_recs:
             # Parsed once per distinct reply (content-addressed memo: a changed hash is a new key).
             raw_profile, raw_recs = replies[0] or [], replies[2] or []
@@ -152,8 +163,9 @@ class Recommender:
             rv, raw_rebuy, gv = meta[0] or None, meta[1] or None, replies[4] or None
             profile = self._profiles.get(tuple(raw_profile), lambda: StyleProfile.from_redis(pairs(raw_profile)))
             recs = self._recs.get((tuple(raw_recs), rv, gv), lambda: parse_recs([pairs(raw_recs), rv, gv]))
-            return profile, {s.decode() for s in replies[1]}, recs, parse_rebuys(raw_rebuy)
-        return StyleProfile.from_redis(replies[0]), {s.decode() for s in replies[1]}, None, frozenset()
+            unknown = not recs[0] and not replies[5]
+            return UserState(profile, {s.decode() for s in replies[1]}, recs, parse_rebuys(raw_rebuy), unknown)
+        return UserState(StyleProfile.from_redis(replies[0]), {s.decode() for s in replies[1]}, None, frozenset())
 
     def recommend(
         self,
@@ -217,9 +229,9 @@ class Recommender:
         style_on = arm is None or arm.style
         lam = s.style_lambda if arm is None or arm.style_lambda is None else arm.style_lambda
         deg = Degradation()
-        profile, seen, recs, rebuys = self.user_state(user, deadline, deg, with_recs=True)
+        profile, seen, recs, rebuys, unknown = self.user_state(user, deadline, deg, with_recs=True)
         pool = max(s.candidate_pool, k * 3)
-        cands = self.candidates.for_user(user, pool, f.category, deadline, deg, prefetched=recs)
+        cands = self.candidates.for_user(user, pool, f.category, deadline, deg, prefetched=recs, unknown=unknown)
         # Rebuys count only in the list they were written with (not in a fallback's).
         rebuys = rebuys if cands.source == CF and recs is not None and cands.items else frozenset()
         # The user's own items stay out, except those scoring put back as rebuys.

@@ -147,7 +147,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         try:
             if not style_item:
                 deg = Degradation()
-                profile, _, _, _ = self.recommender.user_state(user, deadline, deg)
+                profile = self.recommender.user_state(user, deadline, deg).profile
                 if deg.degraded:
                     abort(context, grpc.StatusCode.UNAVAILABLE, f"style profile unavailable: {deg.reason()}")
                 if profile is None or not profile.anchor:

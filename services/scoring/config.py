@@ -41,6 +41,13 @@ class ScoringSettings(ServiceSettings):
     weight_add_to_cart: float = Field(6.0, ge=0, description="Weight of an ADD_TO_CART event.")
     weight_purchase: float = Field(10.0, ge=0, description="Weight of a PURCHASE event.")
     recs_ttl_s: int = Field(7 * 86400, ge=60, description="TTL of per-user keys in Redis.")
+    known_user_ttl_s: int = Field(
+        90 * 86400,
+        ge=60,
+        description="TTL of the per-user 'scoring knows this user' marker (refreshed on every write). Past the recs' "
+        "TTL it still sends the gateway to scoring's TopN for an idle shopper; without it the gateway serves "
+        "popularity at once.",
+    )
     recs_exclude_seen: bool = Field(True, description="Leave items the user already interacted with out of recs.")
     foldin_batch_max: int = Field(
         5000,

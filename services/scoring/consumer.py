@@ -114,7 +114,9 @@ class Publisher:
         self.engine = engine
         # With repeat_policy decay the user's own items may come back: the lists keep them.
         exclude_seen = settings.recs_exclude_seen and settings.repeat_policy == "off"
-        self.recs = RecsWriter(r, engine, settings.top_n, settings.recs_ttl_s, exclude_seen)
+        self.recs = RecsWriter(
+            r, engine, settings.top_n, settings.recs_ttl_s, exclude_seen, known_ttl_s=settings.known_user_ttl_s
+        )
         self.profiles = profiles
         self.categories = categories
         self._pop_at = 0.0

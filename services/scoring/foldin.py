@@ -291,12 +291,21 @@ SEEN_ADD_MAX = 256  # a user with more new items than this in one batch gets the
 class RecsWriter:
     """Writes a user's top-N, meta and seen set to Redis (keys per docs/contracts.md)."""
 
-    def __init__(self, r: redis.Redis, engine: Recommender, top_n: int, ttl_s: int, exclude_seen: bool) -> None:
+    def __init__(
+        self,
+        r: redis.Redis,
+        engine: Recommender,
+        top_n: int,
+        ttl_s: int,
+        exclude_seen: bool,
+        known_ttl_s: int = 90 * 86400,
+    ) -> None:
         self.redis = r
         self.engine = engine
         self.top_n = top_n
         self.ttl_s = ttl_s
         self.exclude_seen = exclude_seen
+        self.known_ttl_s = max(known_ttl_s, ttl_s)
 
     def write_users(
         self,
@@ -342,6 +351,7 @@ class RecsWriter:
                     meta["rebuy"] = json.dumps(sorted(r.rebuys))
                 pipe.hset(keys.recs_meta(user), mapping=meta)
                 pipe.expire(keys.recs_meta(user), self.ttl_s)
+                pipe.set(keys.user_known(user), b"1", ex=self.known_ttl_s)
                 new = added.get(user, set()) if added is not None else None
                 if new is not None and seen[user] and len(new) <= SEEN_ADD_MAX:
                     checks[len(pipe.command_stack)] = user

@@ -169,7 +169,12 @@ class Seeder:
     def recs(self, user: str, scores: dict[str, float], version: str = "test-model-1") -> None:
         self.r.hset(keys.recs(user), mapping=scores)  # type: ignore[arg-type]
         self.r.hset(keys.recs_meta(user), mapping={"model_version": version, "updated_at": str(int(time.time()))})
+        self.known(user)
         self.changed(user)
+
+    def known(self, user: str) -> None:
+        """Scoring's marker that it holds state for the user, set with each of its writes."""
+        self.r.set(keys.user_known(user), b"1")
 
     def changed(self, user: str) -> None:
         """Scoring announces every user write (docs/contracts.md): gateways drop kept answers."""
@@ -177,6 +182,7 @@ class Seeder:
 
     def seen(self, user: str, items: list[str]) -> None:
         self.r.sadd(keys.user_seen(user), *items)
+        self.known(user)
         self.changed(user)
 
     def profile(self, user: str, vector: np.ndarray, confidence: float, anchor: str) -> None:

@@ -80,6 +80,9 @@ def test_fold_in_rewrites_redis_recs(seeded: ScoringEnv) -> None:
     assert seeded.redis.hget(keys.recs_meta(u), "updated_at") != stamp
     seen = {m.decode() for m in seeded.redis.smembers(keys.user_seen(u))}
     assert item(seeded, "B0") in seen
+    # The gateway's "scoring knows this user" marker goes with the recs and outlives them.
+    assert seeded.redis.get(keys.user_known(u)) == b"1"
+    assert seeded.redis.ttl(keys.user_known(u)) > seeded.redis.ttl(keys.recs(u)) > 0
 
 
 def test_two_replicas_split_the_partitions(seeded: ScoringEnv) -> None:
