@@ -202,6 +202,7 @@ class Attribution:
         # Parked events with ts up to here were examined by a sweep; a restart looks 10 minutes back.
         self.swept_to = time.time() - self.settle_s - 600
         self.ttl_s = settings.impressions_ttl_s
+        self.chunk = settings.archiver_max_poll_records
         self.forgotten = forgotten
         self._indexed = False
         self._counters: dict[tuple[str, str, str, str], Any] = {}
@@ -217,6 +218,7 @@ class Attribution:
             self.attributions.create_index("attributed_at", expireAfterSeconds=self.ttl_s)
             self.pending.create_index("user_id")
             self.pending.create_index("ts")
+            self.pending.create_index("recommendation_id")
             self.pending.create_index("parked_at", expireAfterSeconds=int(self.window_s + self.skew_s) + 3600)
         except Exception as exc:
             STORE_ERRORS.labels("mongo", "attribution_create_index").inc()
@@ -229,8 +231,15 @@ class Attribution:
 
     # ---- impressions topic ----
     def on_impressions(self, batch: list[Decoded[common_pb2.ImpressionBatch]]) -> None:
+        """Archive, then settle the parked events these impressions can change, ``chunk``
+        impressions at a time (a poll of batch records holds ~100 times more impressions than
+        records, and the memory a chunk takes must not grow with it)."""
         self.ensure_indexes()
         shown = [imp for d in batch for imp in impressions_of(d.message)]
+        for begin in range(0, len(shown), self.chunk):
+            self._archive(shown[begin : begin + self.chunk])
+
+    def _archive(self, shown: list[common_pb2.Impression]) -> None:
         gone = self._drop_forgotten(m.user_id for m in shown)
         imps = {m.recommendation_id: m for m in shown if m.user_id not in gone}
         if not imps:
@@ -242,10 +251,23 @@ class Attribution:
             STORE_ERRORS.labels("mongo", "impressions_bulk_write").inc()
             raise
         metrics.IMPRESSIONS_ARCHIVED.inc(len(ops))
+        # Only parked events these impressions can settle: those naming one of them, and those of
+        # their users recent enough for one to be their window match (shown at most skew_s after
+        # the event). Every other parked event was examined already and nothing new bears on it;
+        # re-reading all of a user's parked events here made each batch cost more as the
+        # unmatched ones accumulated (a day's window), and its memory grew with them (docs/load.md).
+        ids = list(imps)
         users = list({m.user_id for m in imps.values()})
-        parked: list[dict[str, Any]] = with_retries(lambda: list(self.pending.find({"user_id": {"$in": users}})))
+        since = min(ts_of(m) for m in imps.values()) - self.skew_s
+        parked: dict[str, dict[str, Any]] = {
+            str(d["_id"]): d for d in with_retries(lambda: list(self.pending.find({"recommendation_id": {"$in": ids}})))
+        }
+        parked.update(
+            (str(d["_id"]), d)
+            for d in with_retries(lambda: list(self.pending.find({"user_id": {"$in": users}, "ts": {"$gte": since}})))
+        )
         if parked:
-            self.resolve([Outcome.from_doc(d) for d in parked])
+            self.resolve([Outcome.from_doc(d) for d in parked.values()])
 
     # ---- user-events topic ----
     def on_events(self, batch: list[Decoded[common_pb2.Event]]) -> None:
