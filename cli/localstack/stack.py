@@ -201,16 +201,16 @@ class Stack:
         A stack loaded from state.json (another process) knows only env_overrides, which is where
         `stylerec up` callers put TLS settings.
         """
-        wanted = {k: v for k, v in self._env_of(name).items() if k.startswith(("STYLEREC_TLS_", "STYLEREC_AUTH_TOKEN"))}
+        wanted = {k: v for k, v in self.env_of(name).items() if k.startswith(("STYLEREC_TLS_", "STYLEREC_AUTH_TOKEN"))}
         return ClientSecurity.for_own_server(settings_from_env(ServiceSettings, wanted))
 
     def pseudonymizer(self, name: str = "ingestion") -> Pseudonymizer:
         """The user pseudonyms service ``name`` writes under, resolved from its env as the service
         itself resolves them (so a client can find a user's keys in Redis)."""
-        wanted = {k: v for k, v in self._env_of(name).items() if k in ("STYLEREC_PSEUDONYM_SECRET", "STYLEREC_MODE")}
+        wanted = {k: v for k, v in self.env_of(name).items() if k in ("STYLEREC_PSEUDONYM_SECRET", "STYLEREC_MODE")}
         return Pseudonymizer(settings_from_env(ServiceSettings, wanted).effective_pseudonym_secret())
 
-    def _env_of(self, name: str) -> dict[str, str]:
+    def env_of(self, name: str) -> dict[str, str]:
         """The env service ``name`` was started with; for a stack loaded from state.json (another
         process), this process's env with the stack's env_overrides on top."""
         launched = self._launch.get(name)
