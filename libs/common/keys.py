@@ -31,7 +31,7 @@ def user_seen(user: str) -> str:
 
 
 def user_known(user: str) -> str:
-    """ "1" while scoring holds state for the user; owner: scoring, written with every recs write
+    """Marker ("1") that scoring holds state for the user; owner: scoring, written with every recs write
     (TTL known_user_ttl, longer than the recs'). No recs and no marker: a shopper scoring has
     never seen, whom the gateway answers from popularity without asking scoring's TopN."""
     return f"{NS}:{SCHEMA}:known:{user}"

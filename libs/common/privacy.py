@@ -114,7 +114,6 @@ def redact_impressions(record: ConsumerRecord, reason: str) -> tuple[bytes, byte
         batch.Clear()
     if not batch.impressions:
         return _redact(record, reason, common_pb2.Impression())
-    key, _, _ = _redact(record, reason, common_pb2.Impression())
     batch.DiscardUnknownFields()
     redacted = 0
     for imp in batch.impressions:
@@ -123,17 +122,22 @@ def redact_impressions(record: ConsumerRecord, reason: str) -> tuple[bytes, byte
             redacted += 1
     if redacted:
         reason = f"{reason} (user_id redacted in {redacted} of {len(batch.impressions)})"
-    return key, batch.SerializeToString(), reason
+    return _safe_key(record), batch.SerializeToString(), reason
+
+
+def _safe_key(record: ConsumerRecord) -> bytes:
+    """The record's key when it is a pseudonym; otherwise dropped."""
+    key = record.key or b""
+    try:
+        return key if is_pseudonym(key.decode()) else b""
+    except UnicodeDecodeError:
+        return b""
 
 
 def _redact(
     record: ConsumerRecord, reason: str, msg: common_pb2.Event | common_pb2.Impression
 ) -> tuple[bytes, bytes, str]:
-    key = record.key or b""
-    try:
-        safe_key = key if is_pseudonym(key.decode()) else b""
-    except UnicodeDecodeError:
-        safe_key = b""
+    safe_key = _safe_key(record)
     value = record.value or b""
     try:
         msg.ParseFromString(value)

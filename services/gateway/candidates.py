@@ -66,7 +66,7 @@ class CandidateSource:
         except DependencyUnavailable as exc:
             deg.add(exc)
             recs_failed = True
-        if self.ds.scoring is None or (unknown and not recs_failed):
+        if self.ds.scoring is None or unknown:
             # A deployment without scoring replicas: Redis is the only CF source, not a degradation.
             # A shopper scoring never wrote (no recs, no user_known marker): its TopN would answer
             # popularity too, after a round trip through the busiest service (docs/gateway.md).

@@ -182,7 +182,10 @@ class GatewaySettings(ServiceSettings):
         description="Impressions buffered for the broker; beyond it new ones are dropped and counted, never waited on.",
     )
     impressions_linger_ms: int = Field(
-        50, ge=0, le=5000, description="Producer linger of the impression publisher (batches answers together)."
+        50,
+        ge=0,
+        le=5000,
+        description="How long the impression publisher collects answers before sending one record per partition.",
     )
 
     @field_validator("experiment_arms", mode="before")

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 
 from stylerec.v1 import common_pb2, gateway_pb2
 
+from libs.common.kafka import IMPRESSIONS as IMPRESSIONS_TOPIC
 from libs.common.kafka import TOPICS, ProtoProducer, kafka_security, partition_of
 from services.gateway.config import GatewaySettings
 from services.gateway.experiments import Assignment
@@ -107,7 +108,7 @@ class ImpressionPublisher:
         self._thread = threading.Thread(target=self._run, name="impression-publisher", daemon=True)
         self._published: dict[tuple[str, str, str], Any] = {}
         self._linger_s = settings.impressions_linger_ms / 1000
-        self._partitions = TOPICS.get(self.topic, TOPICS["impressions"])
+        self._partitions = TOPICS.get(self.topic, TOPICS[IMPRESSIONS_TOPIC])
         self._dropped_full = IMPRESSIONS_DROPPED.labels("queue_full")
         self._dropped_broker = IMPRESSIONS_DROPPED.labels("broker")
 
@@ -115,7 +116,8 @@ class ImpressionPublisher:
         return ProtoProducer(
             self.settings.kafka_servers,
             client_id="gateway-impressions",
-            linger_ms=self.settings.impressions_linger_ms,
+            # No producer linger on top of the publisher's own: each send is already the one
+            # record of its partition for the interval, so waiting again would only add delay.
             max_block_ms=2000,
             request_timeout_ms=5000,
             security=kafka_security(self.settings),

@@ -298,7 +298,7 @@ class RecsWriter:
         top_n: int,
         ttl_s: int,
         exclude_seen: bool,
-        known_ttl_s: int = 90 * 86400,
+        known_ttl_s: int,
     ) -> None:
         self.redis = r
         self.engine = engine

@@ -26,7 +26,7 @@ def test_batch_adds_only_new_items_and_the_set_always_equals_the_history(
 ) -> None:
     r = session_redis
     state = InteractionState({1: 1.0, 5: 10.0}, 30 * 86400)
-    writer = RecsWriter(r, Recommender(state, ModelHolder()), top_n=5, ttl_s=600, exclude_seen=True)
+    writer = RecsWriter(r, Recommender(state, ModelHolder()), top_n=5, ttl_s=600, exclude_seen=True, known_ttl_s=600)
     user = f"seen-{unique}"
     n = 0
 
