@@ -38,15 +38,17 @@ def _rows(n: int, sizes: list[int], seed: int = 5) -> sp.csr_matrix:
 def test_ease_dense_rows_score_as_the_sparse_product() -> None:
     n = 400
     m = _model(n)
-    # Light rows, rows past 1/16 of the catalog (dense once four share the call), and one past 1/4.
+    # Light rows and rows past 1/16 of the catalog, enough of them to take the dense path.
     sizes = [3, 10, 30, 40, 60, 90, 120, 7, 250]
     rows = _rows(n, sizes)
+    assert ease.dense_rows(np.diff(rows.indptr), n).tolist() == [s * 16 >= n for s in sizes]
     want = np.asarray((rows > 0).astype(np.float32) @ m.B)
     got = m.score(rows)
     assert got.dtype == np.float32 and got.shape == (len(sizes), n)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
     assert top_k_rows(got, 20).tolist() == top_k_rows(want, 20).tolist()
-    # Alone, a row past a quarter of the catalog is dense too, and a light one is not: same values.
+    # Alone, even the heaviest row is not worth a pass over B: the sparse product, same values.
+    assert not ease.dense_rows(np.diff(rows[8].indptr), n).any()
     for r in (8, 0):
         np.testing.assert_allclose(m.score(rows[r]), want[r : r + 1], rtol=1e-5, atol=1e-4)
 
