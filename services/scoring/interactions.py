@@ -18,7 +18,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -27,8 +27,11 @@ EPOCH = 1_600_000_000.0  # 2020-09-13; any fixed instant works
 MAX_EXP = 700.0  # 2**700 is still a finite double; clamp so far-future timestamps cannot overflow
 
 
-@dataclass(frozen=True)
-class EventRecord:
+class EventRecord(NamedTuple):
+    """One event as the state applies it. A NamedTuple, not a frozen dataclass: the consumer builds
+    one per record, and a frozen dataclass's ``__init__`` (one ``object.__setattr__`` per field)
+    was 8% of scoring's GIL time under load (docs/scoring.md, "Heavy shoppers")."""
+
     event_id: str
     user_id: str
     item_id: str
@@ -175,12 +178,13 @@ class InteractionState:
         """Add one event; False when its id was already applied (replays, archive + Kafka overlap)."""
         return self.apply_many([ev])[0]
 
-    def apply_many(self, events: Sequence[EventRecord]) -> list[bool]:
+    def apply_many(self, events: Sequence[EventRecord], added: dict[str, set[str]] | None = None) -> list[bool]:
         """Add a batch under one lock acquisition; per event, False when its id was already applied.
 
         One acquisition per batch and not per event: the consumer, the archive sync and the gRPC
         readers share this lock, and per-event locking made them hand it over thousands of times
-        a second under load.
+        a second under load. ``added``, when given, receives per user the items of their new
+        events (what the consumer folds in), collected in the same pass.
         """
         exclude = self.exclude
         out = [False] * len(events)
@@ -210,6 +214,12 @@ class InteractionState:
                 self.watermark = max(self.watermark, ev.ts)
                 self.events += 1
                 out[n] = True
+                if added is not None:
+                    got = added.get(user)
+                    if got is None:
+                        added[user] = {item}
+                    else:
+                        got.add(item)
             if any(out):
                 self._ranking = None
         return out
@@ -359,6 +369,19 @@ class InteractionState:
         s = self.scale(now)
         with self._lock:
             return {u: {i: w * s for i, w in self._user_items.get(u, {}).items()} for u in users}
+
+    def stored_histories(
+        self, users: Iterable[str], now: float | None = None
+    ) -> tuple[dict[str, dict[str, float]], float]:
+        """Each user's items with their *stored* weights, and the factor that makes them decayed
+        weights as of ``now`` (:meth:`scale`): :meth:`histories` without multiplying every pair.
+
+        The fold-in needs the decayed weights only inside vectorized code (the model row, the
+        style profile), where the factor is one multiply; copying with the multiply in Python was
+        a tenth of scoring's GIL time under load, growing with each shopper's history."""
+        s = self.scale(now)
+        with self._lock:
+            return {u: dict(self._user_items.get(u, {})) for u in users}, s
 
     def seen(self, user: str) -> set[str]:
         with self._lock:

@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from itertools import chain, repeat
 
 import numpy as np
 import redis
@@ -67,50 +68,51 @@ def compute_profiles(
     embeddings: Mapping[str, np.ndarray],
     half_confidence_weight: float,
     centroid: np.ndarray | None = None,
+    scale: float = 1.0,
 ) -> dict[str, StyleProfile | None]:
-    """:func:`compute_profile` of every user of a batch.
+    """:func:`compute_profile` of every user of a batch; ``scale`` turns the histories' weights into
+    decayed ones (InteractionState.stored_histories; 1 when they are decayed already).
 
-    The embeddings of the batch are centred once, as one matrix, and each user's weighted mean
-    is a gather from it: stacking a heavy shopper's thousands of separate vectors on each of
-    their events made a profile cost 4 ms at 2,500 items, more than the rest of their fold-in
-    (docs/scoring.md, "Heavy shoppers").
+    The embeddings of the batch are centred once, as one matrix, every user's weighted sum is one
+    sparse x dense product, and the pairs are read by C loops (``map``, ``np.fromiter``): stacking a
+    heavy shopper's thousands of vectors on each of their events made a profile cost 4 ms at 2,500
+    items, more than the rest of their fold-in (docs/scoring.md, "Heavy shoppers"). The direction
+    does not depend on ``scale`` (a common factor), only the evidence ``W`` does.
     """
     users = list(histories)
-    order = sorted({i for h in histories.values() for i in h if i in embeddings})
-    column = {item: c for c, item in enumerate(order)}
-    # users x embedded items of the batch, the decayed weights: one sparse x dense product gives
-    # every user's weighted sum, with no per-user copy of their vectors.
-    indptr = [0]
-    cols: list[int] = []
-    vals: list[float] = []
-    for user in users:
-        for item, w in histories[user].items():
-            c = column.get(item)
-            if c is not None and w > 0:
-                cols.append(c)
-                vals.append(w)
-        indptr.append(len(cols))
     out: dict[str, StyleProfile | None] = dict.fromkeys(users)
-    if not cols:
+    order = list(set().union(*histories.values()) & embeddings.keys())
+    if not order:
         return out
-    data = np.asarray(vals, dtype=np.float64)
-    ind = np.asarray(cols, dtype=np.int64)
-    weights = sp.csr_matrix((data, ind, np.asarray(indptr)), shape=(len(users), len(order)))
+    column = {item: c for c, item in enumerate(order)}
+    lengths = np.fromiter((len(h) for h in histories.values()), dtype=np.int64, count=len(users))
+    total = int(lengths.sum())
+    cols = np.fromiter(
+        map(column.get, chain.from_iterable(histories.values()), repeat(-1, total)), dtype=np.int64, count=total
+    )
+    vals = np.fromiter(chain.from_iterable(h.values() for h in histories.values()), dtype=np.float64, count=total)
+    used = (cols >= 0) & (vals > 0)
+    rows = np.repeat(np.arange(len(users)), lengths)[used]
+    indptr = np.zeros(len(users) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=len(users)), out=indptr[1:])
+    cols, vals = cols[used], vals[used]
+    # users x embedded items of the batch, the stored weights.
+    weights = sp.csr_matrix((vals, cols, indptr), shape=(len(users), len(order)))
     vecs = centre(np.stack([embeddings[i] for i in order]), centroid).astype(np.float64)
     totals = np.asarray(weights.sum(axis=1)).ravel()
     sums = np.asarray(weights @ vecs)
     for r, user in enumerate(users):
-        a, b = indptr[r], indptr[r + 1]
+        a, b = int(indptr[r]), int(indptr[r + 1])
         if a == b:
             continue
-        W = float(totals[r])
-        acc = sums[r] / W
+        acc = sums[r] / totals[r]
         coherence = float(np.linalg.norm(acc))
         if coherence < 1e-9:
             continue
-        seg = data[a:b]
-        # The heaviest item, ties broken by the larger id (columns are in id order).
-        anchor = order[int(ind[a:b][seg == seg.max()].max())]
+        W = float(totals[r]) * scale
+        seg = vals[a:b]
+        # The heaviest item, ties broken by the larger id.
+        anchor = max(order[c] for c in cols[a:b][seg == seg.max()].tolist())
         out[user] = StyleProfile(
             vector=(acc / coherence).astype(np.float32),
             confidence=float(min(1.0, max(0.0, (1.0 - 2.0 ** (-W / half_confidence_weight)) * coherence))),
@@ -401,7 +403,7 @@ class ProfileWriter:
         """The embeddings a batch needs, fetched before the caller takes its write lock (the
         lookup may fall back to MongoDB, and nothing that slow belongs under the lock the
         consumer waits on): (items looked up, the embeddings found)."""
-        items = {i for h in histories.values() for i in h}
+        items: set[str] = set().union(*histories.values())
         return items, self.source.get(items)
 
     def update_many(
@@ -422,14 +424,16 @@ class ProfileWriter:
         pipe: redis.client.Pipeline,
         histories: dict[str, dict[str, float]],
         prefetched: tuple[set[str], dict[str, np.ndarray]] | None = None,
+        scale: float = 1.0,
     ) -> dict[str, StyleProfile | None]:
-        """:meth:`update_many` into the caller's transaction (the consumer's recs write)."""
+        """:meth:`update_many` into the caller's transaction (the consumer's recs write); ``scale``
+        as in :func:`compute_profiles`."""
         looked, embeddings = prefetched if prefetched is not None else (set(), {})
-        rest = {i for h in histories.values() for i in h} - looked
+        rest = set().union(*histories.values()) - looked
         if rest:
             embeddings = {**embeddings, **self.source.get(rest)}
         centroid = self.centroid.get() if self.centroid is not None else None
-        out = compute_profiles(histories, embeddings, self.half, centroid)
+        out = compute_profiles(histories, embeddings, self.half, centroid, scale)
         for user, profile in out.items():
             self._queue(pipe, user, profile)
         return out

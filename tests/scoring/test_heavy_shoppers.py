@@ -103,3 +103,51 @@ def test_batch_profiles_equal_each_users_own() -> None:
                 np.testing.assert_allclose(p.vector, want.vector, rtol=1e-5, atol=1e-6)
                 assert abs(p.confidence - want.confidence) < 1e-9
     assert batch["tied"] is not None and batch["tied"].anchor == "i009"
+
+
+def test_stored_weights_with_their_scale_give_the_decayed_answer() -> None:
+    """The consumer folds in from stored weights and one factor (InteractionState.stored_histories);
+    every model and the style profile must see exactly what the decayed weights give."""
+    from services.scoring.foldin import ModelHolder, Recommender
+    from services.scoring.interactions import EventRecord, InteractionState
+    from services.scoring.models import ALGORITHMS
+    from services.scoring.trainer import fit_model
+
+    rng = np.random.default_rng(2)
+    state = InteractionState({1: 1.0, 4: 5.0}, half_life_s=86400.0)
+    t0 = 1_750_000_000.0
+    state.apply_all(
+        EventRecord(f"e{n}", f"u{rng.integers(30)}", f"i{rng.integers(60)}", int(rng.choice([1, 4])), t0 + 3600.0 * n)
+        for n in range(900)
+    )
+    users = state.users()
+    stored, scale = state.stored_histories(users)
+    assert scale < 1.0  # the events span days: the factor matters
+    decayed = state.histories(users)
+    for u in users:
+        assert stored[u].keys() == decayed[u].keys()
+        for i, w in stored[u].items():
+            assert w * scale == decayed[u][i]
+    for algorithm in sorted(ALGORITHMS):
+        holder = ModelHolder()
+        holder.swap(fit_model(state, algorithm, {}))
+        engine = Recommender(state, holder)
+        want = engine.top_n_many(users, 10, histories=decayed)
+        got = engine.top_n_many(users, 10, histories=stored, scale=scale)
+        for u in users:
+            assert [i for i, _ in got[u].items] == [i for i, _ in want[u].items], (algorithm, u)
+            # ALS solves each batch's users together (float32): the last digits move (test_batched_foldin).
+            rtol = 1e-3 if algorithm == "als" else 1e-6
+            np.testing.assert_allclose(
+                [s for _, s in got[u].items], [s for _, s in want[u].items], rtol=rtol, atol=1e-6
+            )
+    embeddings = {f"i{j}": rng.standard_normal(8).astype(np.float32) for j in range(0, 60, 2)}
+    want_p = compute_profiles(decayed, embeddings, 2.0)
+    got_p = compute_profiles(stored, embeddings, 2.0, scale=scale)
+    for u in users:
+        a, b = got_p[u], want_p[u]
+        assert (a is None) == (b is None)
+        if a is not None and b is not None:
+            assert (a.anchor, a.items_used) == (b.anchor, b.items_used)
+            np.testing.assert_allclose(a.vector, b.vector, rtol=1e-5, atol=1e-6)
+            assert abs(a.confidence - b.confidence) < 1e-9
