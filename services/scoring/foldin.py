@@ -16,7 +16,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from itertools import chain, repeat
 from typing import Any
 
 import numpy as np
@@ -25,7 +24,7 @@ import scipy.sparse as sp
 
 from libs.common import keys
 from services.scoring import metrics
-from services.scoring.interactions import InteractionState
+from services.scoring.interactions import InteractionState, history_pairs
 from services.scoring.models.base import top_k_rows
 from services.scoring.models.blend import RepeatBlend, RepeatWeights, UserHistory, blend_scores, neutral_stats
 from services.scoring.registry import ServingModel
@@ -111,26 +110,15 @@ class Recommender:
         """CSR rows over the model's items: ``log1p`` of each known item's decayed weight
         (``weight * scale``; ``scale`` 1 when the histories hold decayed weights already).
 
-        The ids are looked up and the weights read by C loops (``map`` and ``np.fromiter``) over
-        the whole batch at once: a Python loop per pair grew with every heavy shopper's history."""
-        lengths = np.fromiter((len(h) for h in histories), dtype=np.int64, count=len(histories))
-        total = int(lengths.sum())
-        cols = np.fromiter(
-            map(sm.item_index.get, chain.from_iterable(histories), repeat(-1, total)), dtype=np.int64, count=total
-        )
-        vals = np.fromiter(chain.from_iterable(h.values() for h in histories), dtype=np.float64, count=total)
-        known = cols >= 0
-        rows = np.repeat(np.arange(len(histories)), lengths)[known]
-        indptr = np.zeros(len(histories) + 1, dtype=np.int32)
-        np.cumsum(np.bincount(rows, minlength=len(histories)), out=indptr[1:])
-        vals = vals[known]
+        The pairs come from :func:`history_pairs` (C loops over the whole batch)."""
+        indptr, cols, vals = history_pairs(histories, sm.item_index)
         if scale != 1.0:
             vals *= scale
         data = np.log1p(vals).astype(np.float32)
         # A vanishingly decayed interaction is still an interaction: keep it visible to the model.
         data = np.maximum(data, np.float32(1e-6))
         return sp.csr_matrix(
-            (data, cols[known].astype(np.int32), indptr),
+            (data, cols.astype(np.int32), indptr.astype(np.int32)),
             shape=(len(histories), len(sm.item_ids)),
             dtype=np.float32,
         )

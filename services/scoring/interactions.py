@@ -17,7 +17,8 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from itertools import chain, repeat
 from typing import NamedTuple
 
 import numpy as np
@@ -122,6 +123,29 @@ class AppliedIds:
         self._keys, self._secs, self._gens = self._keys[keep], self._secs[keep], self._gens[keep]
         live = set(np.unique(self._gens).tolist())
         self._gen_merged_at = {g: at for g, at in self._gen_merged_at.items() if g in live}
+
+
+def history_pairs(
+    histories: Sequence[Mapping[str, float]], column: Mapping[str, int], positive: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """CSR parts ``(indptr, cols, weights)`` of a batch of histories over ``column`` (item -> column):
+    the pairs whose item has a column and, with ``positive``, a weight above 0.
+
+    Ids are looked up and weights read by C loops (``map``, ``np.fromiter``) over the whole batch:
+    a Python loop per pair made a fold-in cost more with every item of a heavy shopper's history
+    (the model row and the style profile both build their matrix from this; docs/scoring.md)."""
+    lengths = np.fromiter((len(h) for h in histories), dtype=np.int64, count=len(histories))
+    total = int(lengths.sum())
+    cols = np.fromiter(map(column.get, chain.from_iterable(histories), repeat(-1, total)), dtype=np.int64, count=total)
+    vals = np.fromiter(chain.from_iterable(h.values() for h in histories), dtype=np.float64, count=total)
+    keep = cols >= 0
+    if positive:
+        keep &= vals > 0
+    indptr = np.zeros(len(histories) + 1, dtype=np.int64)
+    np.cumsum(
+        np.bincount(np.repeat(np.arange(len(histories)), lengths)[keep], minlength=len(histories)), out=indptr[1:]
+    )
+    return indptr, cols[keep], vals[keep]
 
 
 def _event_second(ts: float) -> int:

@@ -24,7 +24,6 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from itertools import chain, repeat
 
 import numpy as np
 import redis
@@ -35,6 +34,7 @@ from libs.common import keys
 from libs.common.metrics import STORE_ERRORS
 from libs.common.style_math import catalog_centroid, centre, encode_centroid
 from services.scoring import metrics
+from services.scoring.interactions import history_pairs
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def compute_profiles(
     decayed ones (InteractionState.stored_histories; 1 when they are decayed already).
 
     The embeddings of the batch are centred once, as one matrix, every user's weighted sum is one
-    sparse x dense product, and the pairs are read by C loops (``map``, ``np.fromiter``): stacking a
+    sparse x dense product, and the pairs are read by C loops (:func:`history_pairs`): stacking a
     heavy shopper's thousands of vectors on each of their events made a profile cost 4 ms at 2,500
     items, more than the rest of their fold-in (docs/scoring.md, "Heavy shoppers"). The direction
     does not depend on ``scale`` (a common factor), only the evidence ``W`` does.
@@ -85,17 +85,7 @@ def compute_profiles(
     if not order:
         return out
     column = {item: c for c, item in enumerate(order)}
-    lengths = np.fromiter((len(h) for h in histories.values()), dtype=np.int64, count=len(users))
-    total = int(lengths.sum())
-    cols = np.fromiter(
-        map(column.get, chain.from_iterable(histories.values()), repeat(-1, total)), dtype=np.int64, count=total
-    )
-    vals = np.fromiter(chain.from_iterable(h.values() for h in histories.values()), dtype=np.float64, count=total)
-    used = (cols >= 0) & (vals > 0)
-    rows = np.repeat(np.arange(len(users)), lengths)[used]
-    indptr = np.zeros(len(users) + 1, dtype=np.int64)
-    np.cumsum(np.bincount(rows, minlength=len(users)), out=indptr[1:])
-    cols, vals = cols[used], vals[used]
+    indptr, cols, vals = history_pairs(list(histories.values()), column, positive=True)
     # users x embedded items of the batch, the stored weights.
     weights = sp.csr_matrix((vals, cols, indptr), shape=(len(users), len(order)))
     vecs = centre(np.stack([embeddings[i] for i in order]), centroid).astype(np.float64)
