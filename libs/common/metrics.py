@@ -90,14 +90,7 @@ def _code_name(context: grpc.ServicerContext, error: BaseException | None) -> st
 
 
 class MetricsInterceptor(grpc.ServerInterceptor):
-    """Counts and times every RPC; streaming RPCs are timed until the stream ends.
-
-    The wrapped handler and its labelled metric children are built once per method (and handler
-    object), not per call: building closures, a new handler tuple and three ``.labels()`` lookups
-    (each a hash and a lock) on every call was ~5% of a loaded gateway's GIL time."""
-
-    def __init__(self) -> None:
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+    """Counts and times every RPC; streaming RPCs are timed until the stream ends."""
 
     def intercept_service(
         self,
@@ -107,29 +100,17 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        full = handler_call_details.method
-        kept = self._wrapped.get(full)
-        if kept is not None and kept[0] is handler:
-            return kept[1]
-        wrapped = self._wrap(full, handler)
-        self._wrapped[full] = (handler, wrapped)
-        return wrapped
-
-    @staticmethod
-    def _wrap(full_method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        service, method = _split(full_method)
+        service, method = _split(handler_call_details.method)
         if service.startswith("grpc.reflection"):
             return handler
-        started = RPC_STARTED.labels(service, method)
-        latency = RPC_LATENCY.labels(service, method)
 
         def observe(context: grpc.ServicerContext, start: float, error: BaseException | None) -> None:
             RPC_HANDLED.labels(service, method, _code_name(context, error)).inc()
-            latency.observe(time.perf_counter() - start)
+            RPC_LATENCY.labels(service, method).observe(time.perf_counter() - start)
 
         def wrap_unary(fn: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
             def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
-                started.inc()
+                RPC_STARTED.labels(service, method).inc()
                 start = time.perf_counter()
                 error: BaseException | None = None
                 try:
@@ -144,7 +125,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
 
         def wrap_stream(fn: Callable[[Any, grpc.ServicerContext], Iterator[Any]]) -> Callable[..., Any]:
             def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                started.inc()
+                RPC_STARTED.labels(service, method).inc()
                 start = time.perf_counter()
                 error: BaseException | None = None
                 try:

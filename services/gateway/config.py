@@ -119,15 +119,6 @@ class GatewaySettings(ServiceSettings):
     answer_cache_entries: int = Field(
         50_000, ge=0, le=10_000_000, description="Kept GetRecommendations answers at most (0 = off)."
     )
-    seen_read_max: int = Field(
-        256,
-        ge=0,
-        le=100_000,
-        description=(
-            "A shopper's seen set is read whole up to this many items; a larger one is asked only about the"
-            " answer's candidates (one SMISMEMBER), so an answer does not cost more with every item ever seen."
-        ),
-    )
     parse_memo_entries: int = Field(
         4096,
         ge=0,

@@ -15,7 +15,6 @@ named in ``degraded_reason`` and the rest of the answer is still given.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -34,7 +33,6 @@ from services.gateway.embeddings import ItemEmbeddings, StyleCentroid, affinitie
 from services.gateway.experiments import ExperimentArm
 from services.gateway.memo import ParseMemo
 from services.gateway.metrics import RECOMMENDATIONS
-from services.gateway.seen import SeenItems
 from services.gateway.similar import EmbeddingIndex
 from services.gateway.style import StyleProfile, normalize_cf, rerank_scored
 from services.gateway.stylized import StylizedImages
@@ -47,20 +45,14 @@ from services.gateway.stylized import StylizedImages
 # decay; absent otherwise); user_known says whether scoring holds state for the user at all
 # (without it and without recs, scoring's TopN would only answer popularity). Like the stylize script,
 # in Redis Cluster these keys would need a common hash tag; the embedded/compose Redis is one node.
-# The seen set comes whole only up to ARGV[1] members (false beyond: services/gateway/seen.py),
-# with its size last.
 USER_STATE_LUA = """
-local n = redis.call('SCARD', KEYS[2])
-local seen = false
-if n <= tonumber(ARGV[1]) then seen = redis.call('SMEMBERS', KEYS[2]) end
 return {
   redis.call('HGETALL', KEYS[1]),
-  seen,
+  redis.call('SMEMBERS', KEYS[2]),
   redis.call('HGETALL', KEYS[3]),
   redis.call('HMGET', KEYS[4], 'model_version', 'rebuy'),
   redis.call('GET', KEYS[5]),
   redis.call('EXISTS', KEYS[6]),
-  n,
 }
 """
 
@@ -90,7 +82,7 @@ def copy_of(resp: gateway_pb2.GetRecommendationsResponse) -> gateway_pb2.GetReco
 
 class UserState(NamedTuple):
     profile: StyleProfile | None
-    seen: SeenItems
+    seen: set[str]
     recs: tuple[list[tuple[str, float]], str] | None  # (items, model version); None: not read
     rebuys: frozenset[str]
     # Redis answered: no recs and no user_known marker, so scoring holds nothing for the user
@@ -151,7 +143,7 @@ class Recommender:
                     self._model_version_key,
                     keys.user_known(user),
                 ]
-                return list(self._user_state(names, [self.settings.seen_read_max]))
+                return list(self._user_state(names, []))
             pipe = r.pipeline(transaction=False)
             pipe.hgetall(keys.style_profile(user))
             pipe.smembers(keys.user_seen(user))
@@ -163,7 +155,7 @@ class Recommender:
             replies = self.ds.redis_call("user_state", read, deadline)
         except DependencyUnavailable as exc:
             deg.add(exc)
-            return UserState(None, SeenItems.whole(set()), None, frozenset())
+            return UserState(None, set(), None, frozenset())
         if with_recs:
             # Parsed once per distinct reply (content-addressed memo: a changed hash is a new key).
             raw_profile, raw_recs = replies[0] or [], replies[2] or []
@@ -172,29 +164,8 @@ class Recommender:
             profile = self._profiles.get(tuple(raw_profile), lambda: StyleProfile.from_redis(pairs(raw_profile)))
             recs = self._recs.get((tuple(raw_recs), rv, gv), lambda: parse_recs([pairs(raw_recs), rv, gv]))
             unknown = not recs[0] and not replies[5]
-            if replies[1] is None:
-                seen = SeenItems(int(replies[6]), None, self._seen_asker(user, deadline, deg))
-            else:
-                seen = SeenItems.whole({s.decode() for s in replies[1]})
-            return UserState(profile, seen, recs, parse_rebuys(raw_rebuy), unknown)
-        return UserState(
-            StyleProfile.from_redis(replies[0]), SeenItems.whole({s.decode() for s in replies[1]}), None, frozenset()
-        )
-
-    def _seen_asker(self, user: str, deadline: Deadline, deg: Degradation) -> Callable[[list[str]], list[bool]]:
-        """SMISMEMBER of a large seen set, within the answer's deadline; on failure the ids count as
-        unseen and the answer says why (as when the whole user-state read fails)."""
-        key = keys.user_seen(user)
-
-        def ask(ids: list[str]) -> list[bool]:
-            try:
-                got = self.ds.redis_call("seen_check", lambda r: r.smismember(key, ids), deadline)
-            except DependencyUnavailable as exc:
-                deg.add(exc)
-                return [False] * len(ids)
-            return [bool(x) for x in got]
-
-        return ask
+            return UserState(profile, {s.decode() for s in replies[1]}, recs, parse_rebuys(raw_rebuy), unknown)
+        return UserState(StyleProfile.from_redis(replies[0]), {s.decode() for s in replies[1]}, None, frozenset())
 
     def recommend(
         self,
@@ -264,7 +235,7 @@ class Recommender:
         # Rebuys count only in the list they were written with (not in a fallback's).
         rebuys = rebuys if cands.source == CF and recs is not None and cands.items else frozenset()
         # The user's own items stay out, except those scoring put back as rebuys.
-        seen = seen.allowing(rebuys)
+        seen = seen - rebuys
         confident = style_on and profile is not None and profile.is_confident(s.style_confidence_threshold)
         resp = gateway_pb2.GetRecommendationsResponse(model_version=cands.model_version)
         if profile is not None:
@@ -279,15 +250,15 @@ class Recommender:
             if cands.source != CF and seen:
                 deg.add("cf: no candidates for a user with history; served popularity")
             ranked = self._cf_ranked(cands)
-        excluded = set(f.exclude_item_ids) | seen.among(r.item_id for r in ranked)
+        excluded = set(f.exclude_item_ids) | seen
         if profile is not None:
             excluded.add(profile.anchor)
         chosen = self._filter(ranked, excluded, request, k, deadline, deg)
         if len(chosen) < k and resp.strategy != gateway_pb2.POPULAR and (f.category or f.min_price or f.max_price):
             # A narrow shelf (one category, a price band) can empty a personal list: top it up
             # from popularity in that category rather than answer short.
+            have = excluded | {m.item_id for m, _ in chosen}
             extra = self._cf_ranked(self.candidates.popular(pool, f.category, deadline, deg))
-            have = excluded | {m.item_id for m, _ in chosen} | seen.among(r.item_id for r in extra)
             chosen += self._filter(extra, have, request, k - len(chosen), deadline, deg)
         states = {}
         if request.want_stylized and resp.strategy == gateway_pb2.STYLE_PERSONALIZED and profile is not None:
@@ -334,7 +305,7 @@ class Recommender:
         user: str,
         profile: StyleProfile,
         cands: CandidateSet,
-        seen: SeenItems,
+        seen: set[str],
         pool: int,
         category: str,
         deadline: Deadline,
@@ -342,6 +313,7 @@ class Recommender:
         lam: float,
     ) -> list[Ranked]:
         s = self.settings
+        items = [(i, sc) for i, sc in cands.items if i not in seen]
         # Items the CF list lacks join at the bottom of the CF scale: popular ones, and the
         # catalog's closest looks to the profile. A strong style match can still lift them
         # (style as a recommendation signal, the paper's point); CF order decides the rest.
@@ -364,11 +336,8 @@ class Recommender:
                     profile.vector, s.style_neighbour_pool, deadline, deg, raw_query=not profile.centred
                 )
             ]
-        # One membership question for the candidates and the extras together.
-        hidden = seen.among([i for i, _ in cands.items] + extra)
-        items = [(i, sc) for i, sc in cands.items if i not in hidden]
         floor = min((sc for _, sc in items), default=0.0)
-        present = {i for i, _ in items} | hidden
+        present = {i for i, _ in items} | seen
         for i in extra:
             if i not in present:
                 items.append((i, floor))

@@ -19,7 +19,6 @@ from typing import Any
 
 from pydantic import ValidationError
 from stylerec.v1 import common_pb2, scoring_pb2_grpc
-from threadpoolctl import threadpool_limits
 
 from libs.common.audit import AuditLog
 from libs.common.kafka import USER_EVENTS, ProtoConsumerLoop, ProtoProducer, kafka_security
@@ -119,10 +118,6 @@ def run_serving(settings: ScoringSettings) -> None:
     except ValueError as exc:
         log.error("refusing to start", extra={"error": str(exc)})
         sys.exit(2)
-    # One BLAS thread: a serving replica's products are a batch's worth (milliseconds), and BLAS
-    # worker threads would only compete with the consumer and the gRPC threads on a busy box.
-    # A replica is one core's worth of work; more cores mean more replicas (docs/scoring.md).
-    threadpool_limits(1, "blas")
     runtime = ServiceRuntime(settings)
     r = make_redis(settings.redis_url, settings.store_timeout_s, settings.store_retries, **redis_credentials(settings))
     mongo = make_mongo(settings.mongo_uri, settings.store_timeout_s, **mongo_credentials(settings))

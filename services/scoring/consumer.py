@@ -165,9 +165,9 @@ class Publisher:
                 raise
         written: dict[str, StyleProfile | None] = {}
 
-        def queue_profiles(pipe: redis.client.Pipeline, part: dict[str, dict[str, float]], scale: float) -> None:
+        def queue_profiles(pipe: redis.client.Pipeline, part: dict[str, dict[str, float]]) -> None:
             try:
-                written.update(self.profiles.queue_many(pipe, part, prefetched, scale))
+                written.update(self.profiles.queue_many(pipe, part, prefetched))
             except redis.RedisError:
                 STORE_ERRORS.labels("redis", "style_profile").inc()
                 raise
@@ -176,10 +176,8 @@ class Publisher:
             marks = self.state.write_marks(users, self.engine.holder.version)
             # Read once under the lock: recs, seen sets and profiles all come from this state,
             # and go out in the same MULTI/EXEC per chunk of users.
-            histories, scale = self.state.stored_histories(users)
-            self.recs.write_users(
-                users, histories=histories, scale=scale, added=added, also=queue_profiles if profiles else None
-            )
+            histories = self.state.histories(users)
+            self.recs.write_users(users, histories=histories, added=added, also=queue_profiles if profiles else None)
             if not profiles:
                 return
             self.state.mark_written(marks)
@@ -240,13 +238,15 @@ class EventApplier:
             EventRecord(e.event_id, e.user_id, e.item_id, int(e.type), e.timestamp.seconds + e.timestamp.nanos / 1e9)
             for e in (d.message for d in batch)
         ]
+        fresh = self.state.apply_many(records)
+        users: set[str] = set()
+        duplicates: set[str] = set()
         added: dict[str, set[str]] = {}
-        fresh = self.state.apply_many(records, added)
-        users = set(added)
+        for ev, new in zip(records, fresh, strict=True):
+            (users if new else duplicates).add(ev.user_id)
+            if new:
+                added.setdefault(ev.user_id, set()).add(ev.item_id)
         n_new = sum(fresh)
-        duplicates = (
-            {ev.user_id for ev, new in zip(records, fresh, strict=True) if not new} if n_new < len(records) else set()
-        )
         self.applied += n_new
         metrics.EVENTS_APPLIED.labels("kafka", "new").inc(n_new)
         metrics.EVENTS_APPLIED.labels("kafka", "duplicate").inc(len(records) - n_new)

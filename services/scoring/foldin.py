@@ -24,7 +24,7 @@ import scipy.sparse as sp
 
 from libs.common import keys
 from services.scoring import metrics
-from services.scoring.interactions import InteractionState, history_pairs
+from services.scoring.interactions import InteractionState
 from services.scoring.models.base import top_k_rows
 from services.scoring.models.blend import RepeatBlend, RepeatWeights, UserHistory, blend_scores, neutral_stats
 from services.scoring.registry import ServingModel
@@ -106,19 +106,24 @@ class Recommender:
         self.arrivals = arrivals or (lambda: [])
 
     @staticmethod
-    def history_rows(sm: ServingModel, histories: list[dict[str, float]], scale: float = 1.0) -> sp.csr_matrix:
-        """CSR rows over the model's items: ``log1p`` of each known item's decayed weight
-        (``weight * scale``; ``scale`` 1 when the histories hold decayed weights already).
-
-        The pairs come from :func:`history_pairs` (C loops over the whole batch)."""
-        indptr, cols, vals = history_pairs(histories, sm.item_index)
-        if scale != 1.0:
-            vals *= scale
-        data = np.log1p(vals).astype(np.float32)
+    def history_rows(sm: ServingModel, histories: list[dict[str, float]]) -> sp.csr_matrix:
+        """CSR rows over the model's items: ``log1p`` of each known item's decayed weight."""
+        indptr = [0]
+        cols: list[int] = []
+        vals: list[float] = []
+        index = sm.item_index
+        for history in histories:
+            for i, w in history.items():
+                j = index.get(i)
+                if j is not None:
+                    cols.append(j)
+                    vals.append(w)
+            indptr.append(len(cols))
+        data = np.log1p(np.asarray(vals, dtype=np.float64)).astype(np.float32)
         # A vanishingly decayed interaction is still an interaction: keep it visible to the model.
         data = np.maximum(data, np.float32(1e-6))
         return sp.csr_matrix(
-            (data, cols.astype(np.int32), indptr.astype(np.int32)),
+            (data, np.asarray(cols, dtype=np.int32), np.asarray(indptr, dtype=np.int32)),
             shape=(len(histories), len(sm.item_ids)),
             dtype=np.float32,
         )
@@ -145,16 +150,14 @@ class Recommender:
         exclude_seen: bool = True,
         category: str = "",
         histories: dict[str, dict[str, float]] | None = None,
-        scale: float = 1.0,
     ) -> dict[str, Recs]:
-        """Each user's top-``k``; identical to asking for each user alone (tests/scoring/test_batched_foldin.py).
-        ``histories`` with ``scale``: stored weights and their factor (InteractionState.stored_histories)."""
+        """Each user's top-``k``; identical to asking for each user alone (tests/scoring/test_batched_foldin.py)."""
         start = time.perf_counter()
         sm = self.holder.get()  # one reference for the whole batch: atomic w.r.t. swaps
         wanted = list(dict.fromkeys(users))
         if histories is None:
-            histories, scale = self.state.stored_histories(u for u in wanted if u)
-        out = self._rank(sm, wanted, k, exclude_seen, category, histories, scale)
+            histories = self.state.histories(u for u in wanted if u)
+        out = self._rank(sm, wanted, k, exclude_seen, category, histories)
         # Per user, the batch's time shared out: the histogram keeps meaning "cost of one user's
         # fold-in" whatever the batch size, which the batch-size histogram shows beside it.
         each = (time.perf_counter() - start) / max(1, len(wanted))
@@ -171,7 +174,6 @@ class Recommender:
         exclude_seen: bool,
         category: str,
         histories: dict[str, dict[str, float]],
-        scale: float,
     ) -> dict[str, Recs]:
         allowed = self._allowed(category)
         out: dict[str, Recs] = {}
@@ -186,7 +188,7 @@ class Recommender:
                 out[u] = Recs(items, sm.version if sm else POPULARITY_VERSION, "popularity")
         if sm is None or not scored:
             return out
-        rows = self.history_rows(sm, [histories[u] for u in scored], scale)
+        rows = self.history_rows(sm, [histories[u] for u in scored])
         # float32 as the models produce it: the values (and so the ranking) are the ones the float64
         # copy had, and the copy of a batch x catalog matrix was a tenth of the batch's time.
         scores = np.array(sm.model.score(rows), dtype=np.float32, copy=None)
@@ -311,13 +313,11 @@ class RecsWriter:
         chunk: int = 500,
         histories: dict[str, dict[str, float]] | None = None,
         added: dict[str, set[str]] | None = None,
-        also: Callable[[redis.client.Pipeline, dict[str, dict[str, float]], float], None] | None = None,
-        scale: float = 1.0,
+        also: Callable[[redis.client.Pipeline, dict[str, dict[str, float]]], None] | None = None,
     ) -> int:
         """Per ``chunk`` users: one batched fold-in and one MULTI/EXEC (the gateway never reads a
         half-written user, and a batch costs one Redis round trip instead of one per user).
-        ``histories``: the users' current histories when the caller already read them, as stored
-        weights with their factor ``scale`` (InteractionState.stored_histories).
+        ``histories``: the users' current histories when the caller already read them.
         ``added``: when the caller knows what each user's history gained since this process last
         wrote it (the consumer's batch), the seen set takes just those items instead of being
         deleted and rewritten whole: a heavy shopper's set holds hundreds of items, and rewriting
@@ -331,11 +331,10 @@ class RecsWriter:
         wanted = list(dict.fromkeys(users))
         for begin in range(0, len(wanted), chunk):
             part = wanted[begin : begin + chunk]
-            if histories is not None:
-                hist = {u: histories.get(u, {}) for u in part}
-            else:
-                hist, scale = self.engine.state.stored_histories(part)
-            recs = self.engine.top_n_many(part, self.top_n, exclude_seen=self.exclude_seen, histories=hist, scale=scale)
+            hist = (
+                {u: histories.get(u, {}) for u in part} if histories is not None else self.engine.state.histories(part)
+            )
+            recs = self.engine.top_n_many(part, self.top_n, exclude_seen=self.exclude_seen, histories=hist)
             seen = {u: hist[u].keys() for u in part}
             now = f"{time.time():.3f}"
             pipe = self.redis.pipeline(transaction=True)
@@ -360,7 +359,7 @@ class RecsWriter:
                 else:
                     self._write_seen(pipe, user, seen[user])
             if also is not None:
-                also(pipe, hist, scale)
+                also(pipe, hist)
             # Last in the transaction: gateways drop the answers they kept for these users
             # (services/gateway/answers.py) once everything above is visible.
             pipe.publish(keys.user_changes_channel(), " ".join(part))

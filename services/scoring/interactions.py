@@ -17,9 +17,8 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from itertools import chain, repeat
-from typing import NamedTuple
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
@@ -28,11 +27,8 @@ EPOCH = 1_600_000_000.0  # 2020-09-13; any fixed instant works
 MAX_EXP = 700.0  # 2**700 is still a finite double; clamp so far-future timestamps cannot overflow
 
 
-class EventRecord(NamedTuple):
-    """One event as the state applies it. A NamedTuple, not a frozen dataclass: the consumer builds
-    one per record, and a frozen dataclass's ``__init__`` (one ``object.__setattr__`` per field)
-    was 8% of scoring's GIL time under load (docs/scoring.md, "Heavy shoppers")."""
-
+@dataclass(frozen=True)
+class EventRecord:
     event_id: str
     user_id: str
     item_id: str
@@ -125,29 +121,6 @@ class AppliedIds:
         self._gen_merged_at = {g: at for g, at in self._gen_merged_at.items() if g in live}
 
 
-def history_pairs(
-    histories: Sequence[Mapping[str, float]], column: Mapping[str, int], positive: bool = False
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """CSR parts ``(indptr, cols, weights)`` of a batch of histories over ``column`` (item -> column):
-    the pairs whose item has a column and, with ``positive``, a weight above 0.
-
-    Ids are looked up and weights read by C loops (``map``, ``np.fromiter``) over the whole batch:
-    a Python loop per pair made a fold-in cost more with every item of a heavy shopper's history
-    (the model row and the style profile both build their matrix from this; docs/scoring.md)."""
-    lengths = np.fromiter((len(h) for h in histories), dtype=np.int64, count=len(histories))
-    total = int(lengths.sum())
-    cols = np.fromiter(map(column.get, chain.from_iterable(histories), repeat(-1, total)), dtype=np.int64, count=total)
-    vals = np.fromiter(chain.from_iterable(h.values() for h in histories), dtype=np.float64, count=total)
-    keep = cols >= 0
-    if positive:
-        keep &= vals > 0
-    indptr = np.zeros(len(histories) + 1, dtype=np.int64)
-    np.cumsum(
-        np.bincount(np.repeat(np.arange(len(histories)), lengths)[keep], minlength=len(histories)), out=indptr[1:]
-    )
-    return indptr, cols[keep], vals[keep]
-
-
 def _event_second(ts: float) -> int:
     """Event time as whole seconds since EPOCH in int32 range (floor, so "older than" stays safe)."""
     return int(max(-(2**31), min(2**31 - 1, math.floor(ts - EPOCH))))
@@ -202,13 +175,12 @@ class InteractionState:
         """Add one event; False when its id was already applied (replays, archive + Kafka overlap)."""
         return self.apply_many([ev])[0]
 
-    def apply_many(self, events: Sequence[EventRecord], added: dict[str, set[str]] | None = None) -> list[bool]:
+    def apply_many(self, events: Sequence[EventRecord]) -> list[bool]:
         """Add a batch under one lock acquisition; per event, False when its id was already applied.
 
         One acquisition per batch and not per event: the consumer, the archive sync and the gRPC
         readers share this lock, and per-event locking made them hand it over thousands of times
-        a second under load. ``added``, when given, receives per user the items of their new
-        events (what the consumer folds in), collected in the same pass.
+        a second under load.
         """
         exclude = self.exclude
         out = [False] * len(events)
@@ -238,12 +210,6 @@ class InteractionState:
                 self.watermark = max(self.watermark, ev.ts)
                 self.events += 1
                 out[n] = True
-                if added is not None:
-                    got = added.get(user)
-                    if got is None:
-                        added[user] = {item}
-                    else:
-                        got.add(item)
             if any(out):
                 self._ranking = None
         return out
@@ -393,19 +359,6 @@ class InteractionState:
         s = self.scale(now)
         with self._lock:
             return {u: {i: w * s for i, w in self._user_items.get(u, {}).items()} for u in users}
-
-    def stored_histories(
-        self, users: Iterable[str], now: float | None = None
-    ) -> tuple[dict[str, dict[str, float]], float]:
-        """Each user's items with their *stored* weights, and the factor that makes them decayed
-        weights as of ``now`` (:meth:`scale`): :meth:`histories` without multiplying every pair.
-
-        The fold-in needs the decayed weights only inside vectorized code (the model row, the
-        style profile), where the factor is one multiply; copying with the multiply in Python was
-        a tenth of scoring's GIL time under load, growing with each shopper's history."""
-        s = self.scale(now)
-        with self._lock:
-            return {u: dict(self._user_items.get(u, {})) for u in users}, s
 
     def seen(self, user: str) -> set[str]:
         with self._lock:

@@ -27,14 +27,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import redis
-import scipy.sparse as sp
 from pymongo.database import Database
 
 from libs.common import keys
 from libs.common.metrics import STORE_ERRORS
 from libs.common.style_math import catalog_centroid, centre, encode_centroid
 from services.scoring import metrics
-from services.scoring.interactions import history_pairs
 
 log = logging.getLogger(__name__)
 
@@ -60,57 +58,25 @@ def compute_profile(
     the uncentred unit embeddings; the gateway then also scores uncentred (it reads the
     same published centroid), so profile and items stay in one space.
     """
-    return compute_profiles({"": history}, embeddings, half_confidence_weight, centroid)[""]
-
-
-def compute_profiles(
-    histories: Mapping[str, dict[str, float]],
-    embeddings: Mapping[str, np.ndarray],
-    half_confidence_weight: float,
-    centroid: np.ndarray | None = None,
-    scale: float = 1.0,
-) -> dict[str, StyleProfile | None]:
-    """:func:`compute_profile` of every user of a batch; ``scale`` turns the histories' weights into
-    decayed ones (InteractionState.stored_histories; 1 when they are decayed already).
-
-    The embeddings of the batch are centred once, as one matrix, every user's weighted sum is one
-    sparse x dense product, and the pairs are read by C loops (:func:`history_pairs`): stacking a
-    heavy shopper's thousands of vectors on each of their events made a profile cost 4 ms at 2,500
-    items, more than the rest of their fold-in (docs/scoring.md, "Heavy shoppers"). The direction
-    does not depend on ``scale`` (a common factor), only the evidence ``W`` does.
-    """
-    users = list(histories)
-    out: dict[str, StyleProfile | None] = dict.fromkeys(users)
-    order = list(set().union(*histories.values()) & embeddings.keys())
-    if not order:
-        return out
-    column = {item: c for c, item in enumerate(order)}
-    indptr, cols, vals = history_pairs(list(histories.values()), column, positive=True)
-    # users x embedded items of the batch, the stored weights.
-    weights = sp.csr_matrix((vals, cols, indptr), shape=(len(users), len(order)))
-    vecs = centre(np.stack([embeddings[i] for i in order]), centroid).astype(np.float64)
-    totals = np.asarray(weights.sum(axis=1)).ravel()
-    sums = np.asarray(weights @ vecs)
-    for r, user in enumerate(users):
-        a, b = int(indptr[r]), int(indptr[r + 1])
-        if a == b:
-            continue
-        acc = sums[r] / totals[r]
-        coherence = float(np.linalg.norm(acc))
-        if coherence < 1e-9:
-            continue
-        W = float(totals[r]) * scale
-        seg = vals[a:b]
-        # The heaviest item, ties broken by the larger id.
-        anchor = max(order[c] for c in cols[a:b][seg == seg.max()].tolist())
-        out[user] = StyleProfile(
-            vector=(acc / coherence).astype(np.float32),
-            confidence=float(min(1.0, max(0.0, (1.0 - 2.0 ** (-W / half_confidence_weight)) * coherence))),
-            anchor=anchor,
-            items_used=b - a,
-            centred=centroid is not None,
-        )
-    return out
+    used = [(item, w) for item, w in history.items() if item in embeddings and w > 0]
+    if not used:
+        return None
+    W = float(sum(w for _, w in used))
+    vecs = centre(np.stack([embeddings[item] for item, _ in used]), centroid).astype(np.float64)
+    weights = np.array([w / W for _, w in used], dtype=np.float64)
+    acc = weights @ vecs
+    coherence = float(np.linalg.norm(acc))
+    if coherence < 1e-9:
+        return None
+    evidence = 1.0 - 2.0 ** (-W / half_confidence_weight)
+    anchor = max(used, key=lambda iw: (iw[1], iw[0]))[0]
+    return StyleProfile(
+        vector=(acc / coherence).astype(np.float32),
+        confidence=float(min(1.0, max(0.0, evidence * coherence))),
+        anchor=anchor,
+        items_used=len(used),
+        centred=centroid is not None,
+    )
 
 
 class EmbeddingSource:
@@ -393,7 +359,7 @@ class ProfileWriter:
         """The embeddings a batch needs, fetched before the caller takes its write lock (the
         lookup may fall back to MongoDB, and nothing that slow belongs under the lock the
         consumer waits on): (items looked up, the embeddings found)."""
-        items: set[str] = set().union(*histories.values())
+        items = {i for h in histories.values() for i in h}
         return items, self.source.get(items)
 
     def update_many(
@@ -414,17 +380,19 @@ class ProfileWriter:
         pipe: redis.client.Pipeline,
         histories: dict[str, dict[str, float]],
         prefetched: tuple[set[str], dict[str, np.ndarray]] | None = None,
-        scale: float = 1.0,
     ) -> dict[str, StyleProfile | None]:
-        """:meth:`update_many` into the caller's transaction (the consumer's recs write); ``scale``
-        as in :func:`compute_profiles`."""
+        """:meth:`update_many` into the caller's transaction (the consumer's recs write)."""
         looked, embeddings = prefetched if prefetched is not None else (set(), {})
-        rest = set().union(*histories.values()) - looked
+        rest = {i for h in histories.values() for i in h} - looked
         if rest:
             embeddings = {**embeddings, **self.source.get(rest)}
         centroid = self.centroid.get() if self.centroid is not None else None
-        out = compute_profiles(histories, embeddings, self.half, centroid, scale)
-        for user, profile in out.items():
+        out: dict[str, StyleProfile | None] = {}
+        for user, history in histories.items():
+            profile = compute_profile(
+                history, {i: embeddings[i] for i in history if i in embeddings}, self.half, centroid
+            )
+            out[user] = profile
             self._queue(pipe, user, profile)
         return out
 

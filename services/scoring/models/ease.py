@@ -15,20 +15,6 @@ import torch
 
 from services.scoring.models.base import Recommender, top_k_indices
 
-# Rows with at least 1/DENSE_SHARE of the catalog are cheaper in a dense GEMM than in the
-# sparse product, once their items beyond that share add up to a whole catalog's worth: the GEMM's
-# one pass over B costs about as much as a sparse row of n items (measured on one core, 3,000
-# items: the pass ~3.5 ms, then ~0.17 ms a row, against ~1 ms per 1,000 items of a sparse row).
-DENSE_SHARE = 16
-
-
-def dense_rows(nnz: np.ndarray, n_items: int) -> np.ndarray:
-    """Which rows (by their item count) a call scores densely; none when too few are heavy."""
-    heavy = nnz * DENSE_SHARE >= n_items
-    if float((nnz[heavy] - n_items / DENSE_SHARE).sum()) < n_items:
-        return np.zeros(len(nnz), dtype=bool)
-    return heavy
-
 
 def torch_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -64,25 +50,7 @@ class EASE(Recommender):
         self.B = np.ascontiguousarray(B.to(torch.float32).cpu().numpy())
 
     def score(self, rows: sp.csr_matrix) -> np.ndarray:
-        """``x_u · B`` per row; rows that hold a good share of the catalog go through one dense GEMM.
-
-        The sparse product reads one row of B per nonzero, ~0.9 ms per 1,000 items of history on
-        3,000 items, so a heavy shopper (the load's busiest reach thousands) cost more with every
-        event. A dense GEMM costs the same for any history: one pass over B per call, then little
-        per row (:func:`dense_rows`; docs/scoring.md, "Heavy shoppers").
-        """
-        X = self._input(rows)
-        n = self.B.shape[0]
-        nnz = np.diff(X.indptr)
-        heavy = dense_rows(nnz, n)
-        if not heavy.any():
-            return np.asarray(X @ self.B, dtype=np.float32)
-        out = np.empty((X.shape[0], n), dtype=np.float32)
-        out[heavy] = X[heavy].toarray() @ self.B
-        light = ~heavy
-        if light.any():
-            out[light] = np.asarray(X[light] @ self.B, dtype=np.float32)
-        return out
+        return np.asarray(self._input(rows) @ self.B, dtype=np.float32)
 
     def similar_items(self, item: int, k: int) -> list[tuple[int, float]]:
         col = self.B[:, item].copy()
