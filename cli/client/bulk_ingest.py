@@ -49,6 +49,12 @@ def add_bulk_options(p: argparse.ArgumentParser, default_batch: int, max_batch: 
     p.add_argument(
         "--from-line", type=int, default=1, metavar="N", help="skip the rows before line N (resume a stopped run)"
     )
+    p.add_argument(
+        "--max-rate",
+        type=float,
+        metavar="ROWS_PER_S",
+        help="send at most this many rows per second, so a backfill leaves the live shop room (default: no limit)",
+    )
 
 
 def check_bulk_args(args: argparse.Namespace, max_batch: int) -> None:
@@ -56,6 +62,8 @@ def check_bulk_args(args: argparse.Namespace, max_batch: int) -> None:
         raise UsageError(f"--batch-size must be between 1 and {max_batch}")
     if args.from_line < 1:
         raise UsageError("--from-line must be 1 or more")
+    if args.max_rate is not None and not args.max_rate > 0:
+        raise UsageError("--max-rate must be more than 0 rows per second")
 
 
 def rpc_failure(exc: grpc.RpcError, addr: str) -> SendFailed:

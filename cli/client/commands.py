@@ -139,6 +139,7 @@ def cmd_ingest_events(args: argparse.Namespace) -> int:
             rejects=rejects,
             total_lines=total,
             from_line=args.from_line,
+            max_rate=args.max_rate,
         )
     return finish(report, args)
 

@@ -520,13 +520,19 @@ def run_bulk(
     rejects: RejectsWriter | None = None,
     total_lines: int | None = None,
     from_line: int = 1,
+    max_rate: float | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
 ) -> BulkReport:
     """Send every readable row in batches; fill ``report`` as the server answers.
 
     Ctrl-C and a failing service end the run with ``report.stopped`` saying how
     far it got; everything acknowledged before that is stored, and the batch
     in flight is named so the caller can resume or resend.
+
+    ``max_rate`` (rows per second) paces the batches so that a backfill leaves
+    the live shop room: a batch waits until the rows sent so far are within
+    the rate since the first batch went out.
     """
     from tqdm import tqdm
 
@@ -547,10 +553,17 @@ def run_bulk(
                 yield row
 
     pending: list[Reject] = []  # unreadable rows of the batch being sent, recorded whatever happens
+    started: float | None = None
     try:
         for good, bad in batches(skipped(), max_rows, max_bytes, size):
             pending = [Reject(r.line, "file", r.error or "unreadable", r.raw, r.index) for r in bad]
             server_rejects: list[Reject] = []
+            if good and max_rate is not None:
+                if started is None:
+                    started = clock()
+                wait = started + report.sent / max_rate - clock()
+                if wait > 0:
+                    sleep(wait)
             if good:
                 report.in_flight_lines = (good[0].line, good[-1].line)
                 report.sent += len(good)

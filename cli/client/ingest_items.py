@@ -207,6 +207,7 @@ def cmd_ingest_items(args: argparse.Namespace) -> int:
             rejects=rejects,
             total_lines=total,
             from_line=args.from_line,
+            max_rate=args.max_rate,
         )
     return finish_items(report, args)
 

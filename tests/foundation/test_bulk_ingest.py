@@ -199,6 +199,26 @@ def test_runner_stops_on_failure_and_says_how_far_it_got() -> None:
     assert report.last_line_acknowledged == 21 and report.stopped == "ingestion gone" and report.exit_code() == 1
 
 
+def test_max_rate_paces_batches_from_the_first_send() -> None:
+    now = {"t": 100.0}
+    sent_at: list[float] = []
+
+    def server(values: list[int]) -> Outcome:
+        sent_at.append(now["t"])
+        now["t"] += 0.01  # each answer takes 10 ms
+        return Outcome(accepted=len(values))
+
+    def sleep(s: float) -> None:
+        now["t"] += s
+
+    report = run_bulk(
+        _rows(50), server, BulkReport("things"), max_rows=10, max_rate=20.0, sleep=sleep, clock=lambda: now["t"]
+    )
+    assert report.accepted == 50
+    # 10 rows per batch at 20 rows/s: one batch every half second from the first, not 10 ms apart.
+    assert sent_at == pytest.approx([100.0, 100.5, 101.0, 101.5, 102.0])
+
+
 def test_ctrl_c_keeps_what_was_acknowledged_and_names_the_batch_in_flight(capsys: pytest.CaptureFixture[str]) -> None:
     def interrupted_on_second(values: list[int]) -> Outcome:
         if values[0] >= 10:
@@ -253,6 +273,8 @@ def test_strict_sends_nothing_and_lists_every_bad_row(tmp_path: Path) -> None:
     [
         (["--batch-size", "0"], "--batch-size must be between 1 and 10000"),
         (["--from-line", "0"], "--from-line must be 1 or more"),
+        (["--max-rate", "0"], "--max-rate must be more than 0 rows per second"),
+        (["--max-rate", "nan"], "--max-rate must be more than 0 rows per second"),
         (["--rejects", "out.txt"], "name it .csv or .jsonl"),
     ],
 )
@@ -353,9 +375,9 @@ def test_ctrl_c_on_the_real_cli_loses_nothing_acknowledged(stack: Stack, tmp_pat
     import re
     import signal
 
-    # Big enough that the CLI is still sending when Ctrl-C lands on a busy CI box (with 20,000 rows
-    # it twice finished first, exit 0), and Ctrl-C as soon as one batch is acknowledged.
-    n = 40_000
+    # Paced at 1,000 rows/s the 10,000 rows take 10 s however fast the box is, so Ctrl-C lands mid-run
+    # (unpaced, a busy CI box twice sent every row before the interrupt and the CLI exited 0).
+    n = 10_000
     now = int(time.time())
     f = tmp_path / "big.csv"
     f.write_text(
@@ -363,7 +385,7 @@ def test_ctrl_c_on_the_real_cli_loses_nothing_acknowledged(stack: Stack, tmp_pat
     )
     env = {**os.environ, "STYLEREC_STACK_DIR": str(stack.dir)}
     proc = subprocess.Popen(
-        [*STYLEREC, "ingest", "events", str(f), "--batch-size", "200", "--json"],
+        [*STYLEREC, "ingest", "events", str(f), "--batch-size", "200", "--max-rate", "1000", "--json"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

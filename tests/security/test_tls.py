@@ -123,7 +123,10 @@ def test_events_in_over_tls_and_a_recommendation_out_through_gateway_and_scoring
 ) -> None:
     now = time.time()
     events = []
-    for n in range(6):
+    # The popular list (top 200) is the session's whole infra topic: earlier tests' items must not
+    # outrank this one. 30 purchases (weight 300) stay above the bulk-ingest tests' views (a clean-clone
+    # CI run with 80 views on each of 997 items pushed 6 purchases, weight 60, out of the list).
+    for n in range(30):
         e = common_pb2.Event(
             user_id=f"tls-u{n}-{unique}",
             item_id=f"tls-item-{unique}",
