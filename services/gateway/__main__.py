@@ -105,11 +105,13 @@ def build_app(settings: GatewaySettings) -> GatewayApp:
     centroid = StyleCentroid(ds, settings.style_centroid_near_cache_s)
     index = EmbeddingIndex(ds, settings.embedding_index_refresh_s, centroid)
     catalog = ItemCatalog(ds, settings.item_cache_ttl_s, settings.item_near_cache_s)
-    # Never kept longer than the popularity near cache: popular candidates would outlive its bound.
+    # Answers built from something unversioned (scoring's TopN, embeddings outside the index) live
+    # no longer than the popularity near cache, as every kept answer did before versions.
     answers = AnswerCache(
-        min(settings.answer_cache_s, settings.popular_near_cache_s),
+        settings.answer_cache_s,
         settings.answer_cache_entries,
         settings.stylized_pending_recheck_s,
+        volatile_ttl_s=settings.popular_near_cache_s,
     )
     recommender = Recommender(
         settings,

@@ -18,9 +18,19 @@ Exactness comes from invalidation, not from the lifetime:
   ``PING_S`` and the cache serves nothing when it heard nothing for ``STALE_S``), no answer is
   served from here, and all are dropped when it comes back: an invalidation may have been missed.
 
-What stays bounded by ``STYLEREC_ANSWER_CACHE_S`` (default 2 s, the popularity near cache's
-bound already): the popularity list an answer's popular candidates came from and a reload of the
-embedding index. Never kept: degraded answers, and answers shorter than asked (an empty or short
+The shared inputs that change without a user-change message are **versioned**, and a kept answer
+records the versions it was built from (:class:`Provenance`): the popularity list each popular
+candidate came from (services/gateway/candidates.py) and the embedding index of the style path
+(services/gateway/similar.py). A hit asks each of those sources for its current version, which
+refreshes it exactly as a new build would (the popularity near cache after its 2 s, the index
+after its reload interval); a version that moved makes the answer ``outdated`` and it is rebuilt.
+A version moves only when the content does, so a shop whose popularity is quiet keeps its style
+shelves. Anything not versioned (scoring's ``TopN`` answered the candidates, the style path
+without the in-process index) makes the answer **volatile**: kept only ``volatile_ttl_s`` (the
+popularity near cache's bound, as before). ``ttl_s`` (``STYLEREC_ANSWER_CACHE_S``, default 30 s)
+is then only a backstop, and the sweep's period.
+
+Never kept: degraded answers, and answers shorter than asked (an empty or short
 popularity list may fill any moment, as the popularity near cache already assumes). An answer
 with a stylized image still PENDING is served as kept only for ``STYLEREC_STYLIZED_PENDING_RECHECK_S``
 (default 1 s), the time this replica already reports PENDING without asking Redis again
@@ -38,12 +48,15 @@ import contextlib
 import logging
 import threading
 import time
-from typing import NamedTuple
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol
 
 import redis
 from stylerec.v1 import gateway_pb2
 
 from libs.common import keys
+from services.gateway.deadlines import Deadline
 from services.gateway.metrics import ANSWER_CACHE, ANSWER_CACHE_INVALIDATIONS
 
 log = logging.getLogger(__name__)
@@ -51,10 +64,38 @@ log = logging.getLogger(__name__)
 Key = tuple[str, bytes]  # (user pseudonym, the request's bytes)
 
 
+class Versioned(Protocol):
+    """A shared input of answers that changes without a user-change message."""
+
+    def version(self, part: Hashable, deadline: Deadline) -> int | None:
+        """The current version of ``part``, refreshed as a new answer would refresh it; None when
+        it cannot be told now (its store is unreachable: the answer is rebuilt, and degraded)."""
+        ...
+
+
+Depends = tuple[tuple[Versioned, Hashable, int], ...]
+
+
+@dataclass
+class Provenance:
+    """What one answer was built from, beyond its user's state and the catalog."""
+
+    depends: list[tuple[Versioned, Hashable, int]] = field(default_factory=list)
+    volatile: bool = False  # built from something unversioned: kept only briefly
+
+    def used(self, source: Versioned, part: Hashable, version: int | None) -> None:
+        if version is None:
+            self.volatile = True
+        elif (source, part, version) not in self.depends:
+            self.depends.append((source, part, version))
+
+
 class Kept(NamedTuple):
     answer: gateway_pb2.GetRecommendationsResponse
     expires_at: float  # monotonic; a restyled answer keeps its original lifetime
     restyle: bool  # its PENDING images are due for a re-check (the rest of it is still exact)
+    depends: Depends  # the versions it was built from (kept with it when restyled)
+    volatile: bool
 
 
 PING_S = 0.25  # the listener's heartbeat on its subscribed connection
@@ -62,14 +103,18 @@ STALE_S = 1.0  # no hits once the subscription has been silent this long
 
 
 class AnswerCache:
-    def __init__(self, ttl_s: float, max_entries: int, pending_ttl_s: float = 0.0) -> None:
+    def __init__(
+        self, ttl_s: float, max_entries: int, pending_ttl_s: float = 0.0, volatile_ttl_s: float | None = None
+    ) -> None:
         self.ttl_s = ttl_s
+        self.volatile_ttl_s = ttl_s if volatile_ttl_s is None else min(ttl_s, volatile_ttl_s)
         self.pending_ttl_s = min(ttl_s, pending_ttl_s)
         self.max_entries = max_entries
         self._subscribed = False
         self._heard_at = 0.0  # last time the listener heard from Redis (a message or a pong)
-        # key -> (expires at, answer, PENDING images re-checked from); monotonic times
-        self._entries: dict[Key, tuple[float, gateway_pb2.GetRecommendationsResponse, float]] = {}
+        # key -> (expires at, answer, PENDING images re-checked from, versions built from, volatile);
+        # monotonic times
+        self._entries: dict[Key, tuple[float, gateway_pb2.GetRecommendationsResponse, float, Depends, bool]] = {}
         self._by_user: dict[str, set[Key]] = {}
         self._changes: dict[str, int] = {}  # user -> invalidations seen (for the race check)
         self._epoch = 0  # bumped by clear() and each sweep: a store started before it is refused
@@ -79,6 +124,7 @@ class AnswerCache:
         self._miss = ANSWER_CACHE.labels("miss")
         self._skipped = ANSWER_CACHE.labels("not_kept")
         self._restyle = ANSWER_CACHE.labels("restyle")
+        self._outdated = ANSWER_CACHE.labels("outdated")
 
     @property
     def enabled(self) -> bool:
@@ -93,7 +139,7 @@ class AnswerCache:
     def live(self) -> bool:
         return self._subscribed and time.monotonic() - self._heard_at < STALE_S
 
-    def get(self, key: Key) -> Kept | None:
+    def get(self, key: Key, deadline: Deadline) -> Kept | None:
         now = time.monotonic()
         if not self._subscribed or now - self._heard_at >= STALE_S:
             return None
@@ -101,11 +147,19 @@ class AnswerCache:
         if entry is None or entry[0] <= now:
             self._miss.inc()
             return None
-        if entry[2] <= now:
+        until, kept, restyle_at, depends, volatile = entry
+        for source, part, version in depends:
+            if source.version(part, deadline) != version:
+                self._outdated.inc()
+                with self._lock:
+                    if self._entries.get(key) is entry:
+                        del self._entries[key]
+                return None
+        if restyle_at <= now:
             self._restyle.inc()
-            return Kept(entry[1], entry[0], True)
+            return Kept(kept, until, True, depends, volatile)
         self._hit.inc()
-        return Kept(entry[1], entry[0], False)
+        return Kept(kept, until, False, depends, volatile)
 
     def token(self, user: str) -> tuple[int, int]:
         """Taken before the answer's Redis read; :meth:`put` refuses the answer if it moved."""
@@ -117,16 +171,21 @@ class AnswerCache:
         token: tuple[int, int],
         answer: gateway_pb2.GetRecommendationsResponse,
         k: int,
+        built_from: Provenance | None = None,
         expires_at: float | None = None,
     ) -> None:
-        """``expires_at``: the lifetime of the answer this one restyles (None: a new answer)."""
+        """``built_from``: the versions the answer was built from; ``expires_at``: the lifetime of
+        the answer this one restyles (None: a new answer)."""
         if not self.live:
             return
         if len(answer.items) < k:
             self._skipped.inc()
             return
         now = time.monotonic()
-        until = now + self.ttl_s if expires_at is None else expires_at
+        depends: Depends = tuple(built_from.depends) if built_from is not None else ()
+        volatile = built_from is not None and built_from.volatile
+        lifetime = self.volatile_ttl_s if volatile else self.ttl_s
+        until = now + lifetime if expires_at is None else expires_at
         pending = any(i.stylized_status == gateway_pb2.STYLIZED_PENDING for i in answer.items)
         if answer.degraded or until <= now or (pending and self.pending_ttl_s <= 0):
             self._skipped.inc()
@@ -141,7 +200,7 @@ class AnswerCache:
                 self._sweep(now)
             if len(self._entries) >= self.max_entries:
                 self._drop_all()
-            self._entries[key] = (until, answer, restyle_at)
+            self._entries[key] = (until, answer, restyle_at, depends, volatile)
             self._by_user.setdefault(user, set()).add(key)
 
     def invalidate_users(self, users: list[str]) -> None:

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import redis
 from stylerec.v1 import scoring_pb2
 
 from libs.common import keys
+from services.gateway.answers import Provenance
 from services.gateway.deadlines import Deadline, DependencyUnavailable
 from services.gateway.downstream import Degradation, Downstream
 
@@ -38,10 +40,16 @@ class CandidateSet:
 
 
 class CandidateSource:
+    """Also :class:`services.gateway.answers.Versioned`: each popularity list (category, length)
+    has a version that moves when a read brings different content, so kept answers built from a
+    list stay valid while popularity is quiet and are rebuilt as soon as it moves."""
+
     def __init__(self, downstream: Downstream, near_cache_s: float = 0.0) -> None:
         self.ds = downstream
         self.near_cache_s = near_cache_s
-        self._near: dict[tuple[str, int], tuple[float, list[tuple[str, float]], str]] = {}
+        # (category, n) -> (read at, items, model version, version of the list)
+        self._near: dict[tuple[str, int], tuple[float, list[tuple[str, float]], str, int]] = {}
+        self._versions: dict[tuple[str, int], tuple[list[tuple[str, float]], int]] = {}
         # Last popularity list read from Redis: the answer of last resort when Redis is down.
         self._last_popular: dict[str, list[tuple[str, float]]] = {}
         self._lock = threading.Lock()
@@ -55,9 +63,11 @@ class CandidateSource:
         deg: Degradation,
         prefetched: tuple[list[tuple[str, float]], str] | None = None,
         unknown: bool = False,
+        built_from: Provenance | None = None,
     ) -> CandidateSet:
         """CF candidates, else popularity. ``prefetched``: recs the caller already read in its own
-        pipeline (saves a round trip); None = read them here."""
+        pipeline (saves a round trip); None = read them here. ``built_from`` learns which
+        popularity list was used, or that scoring answered (not versioned)."""
         recs_failed = False
         try:
             recs, version = prefetched or self.ds.redis_call("recs_get", lambda r: self.read_recs(r, user), deadline)
@@ -70,7 +80,9 @@ class CandidateSource:
             # A deployment without scoring replicas: Redis is the only CF source, not a degradation.
             # A shopper scoring never wrote (no recs, no user_known marker): its TopN would answer
             # popularity too, after a round trip through the busiest service (docs/gateway.md).
-            return self.popular(pool, category, deadline, deg)
+            return self.popular(pool, category, deadline, deg, built_from)
+        if built_from is not None:
+            built_from.volatile = True  # scoring's own state: no user-change message covers it
         try:
             resp = self.ds.scoring_call(
                 "topn",
@@ -88,27 +100,50 @@ class CandidateSource:
                 return CandidateSet(POPULAR, items, resp.model_version)
         except DependencyUnavailable as exc:
             deg.add(exc)
-        return self.popular(pool, category, deadline, deg)
+        return self.popular(pool, category, deadline, deg, built_from)
 
-    def popular(self, n: int, category: str, deadline: Deadline, deg: Degradation) -> CandidateSet:
+    def popular(
+        self, n: int, category: str, deadline: Deadline, deg: Degradation, built_from: Provenance | None = None
+    ) -> CandidateSet:
         # Popularity moves slowly: a list a second or two old is as good and saves a round trip.
-        near = self._near.get((category, n))
+        part = (category, n)
+        near = self._near.get(part)
         if near is not None and time.monotonic() - near[0] < self.near_cache_s:
+            if built_from is not None:
+                built_from.used(self, part, near[3])
             return CandidateSet(POPULAR, near[1], near[2])
         try:
             items, version = self.ds.redis_call("popular_get", lambda r: self._read_popular(r, n, category), deadline)
             with self._lock:
                 self._last_popular[category] = items
+                last = self._versions.get(part)
+                v = last[1] if last is not None and last[0] == items else (last[1] + 1 if last else 1)
+                self._versions[part] = (items, v)
                 if self.near_cache_s > 0 and items:  # an empty list may fill any moment: do not keep it
-                    self._near[(category, n)] = (time.monotonic(), items, version)
+                    self._near[part] = (time.monotonic(), items, version, v)
+            if built_from is not None:
+                built_from.used(self, part, v if items else None)
             return CandidateSet(POPULAR, items, version)
         except DependencyUnavailable as exc:
             deg.add(exc)
+        if built_from is not None:
+            built_from.volatile = True
         with self._lock:
             stale = self._last_popular.get(category) or self._last_popular.get("") or []
         if stale:
             deg.add("popularity: served the last list this gateway saw")
         return CandidateSet(POPULAR, stale[:n], "")
+
+    def version(self, part: Hashable, deadline: Deadline) -> int | None:
+        """The version of one popularity list, read again once the near cache's lifetime is over
+        (what a new answer would do); None when Redis cannot say now or the list is empty."""
+        category, n = cast(tuple[str, int], part)  # the (category, n) this source handed out
+        got = Provenance()
+        deg = Degradation()
+        self.popular(n, category, deadline, deg, got)
+        if deg.degraded or got.volatile or not got.depends:
+            return None
+        return got.depends[0][2]
 
     @staticmethod
     def read_recs(r: redis.Redis, user: str) -> tuple[list[tuple[str, float]], str]:

@@ -108,12 +108,13 @@ class GatewaySettings(ServiceSettings):
         2.0, ge=0, le=300, description="In-process popularity-list cache lifetime (0 = off)."
     )
     answer_cache_s: float = Field(
-        2.0,
+        30.0,
         ge=0,
-        le=60,
+        le=600,
         description=(
-            "Lifetime of a kept GetRecommendations answer (0 = off); the user's changes (scoring's pub/sub) and "
-            "item-updates drop it at once, so this bounds only popularity and embedding-index staleness."
+            "Longest life of a kept GetRecommendations answer (0 = off): the user's changes (scoring's pub/sub) and "
+            "item-updates drop it at once, a moved popularity list or embedding index on its next hit; answers built "
+            "from unversioned inputs live at most STYLEREC_POPULAR_NEAR_CACHE_S."
         ),
     )
     answer_cache_entries: int = Field(

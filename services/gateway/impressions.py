@@ -4,12 +4,16 @@ An online experiment needs the denominator: which items, in which order, by whic
 arm, were shown to whom. The request thread only stamps the answer with a recommendation id and
 puts a small tuple on a bounded queue: the answer's wire bytes (one upb serialization, ~1 µs for
 k=10, cheaper than walking the items in Python) and the pseudonym; no I/O. One background thread
-collects them for ``impressions_linger_ms``, parses them back into ``Impression`` messages and
-sends **one record per partition** (an ``ImpressionBatch`` of the users hashing there): kafka-
-python's ``send`` per answer was half of what impressions cost this process (docs/gateway.md),
-more than building them. When the broker is slow or down the queue fills and further
-impressions are dropped and counted in ``stylerec_gateway_impressions_dropped_total``: the
-answer is never delayed for measurement.
+collects them for ``impressions_linger_ms`` and sends **one record per partition** (an
+``ImpressionBatch`` of the users hashing there): kafka-python's ``send`` per answer was half of
+what impressions cost this process (docs/gateway.md), more than building them. Building them is
+cheap too: the answer is queued as serialized *before* its recommendation id, so every view of a
+kept answer queues the same bytes, and the impression's shared body (user, strategy, arm,
+model version, items) is built once per distinct answer (a bounded memo) and concatenated with a
+two-field message of the view's own id and time; protobuf merges concatenated messages.
+When the broker is slow or down the queue fills and further impressions are dropped and
+counted in ``stylerec_gateway_impressions_dropped_total``: the answer is never delayed for
+measurement.
 Only the pseudonym travels (each record is keyed by one of its users'); the raw shop id never
 leaves the edge.
 """
@@ -31,6 +35,7 @@ from libs.common.kafka import IMPRESSIONS as IMPRESSIONS_TOPIC
 from libs.common.kafka import TOPICS, ProtoProducer, kafka_security, partition_of
 from services.gateway.config import GatewaySettings
 from services.gateway.experiments import Assignment
+from services.gateway.memo import ParseMemo
 from services.gateway.metrics import IMPRESSIONS, IMPRESSIONS_DROPPED
 
 log = logging.getLogger(__name__)
@@ -53,41 +58,88 @@ class Shown(NamedTuple):
     """What the request thread queues; the impression is built from it off the hot path."""
 
     user: str
-    answer: bytes  # the stamped GetRecommendationsResponse, serialized
+    # The answer serialized before its recommendation id was set: a kept answer gives the same
+    # bytes on every view, so its impression body is built once (see :func:`batch_by_partition`).
+    answer: bytes
+    recommendation_id: str
     shown_at: float
 
 
-def fill_impression(imp: common_pb2.Impression, s: Shown) -> common_pb2.Impression:
-    """Writes the impression of one queued answer into ``imp`` (a slot of a batch: no copy)."""
-    resp = gateway_pb2.GetRecommendationsResponse.FromString(s.answer)
-    imp.recommendation_id = resp.recommendation_id
-    imp.user_id = s.user
-    imp.strategy = STRATEGY_NAMES.get(resp.strategy, str(resp.strategy))
-    imp.experiment = resp.experiment
-    imp.arm = resp.experiment_arm
-    imp.model_version = resp.model_version
+Body = tuple[bytes, tuple[str, str, str]]  # (serialized Impression without id and time, counter key)
+
+
+def impression_body(user: str, answer: bytes) -> Body:
+    """The part of an answer's impression that every view of the same answer shares, serialized."""
+    resp = gateway_pb2.GetRecommendationsResponse.FromString(answer)
+    imp = common_pb2.Impression(
+        user_id=user,
+        strategy=STRATEGY_NAMES.get(resp.strategy, str(resp.strategy)),
+        experiment=resp.experiment,
+        arm=resp.experiment_arm,
+        model_version=resp.model_version,
+    )
     for pos, it in enumerate(resp.items):
         imp.items.add(item_id=it.item_id, position=pos)
-    imp.shown_at.FromNanoseconds(int(s.shown_at * 1e9))
-    return imp
+    return imp.SerializeToString(), (imp.experiment, imp.arm, imp.strategy)
 
 
-def batch_by_partition(shown: list[Shown], partitions: int) -> list[common_pb2.ImpressionBatch]:
-    """The impressions of ``shown`` as one batch per partition of their users, so each record's
-    key, its first user, hashes to the partition of every user in it, as a record per answer
-    keyed by its user did. A batch that reached ``RECORD_BYTES`` is closed and the next one of
-    that partition started: a record is at most that plus one impression."""
-    out: list[common_pb2.ImpressionBatch] = []
-    current: dict[int, common_pb2.ImpressionBatch] = {}
+def impression_bytes(body: bytes, s: Shown) -> bytes:
+    """One view's Impression: protobuf merges concatenated messages, so the shared body plus a
+    message holding only this view's id and time is the whole impression."""
+    own = common_pb2.Impression(recommendation_id=s.recommendation_id)
+    own.shown_at.FromNanoseconds(int(s.shown_at * 1e9))
+    return body + own.SerializeToString()
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+# The key of ImpressionBatch.impressions on the wire: field number, wire type 2 (length-delimited).
+_IMPRESSIONS_TAG = _varint(common_pb2.ImpressionBatch.DESCRIPTOR.fields_by_name["impressions"].number << 3 | 2)
+
+
+def _framed(payload: bytes) -> bytes:
+    """``payload`` as one element of ImpressionBatch.impressions: its key, varint length, bytes."""
+    return _IMPRESSIONS_TAG + _varint(len(payload)) + payload
+
+
+class Record(NamedTuple):
+    key: str  # the first user's pseudonym: every user in it hashes to this partition
+    value: bytes  # a serialized ImpressionBatch
+    impressions: int
+    counts: dict[tuple[str, str, str], int]  # impressions per (experiment, arm, strategy)
+
+
+def batch_by_partition(
+    shown: list[Shown], partitions: int, body_of: Callable[[str, bytes], Body] = impression_body
+) -> list[Record]:
+    """The impressions of ``shown`` as one ImpressionBatch record per partition of their users,
+    so each record's key, its first user, hashes to the partition of every user in it, as a
+    record per answer keyed by its user did. A record that reached ``RECORD_BYTES`` is closed and
+    the next one of that partition started: a record is at most that plus one impression.
+    ``body_of``: the impression body of (user, answer bytes), memoized by the publisher."""
+    out: list[tuple[str, list[bytes], dict[tuple[str, str, str], int]]] = []
+    current: dict[int, int] = {}  # partition -> index of its open record in out
     size: dict[int, int] = {}
     for s in shown:
         p = partition_of(s.user, partitions)
         if p not in current or size[p] >= RECORD_BYTES:
-            current[p] = common_pb2.ImpressionBatch()
+            current[p] = len(out)
             size[p] = 0
-            out.append(current[p])
-        size[p] += fill_impression(current[p].impressions.add(), s).ByteSize() + 5  # + tag and length
-    return out
+            out.append((s.user, [], {}))
+        body, counter = body_of(s.user, s.answer)
+        framed = _framed(impression_bytes(body, s))
+        _, parts, counts = out[current[p]]
+        parts.append(framed)
+        counts[counter] = counts.get(counter, 0) + 1
+        size[p] += len(framed)
+    return [Record(key, b"".join(parts), len(parts), counts) for key, parts, counts in out]
 
 
 class ImpressionPublisher:
@@ -109,6 +161,8 @@ class ImpressionPublisher:
         self._published: dict[tuple[str, str, str], Any] = {}
         self._linger_s = settings.impressions_linger_ms / 1000
         self._partitions = TOPICS.get(self.topic, TOPICS[IMPRESSIONS_TOPIC])
+        # Kept answers are shown many times: their impression body is built once per answer.
+        self._bodies: ParseMemo[Body] = ParseMemo("impression", settings.parse_memo_entries)
         self._dropped_full = IMPRESSIONS_DROPPED.labels("queue_full")
         self._dropped_broker = IMPRESSIONS_DROPPED.labels("broker")
 
@@ -130,23 +184,23 @@ class ImpressionPublisher:
 
     def stamp(self, resp: gateway_pb2.GetRecommendationsResponse, user: str, assignment: Assignment) -> None:
         """Give the answer its id and arm, and queue its impression (never blocks)."""
-        rid = new_recommendation_id()
-        resp.recommendation_id = rid
         if assignment.arm is not None:
             resp.experiment = assignment.experiment
             resp.experiment_arm = assignment.arm.name
+        rid = new_recommendation_id()
+        answer = resp.SerializeToString() if self.enabled else b""  # before the id: the same for every view
+        resp.recommendation_id = rid
         if not self.enabled:
             return
         try:
-            self._queue.put_nowait(Shown(user, resp.SerializeToString(), time.time()))
+            self._queue.put_nowait(Shown(user, answer, rid, time.time()))
         except queue.Full:
             self._dropped_full.inc()
 
     def pending(self) -> int:
         return self._queue.qsize()
 
-    def _counter(self, imp: common_pb2.Impression) -> Any:
-        key = (imp.experiment, imp.arm, imp.strategy)
+    def _counter(self, key: tuple[str, str, str]) -> Any:
         child = self._published.get(key)
         if child is None:
             child = IMPRESSIONS.labels(*key)
@@ -195,22 +249,23 @@ class ImpressionPublisher:
             self._stop.wait(1.0)
             return
         left = len(batch)
-        for group in batch_by_partition(batch, self._partitions):
-            n = len(group.impressions)
+        body_of = self._body
+        for record in batch_by_partition(batch, self._partitions, body_of):
+            n = record.impressions
             try:
-                fut = producer.send(self.topic, group.impressions[0].user_id, group)
+                fut = producer.send_raw(self.topic, record.key.encode(), record.value)
             except Exception as exc:
                 # Metadata wait ran out (broker down): the rest of this batch would wait as long each.
                 self._dropped_broker.inc(left)
                 log.warning("impressions dropped: broker", extra={"error": type(exc).__name__, "n": left})
                 return
             left -= n
-            counts: dict[Any, int] = {}
-            for imp in group.impressions:
-                child = self._counter(imp)
-                counts[child] = counts.get(child, 0) + 1
+            counts = {self._counter(key): c for key, c in record.counts.items()}
             fut.add_callback(lambda _md, c=counts: _count(c))
             fut.add_errback(lambda _e, k=n: self._dropped_broker.inc(k))
+
+    def _body(self, user: str, answer: bytes) -> Body:
+        return self._bodies.get((user, answer), lambda: impression_body(user, answer))
 
     def stop(self) -> None:
         """Publish what is queued (the sentinel goes behind it), then flush; a full queue stops at once."""

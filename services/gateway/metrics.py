@@ -46,13 +46,15 @@ STYLIZED_BYTES = Counter(
 )
 PARSE_MEMO = Counter(
     "stylerec_gateway_parse_memo_total",
-    "Parsed Redis replies (style profile, recs) served from the content-addressed memo, by kind and result.",
+    "Parsed Redis replies (style profile, recs) and impression bodies served from content-addressed memos, "
+    "by kind and result.",
     ["kind", "result"],
 )
 ANSWER_CACHE = Counter(
     "stylerec_gateway_answer_cache_total",
     "GetRecommendations answers by whether the kept answer was served (hit), served with its PENDING "
-    "stylized images asked again (restyle), built (miss) or, once built, not kept (not_kept: degraded, "
+    "stylized images asked again (restyle), built (miss), rebuilt because a popularity list or the "
+    "embedding index it was built from moved (outdated) or, once built, not kept (not_kept: degraded, "
     "shorter than asked, or its user changed meanwhile).",
     ["result"],
 )

@@ -23,7 +23,7 @@ from stylerec.v1 import gateway_pb2
 
 from libs.common import keys
 from libs.common.pseudonym import Pseudonymizer
-from services.gateway.answers import AnswerCache
+from services.gateway.answers import AnswerCache, Provenance
 from services.gateway.candidates import CF, CandidateSet, CandidateSource, parse_recs, queue_recs
 from services.gateway.catalog import ItemCatalog, ItemMeta
 from services.gateway.config import GatewaySettings
@@ -180,21 +180,24 @@ class Recommender:
         With kept answers on, the caller gets its own copy (it stamps the recommendation id on it)."""
         user = user or self.pseudonymize(request.user_id)
         if self.answers is None:
-            return self._recommend(request, user, deadline, arm)
+            return self._recommend(request, user, deadline, arm, Provenance())
         key = (user, request.SerializeToString(deterministic=True) + (arm.name.encode() if arm else b""))
-        kept = self.answers.get(key)
-        token = self.answers.token(user)  # before the Redis read: a change during the build is caught
+        # Before the Redis read (and before the versions are checked): a change during the build is caught.
+        token = self.answers.token(user)
+        kept = self.answers.get(key, deadline)
         k = request.k or self.settings.default_k
         if kept is not None and kept.restyle:
             resp = self._restyle(kept.answer, user, deadline)
-            self.answers.put(key, token, copy_of(resp), k, expires_at=kept.expires_at)
+            built_from = Provenance(list(kept.depends), kept.volatile)
+            self.answers.put(key, token, copy_of(resp), k, built_from, expires_at=kept.expires_at)
             self._count(resp)
             return resp
         if kept is not None:
             self._count(kept.answer)
             return copy_of(kept.answer)
-        resp = self._recommend(request, user, deadline, arm)
-        self.answers.put(key, token, copy_of(resp), k)
+        built_from = Provenance()
+        resp = self._recommend(request, user, deadline, arm, built_from)
+        self.answers.put(key, token, copy_of(resp), k, built_from)
         return resp
 
     def _restyle(
@@ -222,7 +225,9 @@ class Recommender:
         user: str,
         deadline: Deadline,
         arm: ExperimentArm | None,
+        built_from: Provenance,
     ) -> gateway_pb2.GetRecommendationsResponse:
+        """``built_from`` learns the versioned inputs the answer used (services/gateway/answers.py)."""
         s = self.settings
         k = request.k or s.default_k
         f = request.filters
@@ -231,7 +236,9 @@ class Recommender:
         deg = Degradation()
         profile, seen, recs, rebuys, unknown = self.user_state(user, deadline, deg, with_recs=True)
         pool = max(s.candidate_pool, k * 3)
-        cands = self.candidates.for_user(user, pool, f.category, deadline, deg, prefetched=recs, unknown=unknown)
+        cands = self.candidates.for_user(
+            user, pool, f.category, deadline, deg, prefetched=recs, unknown=unknown, built_from=built_from
+        )
         # Rebuys count only in the list they were written with (not in a fallback's).
         rebuys = rebuys if cands.source == CF and recs is not None and cands.items else frozenset()
         # The user's own items stay out, except those scoring put back as rebuys.
@@ -244,7 +251,7 @@ class Recommender:
         if confident and profile is not None:
             resp.strategy = gateway_pb2.STYLE_PERSONALIZED
             resp.style_lambda = lam
-            ranked = self._style_ranked(user, profile, cands, seen, pool, f.category, deadline, deg, lam)
+            ranked = self._style_ranked(profile, cands, seen, pool, f.category, deadline, deg, lam, built_from)
         else:
             resp.strategy = gateway_pb2.CF if cands.source == CF else gateway_pb2.POPULAR
             if cands.source != CF and seen:
@@ -258,7 +265,7 @@ class Recommender:
             # A narrow shelf (one category, a price band) can empty a personal list: top it up
             # from popularity in that category rather than answer short.
             have = excluded | {m.item_id for m, _ in chosen}
-            extra = self._cf_ranked(self.candidates.popular(pool, f.category, deadline, deg))
+            extra = self._cf_ranked(self.candidates.popular(pool, f.category, deadline, deg, built_from))
             chosen += self._filter(extra, have, request, k - len(chosen), deadline, deg)
         states = {}
         if request.want_stylized and resp.strategy == gateway_pb2.STYLE_PERSONALIZED and profile is not None:
@@ -302,7 +309,6 @@ class Recommender:
 
     def _style_ranked(
         self,
-        user: str,
         profile: StyleProfile,
         cands: CandidateSet,
         seen: set[str],
@@ -311,6 +317,7 @@ class Recommender:
         deadline: Deadline,
         deg: Degradation,
         lam: float,
+        built_from: Provenance,
     ) -> list[Ranked]:
         s = self.settings
         items = [(i, sc) for i, sc in cands.items if i not in seen]
@@ -319,7 +326,12 @@ class Recommender:
         # (style as a recommendation signal, the paper's point); CF order decides the rest.
         extra: list[str] = []
         if cands.source == CF and s.style_popular_pool:
-            extra += [i for i, _ in self.candidates.popular(s.style_popular_pool, category, deadline, deg).items]
+            popular = self.candidates.popular(s.style_popular_pool, category, deadline, deg, built_from)
+            extra += [i for i, _ in popular.items]
+        if self.index is not None:
+            built_from.used(self.index, None, self.index.current_version)
+        if self.index is None or s.embedding_cache_s <= 0:
+            built_from.volatile = True  # per-item embeddings and the centroid, read without a version
         # With the embedding cache on, vectors come from the in-process index (one matrix product
         # gives the neighbour pool and the affinities); the per-item cache only for items it lacks.
         view = (
@@ -349,6 +361,7 @@ class Recommender:
             if view is not None:
                 known, lacking = view.affinities(ids)
                 if lacking:
+                    built_from.volatile = True  # items the index lacks: their vectors are not versioned
                     vecs = self.embeddings.get_many([ids[n] for n in lacking], deadline)
                     for n, a in zip(lacking, affinities(profile.vector, vecs, view.centroid), strict=True):
                         known[n] = a

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Hashable
 
 import numpy as np
 import redis
@@ -32,6 +33,10 @@ EMB_PREFIX = keys.item_embedding("")
 
 
 class EmbeddingIndex:
+    """Also :class:`services.gateway.answers.Versioned`: its version moves when a reload brings
+    other rows or the centroid changes, so a kept style answer is rebuilt exactly when a new
+    build would see another index."""
+
     def __init__(self, downstream: Downstream, refresh_s: float, centroid: StyleCentroid | None = None) -> None:
         self.ds = downstream
         self.refresh_s = refresh_s
@@ -46,7 +51,22 @@ class EmbeddingIndex:
         self._neighbours: dict[tuple[bytes, bool, int], list[str]] = {}
         self._neighbours_of: np.ndarray | None = None
         self._loaded_at = 0.0
+        self._version = 0
+        self._versioned_centroid: np.ndarray | None = None  # the centroid the version last saw
         self._lock = threading.Lock()
+
+    @property
+    def current_version(self) -> int:
+        """The version as of now, without a refresh (taken before a build uses the index: a reload
+        during the build then reads as a change, never the other way round)."""
+        return self._version
+
+    def version(self, part: Hashable, deadline: Deadline) -> int | None:
+        """The index's version after the refresh a new answer would do (``part`` is unused: one
+        index); None when Redis could not be asked now."""
+        deg = Degradation()
+        self._state(deadline, deg)
+        return None if deg.degraded else self._version
 
     def snapshot(self, deadline: Deadline, deg: Degradation) -> tuple[list[str], np.ndarray, np.ndarray | None]:
         """(ids, centred unit rows, the centroid they are centred on — None = uncentred)."""
@@ -61,6 +81,8 @@ class EmbeddingIndex:
             try:
                 ids, matrix = self.ds.redis_call("embeddings_scan", self._load, deadline)
                 with self._lock:
+                    if ids != self._ids or not np.array_equal(matrix, self._matrix):
+                        self._version += 1
                     self._ids, self._matrix, self._loaded_at = ids, matrix, time.monotonic()
                     self._pos = {i: n for n, i in enumerate(ids)}
                     self._plain = None
@@ -70,6 +92,11 @@ class EmbeddingIndex:
                 deg.add(exc)
         c = self.centroid.get(deadline, deg) if self.centroid is not None else None
         with self._lock:
+            if c is not self._versioned_centroid:
+                old = self._versioned_centroid
+                if old is None or c is None or not np.array_equal(c, old):
+                    self._version += 1
+                self._versioned_centroid = c
             if c is not self._centred_on:
                 self._centred, self._centred_on = centre(self._matrix, c), c
             if self._plain is None:

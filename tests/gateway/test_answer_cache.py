@@ -12,7 +12,10 @@ from stylerec.v1 import gateway_pb2
 from cli.localstack.stack import Stack
 from libs.common import keys
 from libs.common.privacy import delete_user_keys
-from services.gateway.answers import STALE_S, AnswerCache, UserChangeListener
+from services.gateway.answers import STALE_S, AnswerCache, Provenance, UserChangeListener
+from services.gateway.deadlines import Deadline
+
+DL = Deadline(3600)  # no version check here waits for anything
 
 
 def answer(item: str = "i1", **fields: object) -> gateway_pb2.GetRecommendationsResponse:
@@ -31,11 +34,11 @@ def test_kept_until_the_user_changes() -> None:
     cache = live_cache()
     key = ("u_a", b"req")
     cache.put(key, cache.token("u_a"), answer(), 1)
-    assert cache.get(key) is not None
+    assert cache.get(key, DL) is not None
     cache.invalidate_users(["u_b"])
-    assert cache.get(key) is not None  # another user's change
+    assert cache.get(key, DL) is not None  # another user's change
     cache.invalidate_users(["u_a"])
-    assert cache.get(key) is None
+    assert cache.get(key, DL) is None
 
 
 def test_an_answer_built_across_a_change_is_not_kept() -> None:
@@ -44,11 +47,11 @@ def test_an_answer_built_across_a_change_is_not_kept() -> None:
     token = cache.token("u_a")  # taken before the Redis read
     cache.invalidate_users(["u_a"])  # scoring wrote the user while the answer was being built
     cache.put(key, token, answer(), 1)
-    assert cache.get(key) is None
+    assert cache.get(key, DL) is None
     token = cache.token("u_a")
     cache.clear("item")  # so is one built across a catalog change
     cache.put(key, token, answer(), 1)
-    assert cache.get(key) is None
+    assert cache.get(key, DL) is None
 
 
 def test_degraded_answers_are_never_kept_pending_ones_briefly_and_entries_expire() -> None:
@@ -59,46 +62,46 @@ def test_degraded_answers_are_never_kept_pending_ones_briefly_and_entries_expire
     pending.items[0].stylized_status = gateway_pb2.STYLIZED_PENDING
     cache.put(("u_a", b"2"), cache.token("u_a"), pending, 1)
     cache.put(("u_a", b"3"), cache.token("u_a"), answer(), 1)
-    assert cache.get(("u_a", b"1")) is None
-    kept_pending, kept = cache.get(("u_a", b"2")), cache.get(("u_a", b"3"))
+    assert cache.get(("u_a", b"1"), DL) is None
+    kept_pending, kept = cache.get(("u_a", b"2"), DL), cache.get(("u_a", b"3"), DL)
     assert kept_pending is not None and not kept_pending.restyle and kept is not None and not kept.restyle
     time.sleep(0.15)  # PENDING is re-asked as often as before: its READY must show
-    due = cache.get(("u_a", b"2"))
+    due = cache.get(("u_a", b"2"), DL)
     assert due is not None and due.restyle and due.expires_at == kept_pending.expires_at
-    assert (kept := cache.get(("u_a", b"3"))) is not None and not kept.restyle
+    assert (kept := cache.get(("u_a", b"3"), DL)) is not None and not kept.restyle
     # The restyled answer (still PENDING) is put back for the original lifetime only.
     cache.put(("u_a", b"2"), cache.token("u_a"), pending, 1, expires_at=due.expires_at)
-    again = cache.get(("u_a", b"2"))
+    again = cache.get(("u_a", b"2"), DL)
     assert again is not None and not again.restyle and again.expires_at == due.expires_at
     cache.heard()
     time.sleep(0.3)
-    assert cache.get(("u_a", b"3")) is None and cache.get(("u_a", b"2")) is None
+    assert cache.get(("u_a", b"3"), DL) is None and cache.get(("u_a", b"2"), DL) is None
     no_pending = AnswerCache(60.0, 100, pending_ttl_s=0.0)
     no_pending.heard()
     no_pending.put(("u_a", b"2"), no_pending.token("u_a"), pending, 1)
-    assert no_pending.get(("u_a", b"2")) is None
+    assert no_pending.get(("u_a", b"2"), DL) is None
 
 
 def test_nothing_is_served_or_kept_while_the_subscription_is_down() -> None:
     cache = AnswerCache(60.0, 100)  # not subscribed yet: a change could be missed
     cache.put(("u_a", b"r"), cache.token("u_a"), answer(), 1)
     cache.heard()
-    assert cache.get(("u_a", b"r")) is None
+    assert cache.get(("u_a", b"r"), DL) is None
     cache.put(("u_a", b"r"), cache.token("u_a"), answer(), 1)
-    assert cache.get(("u_a", b"r")) is not None
+    assert cache.get(("u_a", b"r"), DL) is not None
     cache.heard(subscribed=False)  # lost
-    assert cache.get(("u_a", b"r")) is None
+    assert cache.get(("u_a", b"r"), DL) is None
     cache.heard()
     cache._heard_at -= STALE_S  # subscribed but silent (Redis gone, no pong): not served either
-    assert cache.get(("u_a", b"r")) is None
+    assert cache.get(("u_a", b"r"), DL) is None
 
 
 def test_short_answers_are_not_kept() -> None:
     cache = live_cache()
     cache.put(("u_a", b"r"), cache.token("u_a"), answer(), 2)  # one item of two asked: may fill any moment
-    assert cache.get(("u_a", b"r")) is None
+    assert cache.get(("u_a", b"r"), DL) is None
     cache.put(("u_a", b"r"), cache.token("u_a"), answer(), 1)
-    assert cache.get(("u_a", b"r")) is not None
+    assert cache.get(("u_a", b"r"), DL) is not None
 
 
 def test_expired_answers_and_change_counters_are_swept() -> None:
@@ -118,7 +121,7 @@ def test_expired_answers_and_change_counters_are_swept() -> None:
     cache.heard()  # the listener's pongs
     cache.put(("u_other", b"r"), cache.token("u_other"), answer(), 1)
     cache.put(("u_late", b"r"), late, answer(), 1)
-    assert cache.get(("u_late", b"r")) is None and cache.get(("u_other", b"r")) is not None
+    assert cache.get(("u_late", b"r"), DL) is None and cache.get(("u_other", b"r"), DL) is not None
 
 
 def test_bounded() -> None:
@@ -148,12 +151,55 @@ def test_listener_follows_scoring_writes_and_forget_on_real_redis(infra: Stack, 
             cache.put((u, b"r"), cache.token(u), answer(), 1)
         # What scoring's RecsWriter publishes in its MULTI/EXEC: space-separated pseudonyms.
         r.publish(keys.user_changes_channel(), f"{a} u_someone_else")
-        assert wait_until(lambda: cache.get((a, b"r")) is None)
-        assert cache.get((b, b"r")) is not None
+        assert wait_until(lambda: cache.get((a, b"r"), DL) is None)
+        assert cache.get((b, b"r"), DL) is not None
         r.set(keys.recs(b), "x")
         assert delete_user_keys(r, b) == 1  # ForgetUser's deletion announces the user too
-        assert wait_until(lambda: cache.get((b, b"r")) is None)
+        assert wait_until(lambda: cache.get((b, b"r"), DL) is None)
     finally:
         listener.stop()
         r.close()
     assert not cache.live and len(cache) == 0  # stopping drops everything
+
+
+class FakeSource:
+    """A versioned input (a unit-test stand-in for a popularity list or the embedding index)."""
+
+    def __init__(self) -> None:
+        self.now: int | None = 1
+        self.asked = 0
+
+    def version(self, part: object, deadline: Deadline) -> int | None:
+        self.asked += 1
+        return self.now
+
+
+def test_an_answer_is_outdated_when_an_input_it_was_built_from_moves() -> None:
+    cache = live_cache()
+    src = FakeSource()
+    built = Provenance()
+    built.used(src, ("", 50), 1)
+    cache.put(("u_a", b"r"), cache.token("u_a"), answer(), 1, built)
+    kept = cache.get(("u_a", b"r"), DL)
+    assert kept is not None and kept.depends == ((src, ("", 50), 1),) and src.asked == 1
+    src.now = 2  # popularity moved: what a new build would see differs
+    assert cache.get(("u_a", b"r"), DL) is None and len(cache) == 0
+    cache.put(("u_a", b"r"), cache.token("u_a"), answer(), 1, built)
+    src.now = None  # cannot be told (Redis down): rebuilt, never served on trust
+    assert cache.get(("u_a", b"r"), DL) is None
+
+
+def test_unversioned_answers_live_only_the_short_lifetime() -> None:
+    cache = AnswerCache(60.0, 100, volatile_ttl_s=0.2)
+    cache.heard()
+    volatile = Provenance(volatile=True)
+    cache.put(("u_a", b"scoring"), cache.token("u_a"), answer(), 1, volatile)
+    cache.put(("u_a", b"redis"), cache.token("u_a"), answer(), 1, Provenance())
+    assert cache.get(("u_a", b"scoring"), DL) is not None
+    time.sleep(0.25)
+    cache.heard()
+    assert cache.get(("u_a", b"scoring"), DL) is None
+    assert cache.get(("u_a", b"redis"), DL) is not None  # versions and invalidation cover it: kept on
+    unknown = Provenance()
+    unknown.used(FakeSource(), "x", None)  # a source that could not give its version makes it volatile
+    assert unknown.volatile and not unknown.depends

@@ -30,6 +30,23 @@ def recommend(
     return gw.stub.GetRecommendations(gateway_pb2.GetRecommendationsRequest(user_id=user, k=k, **kw), timeout=timeout)
 
 
+def answer_cache_total(gw: Gateway, result: str) -> float:
+    """stylerec_gateway_answer_cache_total{result} as the gateway exports it."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = f"http://127.0.0.1:{gw.component.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        text = resp.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "stylerec_gateway_answer_cache_total" and sample.labels.get("result") == result
+    )
+
+
 def style_jobs_for(infra: Stack, content_ids: set[str], wait_s: float) -> list[style_pb2.StyleJob]:
     """Every StyleJob on the topic whose content item is one of ours (read from the start)."""
     consumer = KafkaConsumer(
@@ -165,10 +182,6 @@ def test_a_kept_pending_answer_is_restyled_not_rebuilt(
     """Past the PENDING re-check a kept answer asks Redis only for its images' states: READY
     shows as soon as before, and everything else is the kept answer (the ranking is not redone,
     the recs written meanwhile without a user-change message are not read)."""
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
     gw = gateway_factory(
         f"gw-restyle-{unique}",
         {
@@ -180,15 +193,7 @@ def test_a_kept_pending_answer_is_restyled_not_rebuilt(
     seed = Seeder(gw.redis, mongo)
 
     def cache_total(result: str) -> float:
-        url = f"http://127.0.0.1:{gw.component.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            text = resp.read().decode()
-        return sum(
-            sample.value
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-            if sample.name == "stylerec_gateway_answer_cache_total" and sample.labels.get("result") == result
-        )
+        return answer_cache_total(gw, result)
 
     user = f"restyle-{unique}"
     u = pseudo(user)
@@ -228,6 +233,51 @@ def test_a_kept_pending_answer_is_restyled_not_rebuilt(
     assert [(r.item_id, r.final_score) for r in ready.items] == [(r.item_id, r.final_score) for r in first.items]
     assert ready.recommendation_id != first.recommendation_id and not ready.degraded
     assert cache_total("restyle") == before + 1
+
+
+def test_kept_answers_follow_popularity_moves_and_outlive_the_popularity_bound_otherwise(
+    gateway_factory: Any, mongo: Any, unique: str
+) -> None:
+    """A kept answer built from a popularity list is rebuilt once the list's content moves (its
+    version, checked on the hit after the near cache's 0.5 s), not on a timer; a CF answer from
+    the user's recs stays kept past that bound, because only the user's change message or an
+    item update can change it."""
+    gw = gateway_factory(
+        f"gw-versions-{unique}", {"STYLEREC_POPULAR_NEAR_CACHE_S": "0.5", "STYLEREC_ANSWER_CACHE_S": "60"}
+    )
+    seed = Seeder(gw.redis, mongo)
+    cat = f"cat-{unique}"
+    a, b, c = (f"pv-{x}-{unique}" for x in "abc")
+    for item in (a, b, c):
+        seed.item(item, category=cat)
+    seed.popular({a: 3.0, b: 2.0}, category=cat)
+    stranger = f"pv-stranger-{unique}"  # never seen by scoring: answered from popularity
+    shopper = f"pv-shopper-{unique}"
+    seed.recs(pseudo(shopper), {b: 0.9, c: 0.8})
+
+    def ask(user: str) -> list[str]:
+        resp = recommend(gw, user, k=2, filters=gateway_pb2.Filters(category=cat))
+        assert not resp.degraded, resp
+        return [r.item_id for r in resp.items]
+
+    deadline = time.monotonic() + 20
+    while True:  # kept once the subscription is live and the seeder's change message has passed
+        assert ask(stranger) == [a, b] and ask(shopper) == [b, c]
+        hits = answer_cache_total(gw, "hit")
+        ask(stranger), ask(shopper)
+        if answer_cache_total(gw, "hit") >= hits + 2:
+            break
+        assert time.monotonic() < deadline, "the answers were never kept"
+        time.sleep(0.3)
+    time.sleep(0.7)  # past the popularity near cache: a hit asks Redis for the list's version
+    hits, outdated = answer_cache_total(gw, "hit"), answer_cache_total(gw, "outdated")
+    assert ask(stranger) == [a, b] and ask(shopper) == [b, c]  # nothing moved: both kept
+    assert answer_cache_total(gw, "hit") == hits + 2 and answer_cache_total(gw, "outdated") == outdated
+    seed.popular({c: 5.0}, category=cat)  # popularity moves; no user changed
+    time.sleep(0.7)
+    assert ask(stranger) == [c, a]
+    assert answer_cache_total(gw, "outdated") == outdated + 1
+    assert ask(shopper) == [b, c] and answer_cache_total(gw, "hit") == hits + 3
 
 
 def test_stylized_image_streams_in_chunks_and_rate_limit(

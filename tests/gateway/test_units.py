@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import pytest
+from stylerec.v1 import common_pb2
 
 from services.gateway.deadlines import Breaker, Deadline, DependencyUnavailable
 from services.gateway.style import (
@@ -152,6 +153,17 @@ class FakeProducer:
     def send(self, topic: str, key: str, message: object) -> object:
         time.sleep(self.block_s)
         self.sent.append((topic, key, message))
+        return self._done()
+
+    def send_raw(self, topic: str, key: bytes, value: bytes) -> object:
+        from stylerec.v1 import common_pb2
+
+        time.sleep(self.block_s)
+        self.sent.append((topic, key.decode(), common_pb2.ImpressionBatch.FromString(value)))
+        return self._done()
+
+    @staticmethod
+    def _done() -> object:
 
         class Done:
             def add_callback(self, fn: object) -> None:
@@ -203,35 +215,70 @@ def test_impressions_go_one_record_per_partition_keyed_into_it() -> None:
     from stylerec.v1 import gateway_pb2
 
     from libs.common.kafka import partition_of
-    from services.gateway.impressions import RECORD_BYTES, Shown, batch_by_partition
+    from services.gateway.impressions import RECORD_BYTES, Record, Shown, batch_by_partition
 
     def shown(n: int, items: int = 3) -> Shown:
-        resp = gateway_pb2.GetRecommendationsResponse(
-            strategy=gateway_pb2.CF, model_version="m", recommendation_id=f"rec_{n:032x}"
-        )
+        resp = gateway_pb2.GetRecommendationsResponse(strategy=gateway_pb2.CF, model_version="m")
         for i in range(items):
             resp.items.add(item_id=f"i{n}-{i}")
-        return Shown(f"u_{n:032x}", resp.SerializeToString(), 1_700_000_000.0 + n)
+        return Shown(f"u_{n:032x}", resp.SerializeToString(), f"rec_{n:032x}", 1_700_000_000.0 + n)
+
+    def parsed(records: list[Record]) -> list[common_pb2.ImpressionBatch]:
+        return [common_pb2.ImpressionBatch.FromString(r.value) for r in records]
 
     answers = [shown(n) for n in range(60)]
-    batches = batch_by_partition(answers, 6)
+    records = batch_by_partition(answers, 6)
+    batches = parsed(records)
     assert len(batches) == len({partition_of(a.user, 6) for a in answers}) <= 6
     got = [imp for b in batches for imp in b.impressions]
     assert sorted(i.recommendation_id for i in got) == sorted(f"rec_{n:032x}" for n in range(60))
-    for b in batches:
-        key = b.impressions[0].user_id
-        assert {partition_of(i.user_id, 6) for i in b.impressions} == {partition_of(key, 6)}
+    for r, b in zip(records, batches, strict=True):
+        assert r.key == b.impressions[0].user_id and r.impressions == len(b.impressions)
+        assert {partition_of(i.user_id, 6) for i in b.impressions} == {partition_of(r.key, 6)}
+        assert r.counts == {("", "", "CF"): len(b.impressions)}
     first = next(i for i in got if i.recommendation_id == f"rec_{7:032x}")
     assert [(it.item_id, it.position) for it in first.items] == [("i7-0", 0), ("i7-1", 1), ("i7-2", 2)]
-    assert first.strategy == "CF" and first.shown_at.seconds == 1_700_000_007
+    assert first.strategy == "CF" and first.shown_at.seconds == 1_700_000_007 and first.user_id == f"u_{7:032x}"
+    assert first.model_version == "m"
     # Answers of one user that together pass RECORD_BYTES go in more than one record, each at
     # most RECORD_BYTES plus one impression.
-    one = batch_by_partition([shown(0, items=1000)], 6)[0].ByteSize()
+    one = len(batch_by_partition([shown(0, items=1000)], 6)[0].value)
     big = [shown(0, items=1000)] * (2 * RECORD_BYTES // one + 1)
     split = batch_by_partition(big, 6)
-    assert len(split) >= 2 and sum(len(b.impressions) for b in split) == len(big)
-    assert all(RECORD_BYTES <= b.ByteSize() <= RECORD_BYTES + one for b in split[:-1])
-    assert split[-1].ByteSize() <= RECORD_BYTES + one
+    assert len(split) >= 2 and sum(r.impressions for r in split) == len(big)
+    assert sum(len(b.impressions) for b in parsed(split)) == len(big)
+    assert all(RECORD_BYTES <= len(r.value) <= RECORD_BYTES + one for r in split[:-1])
+    assert len(split[-1].value) <= RECORD_BYTES + one
+
+
+def test_an_impression_is_the_shared_body_merged_with_the_views_id_and_time() -> None:
+    """Views of one kept answer share the body; each impression equals one built field by field."""
+    from stylerec.v1 import gateway_pb2
+
+    from services.gateway.impressions import Shown, impression_body, impression_bytes
+
+    resp = gateway_pb2.GetRecommendationsResponse(
+        strategy=gateway_pb2.STYLE_PERSONALIZED, model_version="ease-7", experiment="exp", experiment_arm="b"
+    )
+    for i in range(3):
+        resp.items.add(item_id=f"it{i}", title="long title that is not in the impression")
+    answer = resp.SerializeToString()
+    body, counter = impression_body("u_x", answer)
+    assert counter == ("exp", "b", "STYLE_PERSONALIZED")
+    for n in range(2):
+        got = common_pb2.Impression.FromString(impression_bytes(body, Shown("u_x", answer, f"rec_{n}", 1.5 + n)))
+        want = common_pb2.Impression(
+            recommendation_id=f"rec_{n}",
+            user_id="u_x",
+            strategy="STYLE_PERSONALIZED",
+            experiment="exp",
+            arm="b",
+            model_version="ease-7",
+        )
+        for pos in range(3):
+            want.items.add(item_id=f"it{pos}", position=pos)
+        want.shown_at.FromNanoseconds(int((1.5 + n) * 1e9))
+        assert got == want
 
 
 def test_impressions_without_a_broker_are_dropped_and_counted() -> None:
