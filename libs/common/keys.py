@@ -63,6 +63,13 @@ def user_changes_channel() -> str:
     return f"{NS}:{SCHEMA}:user-changes"
 
 
+def stylized_ready_channel() -> str:
+    """Pub/sub channel: ``["content", "style"]`` (JSON) of a stylized image the style worker just stored (published
+    in the same MULTI/EXEC as its ``stylized`` reference); the gateway restyles kept answers that
+    showed that image PENDING, instead of asking again on a timer."""
+    return f"{NS}:{SCHEMA}:stylized-ready"
+
+
 def style_profile(user: str) -> str:
     """User style profile hash {vector, confidence, anchor}; owner: scoring (TTL)."""
     return f"{NS}:{SCHEMA}:style-profile:{user}"

@@ -110,16 +110,17 @@ def build_app(settings: GatewaySettings) -> GatewayApp:
     answers = AnswerCache(
         settings.answer_cache_s,
         settings.answer_cache_entries,
-        settings.stylized_pending_recheck_s,
+        settings.answer_pending_recheck_s,
         volatile_ttl_s=settings.popular_near_cache_s,
     )
+    stylized = StylizedImages(settings, ds, publisher)
     recommender = Recommender(
         settings,
         ds,
         pseudonymize,
         catalog,
         CandidateSource(ds, settings.popular_near_cache_s),
-        StylizedImages(settings, ds, publisher),
+        stylized,
         ItemEmbeddings(ds, settings.embedding_cache_s),
         index,
         centroid,
@@ -134,7 +135,9 @@ def build_app(settings: GatewaySettings) -> GatewayApp:
     # Its own connection: a subscribed one serves no commands. No retries: a lost connection must
     # end the subscription (and serving from memory) at once, not after silent reconnect attempts.
     listener = UserChangeListener(
-        make_redis(settings.redis_url, settings.store_timeout_s, 0, **redis_credentials(settings)), answers
+        make_redis(settings.redis_url, settings.store_timeout_s, 0, **redis_credentials(settings)),
+        answers,
+        on_stylized=stylized.stored,
     )
     return GatewayApp(settings, servicer, ds, publisher, mongo, scoring_channel, invalidator, listener, impressions)
 

@@ -32,12 +32,15 @@ is then only a backstop, and the sweep's period.
 
 Never kept: degraded answers, and answers shorter than asked (an empty or short
 popularity list may fill any moment, as the popularity near cache already assumes). An answer
-with a stylized image still PENDING is served as kept only for ``STYLEREC_STYLIZED_PENDING_RECHECK_S``
-(default 1 s), the time this replica already reports PENDING without asking Redis again
-(services/gateway/stylized.py), so READY shows as soon as it did before; after that it comes back
-marked ``restyle``: the caller re-asks only the stylized states (one Redis script call) and keeps
-the result for the rest of the answer's lifetime, instead of rebuilding the whole answer (nothing
-else of it can have changed unnoticed: its user's changes and item updates still drop it).
+with a stylized image still PENDING is restyled as soon as the style worker says that image is
+stored: it publishes ``[content, style]`` on ``keys.stylized_ready_channel()`` in the same
+MULTI/EXEC as the reference, the listener marks the kept answers that showed that pair PENDING,
+and their next request **restyles** them: the caller re-asks only the stylized states (one Redis
+script call) and keeps the result for the rest of the answer's lifetime, instead of rebuilding the
+whole answer (nothing else of it can have changed unnoticed: its user's changes and item updates
+still drop it). Without such a message a PENDING answer is re-asked every ``pending_ttl_s``
+(``STYLEREC_ANSWER_PENDING_RECHECK_S``, 10 s): a job whose publish failed or whose pending marker
+expired is enqueued again then.
 Hit rate and invalidations: ``stylerec_gateway_answer_cache_total{result}``,
 ``stylerec_gateway_answer_cache_invalidations_total{reason}``.
 """
@@ -45,10 +48,11 @@ Hit rate and invalidations: ``stylerec_gateway_answer_cache_total{result}``,
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import threading
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
@@ -98,6 +102,13 @@ class Kept(NamedTuple):
     volatile: bool
 
 
+def pending_pairs(answer: gateway_pb2.GetRecommendationsResponse) -> set[tuple[str, str]]:
+    """(content, style) of each stylized image the answer shows PENDING (drawn in its anchor's style)."""
+    return {
+        (it.item_id, answer.anchor_item_id) for it in answer.items if it.stylized_status == gateway_pb2.STYLIZED_PENDING
+    }
+
+
 PING_S = 0.25  # the listener's heartbeat on its subscribed connection
 STALE_S = 1.0  # no hits once the subscription has been silent this long
 
@@ -116,6 +127,12 @@ class AnswerCache:
         # monotonic times
         self._entries: dict[Key, tuple[float, gateway_pb2.GetRecommendationsResponse, float, Depends, bool]] = {}
         self._by_user: dict[str, set[Key]] = {}
+        # (content, style) of each PENDING image -> the kept answers showing it (may name dropped ones)
+        self._pending_pairs: dict[tuple[str, str], set[Key]] = {}
+        # Announcements: pair -> the sequence number it was announced at (forgotten at each sweep,
+        # whose new epoch refuses any answer started before it anyway).
+        self._ready_at: dict[tuple[str, str], int] = {}
+        self._ready_seq = 0
         self._changes: dict[str, int] = {}  # user -> invalidations seen (for the race check)
         self._epoch = 0  # bumped by clear() and each sweep: a store started before it is refused
         self._sweep_at = 0.0
@@ -161,14 +178,15 @@ class AnswerCache:
         self._hit.inc()
         return Kept(kept, until, False, depends, volatile)
 
-    def token(self, user: str) -> tuple[int, int]:
-        """Taken before the answer's Redis read; :meth:`put` refuses the answer if it moved."""
-        return self._epoch, self._changes.get(user, 0)
+    def token(self, user: str) -> tuple[int, int, int]:
+        """Taken before the answer's Redis read; :meth:`put` refuses the answer if its user moved,
+        and restyles it at once if an image it shows PENDING was announced meanwhile."""
+        return self._epoch, self._changes.get(user, 0), self._ready_seq
 
     def put(
         self,
         key: Key,
-        token: tuple[int, int],
+        token: tuple[int, int, int],
         answer: gateway_pb2.GetRecommendationsResponse,
         k: int,
         built_from: Provenance | None = None,
@@ -193,15 +211,35 @@ class AnswerCache:
         restyle_at = now + self.pending_ttl_s if pending else float("inf")
         user = key[0]
         with self._lock:
-            if token != (self._epoch, self._changes.get(user, 0)):
+            if token[:2] != (self._epoch, self._changes.get(user, 0)):
                 self._skipped.inc()
                 return
+            pairs = pending_pairs(answer) if pending else set()
+            if any(self._ready_at.get(pair, -1) >= token[2] for pair in pairs):
+                restyle_at = 0.0  # announced while this answer was read as PENDING
             if now >= self._sweep_at:
                 self._sweep(now)
             if len(self._entries) >= self.max_entries:
                 self._drop_all()
             self._entries[key] = (until, answer, restyle_at, depends, volatile)
             self._by_user.setdefault(user, set()).add(key)
+            for pair in pairs:
+                self._pending_pairs.setdefault(pair, set()).add(key)
+
+    def stylized_ready(self, pairs: list[tuple[str, str]]) -> None:
+        """The style worker stored these images: answers that showed them PENDING restyle next time."""
+        marked = 0
+        with self._lock:
+            for pair in pairs:
+                self._ready_at[pair] = self._ready_seq
+                for key in self._pending_pairs.pop(pair, ()):
+                    entry = self._entries.get(key)
+                    if entry is not None and entry[2] > 0.0:
+                        self._entries[key] = (entry[0], entry[1], 0.0, entry[3], entry[4])
+                        marked += 1
+            self._ready_seq += 1
+        if marked:
+            ANSWER_CACHE_INVALIDATIONS.labels("stylized_ready").inc(marked)
 
     def invalidate_users(self, users: list[str]) -> None:
         with self._lock:
@@ -224,7 +262,10 @@ class AnswerCache:
         self._entries = {k: e for k, e in self._entries.items() if e[0] > now}
         self._by_user = {u: {k for k in ks if k in self._entries} for u, ks in self._by_user.items()}
         self._by_user = {u: ks for u, ks in self._by_user.items() if ks}
+        self._pending_pairs = {p: {k for k in ks if k in self._entries} for p, ks in self._pending_pairs.items()}
+        self._pending_pairs = {p: ks for p, ks in self._pending_pairs.items() if ks}
         self._changes = {}
+        self._ready_at = {}
         self._epoch += 1
         self._sweep_at = now + max(self.ttl_s, 0.5)
 
@@ -232,20 +273,31 @@ class AnswerCache:
         self._epoch += 1
         self._entries = {}
         self._by_user = {}
+        self._pending_pairs = {}
 
     def __len__(self) -> int:
         return len(self._entries)
 
 
 class UserChangeListener:
-    """Follows scoring's user-change messages and keeps :attr:`AnswerCache.live` true only while
-    subscribed and heard from (a dedicated connection: a subscribed connection cannot serve
-    commands; its PINGs come back as ``pong`` messages)."""
+    """Follows scoring's user-change messages and the style worker's stylized-ready messages, and
+    keeps :attr:`AnswerCache.live` true only while subscribed and heard from (a dedicated
+    connection: a subscribed connection cannot serve commands; its PINGs come back as ``pong``
+    messages). ``on_stylized`` hears each stored (content, style) too (the stylized-state near
+    cache forgets its PENDING, so the restyle reads the reference)."""
 
-    def __init__(self, r: redis.Redis, cache: AnswerCache, retry_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        r: redis.Redis,
+        cache: AnswerCache,
+        retry_s: float = 1.0,
+        on_stylized: Callable[[tuple[str, str]], None] | None = None,
+    ) -> None:
         self.redis = r
         self.cache = cache
         self.retry_s = retry_s
+        self.on_stylized = on_stylized
+        self._stylized_channel = keys.stylized_ready_channel().encode()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="answer-invalidation", daemon=True)
 
@@ -258,7 +310,7 @@ class UserChangeListener:
         while not self._stop.is_set():
             pubsub = self.redis.pubsub(ignore_subscribe_messages=False)
             try:
-                pubsub.subscribe(keys.user_changes_channel())
+                pubsub.subscribe(keys.user_changes_channel(), keys.stylized_ready_channel())
                 pinged = 0.0
                 while not self._stop.is_set():
                     if time.monotonic() - pinged >= PING_S:
@@ -270,6 +322,9 @@ class UserChangeListener:
                     kind = msg["type"]
                     if kind == "subscribe":
                         self.cache.clear("resubscribed")  # anything kept before may have missed a change
+                        self.cache.heard()
+                    elif kind == "message" and msg["channel"] == self._stylized_channel:
+                        self._stylized(msg["data"])
                         self.cache.heard()
                     elif kind == "message":
                         data = msg["data"]
@@ -286,6 +341,17 @@ class UserChangeListener:
                 with contextlib.suppress(Exception):  # closing a broken connection may fail again
                     pubsub.close()
             self._stop.wait(self.retry_s)
+
+    def _stylized(self, data: bytes | str) -> None:
+        try:
+            content, style = json.loads(data)
+            pair = (str(content), str(style))
+        except (ValueError, TypeError):
+            log.warning("unreadable stylized-ready message skipped")
+            return
+        if self.on_stylized is not None:
+            self.on_stylized(pair)
+        self.cache.stylized_ready([pair])
 
     def stop(self) -> None:
         self._stop.set()

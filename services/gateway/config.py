@@ -117,6 +117,16 @@ class GatewaySettings(ServiceSettings):
             "from unversioned inputs live at most STYLEREC_POPULAR_NEAR_CACHE_S."
         ),
     )
+    answer_pending_recheck_s: float = Field(
+        10.0,
+        ge=0,
+        le=300,
+        description=(
+            "How long a kept answer showing a PENDING stylized image is served before its states are asked again "
+            "when the style worker has not announced the image (its message restyles it at once); 0 = never keep "
+            "such answers."
+        ),
+    )
     answer_cache_entries: int = Field(
         50_000, ge=0, le=10_000_000, description="Kept GetRecommendations answers at most (0 = off)."
     )

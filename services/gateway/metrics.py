@@ -61,7 +61,8 @@ ANSWER_CACHE = Counter(
 ANSWER_CACHE_INVALIDATIONS = Counter(
     "stylerec_gateway_answer_cache_invalidations_total",
     "Kept answers dropped, by reason: user (scoring's user-changes message, per user), item (item-updates), "
-    "resubscribed / unsubscribed (the user-changes subscription came back or was lost: everything).",
+    "resubscribed / unsubscribed (the user-changes subscription came back or was lost: everything); "
+    "stylized_ready counts kept answers marked for a restyle by the style worker's announcement (not dropped).",
     ["reason"],
 )
 IMPRESSIONS = Counter(

@@ -174,6 +174,13 @@ class StylizedImages:
         self._resolve = downstream.redis.register_script(RESOLVE_LUA)
         self._recent: dict[tuple[str, str], tuple[float, str]] = {}
 
+    def stored(self, pair: tuple[str, str]) -> None:
+        """The style worker stored (content, style): forget a remembered PENDING so the next
+        resolve reads the reference instead of waiting out ``stylized_pending_recheck_s``."""
+        seen = self._recent.get(pair)
+        if seen is not None and seen[1] == "P":
+            self._recent.pop(pair, None)
+
     def resolve(
         self,
         user: str,

@@ -23,6 +23,7 @@ of the batch carries on. Store failures raise, so the whole batch is retried.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -416,8 +417,7 @@ class StyleJobProcessor:
     def _finish_duplicate(self, d: Decoded[style_pb2.StyleJob], doc: dict[str, Any], file_id: ObjectId) -> None:
         """A redelivered job whose result exists: refresh the reference, resend only an unsent result."""
         job = d.message
-        ref_key = keys.stylized(job.content_item_id, job.style_item_id)
-        self.redis.set(ref_key, str(file_id), ex=self.settings.stylized_ttl_s)
+        self._store_ref(job.content_item_id, job.style_item_id, str(file_id))
         requester = self._requester(job)
         if requester:
             self.db.stylized.update_one({"_id": doc["_id"]}, {"$addToSet": {"users": requester}})
@@ -425,6 +425,14 @@ class StyleJobProcessor:
             result = self._result(d, str(file_id), 0.0)
             self.producer.send(self.settings.results_topic, job.content_item_id, result).get(timeout=10)
             self.db.stylized.update_one({"_id": doc["_id"]}, {"$set": {"result_sent": True}})
+
+    def _store_ref(self, content: str, style: str, ref: str) -> None:
+        """The reference readers look up, and the message that tells gateways it is there (one
+        MULTI/EXEC: a gateway that hears it reads the reference)."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.set(keys.stylized(content, style), ref, ex=self.settings.stylized_ttl_s)
+        pipe.publish(keys.stylized_ready_channel(), json.dumps([content, style]))
+        pipe.execute()
 
     def _result(self, d: Decoded[style_pb2.StyleJob], image_ref: str, latency_s: float) -> style_pb2.StyleResult:
         job = d.message
@@ -503,7 +511,7 @@ class StyleJobProcessor:
         if requester:
             update["$addToSet"] = {"users": requester}
         self.db.stylized.update_one({"_id": pair}, update, upsert=True)
-        self.redis.set(keys.stylized(s.content_id, s.style_id), str(s.file_id), ex=self.settings.stylized_ttl_s)
+        self._store_ref(s.content_id, s.style_id, str(s.file_id))
         latency = time.perf_counter() - s.started
         JOBS.labels("stylize", "ok").inc()
         JOB_SECONDS.labels("stylize").observe(latency)

@@ -9,6 +9,7 @@ unique instead (the embedded Mongo-protocol server does not isolate databases).
 from __future__ import annotations
 
 import io
+import json
 import socket
 import subprocess
 import time
@@ -209,6 +210,7 @@ class Seeder:
             )
         )
         self.r.set(keys.stylized(content, style), ref, ex=3600)
+        self.r.publish(keys.stylized_ready_channel(), json.dumps([content, style]))  # as the style worker does
         return ref
 
 

@@ -203,3 +203,52 @@ def test_unversioned_answers_live_only_the_short_lifetime() -> None:
     unknown = Provenance()
     unknown.used(FakeSource(), "x", None)  # a source that could not give its version makes it volatile
     assert unknown.volatile and not unknown.depends
+
+
+def pending_answer(item: str, anchor: str) -> gateway_pb2.GetRecommendationsResponse:
+    resp = answer(item, anchor_item_id=anchor)
+    resp.items[0].stylized_status = gateway_pb2.STYLIZED_PENDING
+    return resp
+
+
+def test_an_announced_image_restyles_the_answers_that_showed_it_pending() -> None:
+    cache = AnswerCache(60.0, 100, pending_ttl_s=30.0)
+    cache.heard()
+    cache.put(("u_a", b"r"), cache.token("u_a"), pending_answer("c1", "anchor"), 1)
+    cache.put(("u_b", b"r"), cache.token("u_b"), pending_answer("c2", "anchor"), 1)
+    assert not cache.get(("u_a", b"r"), DL).restyle  # type: ignore[union-attr]
+    cache.stylized_ready([("c1", "other-style"), ("c1", "anchor")])
+    a, b = cache.get(("u_a", b"r"), DL), cache.get(("u_b", b"r"), DL)
+    assert a is not None and a.restyle and b is not None and not b.restyle
+    # Announced while an answer was being read as PENDING: it is kept already due for a restyle.
+    token = cache.token("u_c")
+    cache.stylized_ready([("c3", "anchor")])
+    cache.put(("u_c", b"r"), token, pending_answer("c3", "anchor"), 1)
+    c = cache.get(("u_c", b"r"), DL)
+    assert c is not None and c.restyle
+    cache.put(("u_d", b"r"), cache.token("u_d"), pending_answer("c3", "anchor"), 1)  # read after it
+    d = cache.get(("u_d", b"r"), DL)
+    assert d is not None and not d.restyle
+
+
+def test_listener_restyles_on_the_style_workers_announcement_on_real_redis(infra: Stack, unique: str) -> None:
+    import json
+
+    r = redis.Redis.from_url(infra.redis_url)
+    cache = AnswerCache(60.0, 100, pending_ttl_s=30.0)
+    heard: list[tuple[str, str]] = []
+    listener = UserChangeListener(
+        redis.Redis.from_url(infra.redis_url), cache, retry_s=0.1, on_stylized=heard.append
+    ).start()
+    try:
+        assert wait_until(lambda: cache.live), "never subscribed"
+        content, style = f"c{unique}", f"s{unique}"
+        cache.put(("u_a", b"r"), cache.token("u_a"), pending_answer(content, style), 1)
+        r.publish(keys.stylized_ready_channel(), "not json")  # skipped, the listener goes on
+        r.publish(keys.stylized_ready_channel(), json.dumps([content, style]))  # what the style worker sends
+        assert wait_until(lambda: (content, style) in heard)
+        kept = cache.get(("u_a", b"r"), DL)
+        assert kept is not None and kept.restyle and cache.live
+    finally:
+        listener.stop()
+        r.close()

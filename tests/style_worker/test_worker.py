@@ -8,6 +8,7 @@ Items and photos are seeded straight into Mongo/GridFS the way the catalog
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import time
@@ -174,9 +175,19 @@ def test_stylize_job_stores_result_once(worker: Worker, unique: str) -> None:
     worker.seed_item(content, encoded(photo(240, 160, seed=13), "JPEG"))
     worker.seed_item(style, encoded(texture(seed=14)))
     job = stylize_job(f"st-{unique}", content, style, strength=0.8, user_id="u-pseudo-1")
+    announced = worker.redis.pubsub(ignore_subscribe_messages=True)
+    announced.subscribe(keys.stylized_ready_channel())
     worker.producer.send_and_wait(worker.jobs_topic, content, job)
     ref = wait_for(lambda: worker.redis.get(keys.stylized(content, style)), what="stylized reference").decode()
     assert 0 < worker.redis.ttl(keys.stylized(content, style)) <= 3600
+
+    # Gateways hear of it in the same transaction as the reference (their kept PENDING answers restyle).
+    def ours() -> bool:
+        msg = announced.get_message(timeout=0.5)
+        return msg is not None and json.loads(msg["data"]) == [content, style]
+
+    wait_for(ours, timeout_s=10, what="the stylized-ready message of this job")
+    announced.close()
     files = worker.stylized_files(content, style)
     assert [str(f["_id"]) for f in files] == [ref]
     img = Image.open(io.BytesIO(worker.fs.get(files[0]["_id"]).read()))
