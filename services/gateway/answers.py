@@ -204,7 +204,8 @@ class AnswerCache:
         volatile = built_from is not None and built_from.volatile
         lifetime = self.volatile_ttl_s if volatile else self.ttl_s
         until = now + lifetime if expires_at is None else expires_at
-        pending = any(i.stylized_status == gateway_pb2.STYLIZED_PENDING for i in answer.items)
+        pairs = pending_pairs(answer)
+        pending = bool(pairs)
         if answer.degraded or until <= now or (pending and self.pending_ttl_s <= 0):
             self._skipped.inc()
             return
@@ -214,7 +215,6 @@ class AnswerCache:
             if token[:2] != (self._epoch, self._changes.get(user, 0)):
                 self._skipped.inc()
                 return
-            pairs = pending_pairs(answer) if pending else set()
             if any(self._ready_at.get(pair, -1) >= token[2] for pair in pairs):
                 restyle_at = 0.0  # announced while this answer was read as PENDING
             if now >= self._sweep_at:

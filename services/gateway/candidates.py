@@ -105,13 +105,25 @@ class CandidateSource:
     def popular(
         self, n: int, category: str, deadline: Deadline, deg: Degradation, built_from: Provenance | None = None
     ) -> CandidateSet:
+        cands, version = self._popular(n, category, deadline, deg)
+        if built_from is not None:
+            built_from.used(self, (category, n), version)
+        return cands
+
+    def version(self, part: Hashable, deadline: Deadline) -> int | None:
+        """The version of one popularity list, read again once the near cache's lifetime is over
+        (what a new answer would do); None when Redis cannot say now or the list is empty."""
+        category, n = cast(tuple[str, int], part)  # the (category, n) this source handed out
+        return self._popular(n, category, deadline, Degradation())[1]
+
+    def _popular(self, n: int, category: str, deadline: Deadline, deg: Degradation) -> tuple[CandidateSet, int | None]:
+        """The list and its version (None: not versioned, i.e. empty, or the last list seen while
+        Redis failed)."""
         # Popularity moves slowly: a list a second or two old is as good and saves a round trip.
         part = (category, n)
         near = self._near.get(part)
         if near is not None and time.monotonic() - near[0] < self.near_cache_s:
-            if built_from is not None:
-                built_from.used(self, part, near[3])
-            return CandidateSet(POPULAR, near[1], near[2])
+            return CandidateSet(POPULAR, near[1], near[2]), near[3]
         try:
             items, version = self.ds.redis_call("popular_get", lambda r: self._read_popular(r, n, category), deadline)
             with self._lock:
@@ -121,29 +133,14 @@ class CandidateSource:
                 self._versions[part] = (items, v)
                 if self.near_cache_s > 0 and items:  # an empty list may fill any moment: do not keep it
                     self._near[part] = (time.monotonic(), items, version, v)
-            if built_from is not None:
-                built_from.used(self, part, v if items else None)
-            return CandidateSet(POPULAR, items, version)
+            return CandidateSet(POPULAR, items, version), (v if items else None)
         except DependencyUnavailable as exc:
             deg.add(exc)
-        if built_from is not None:
-            built_from.volatile = True
         with self._lock:
             stale = self._last_popular.get(category) or self._last_popular.get("") or []
         if stale:
             deg.add("popularity: served the last list this gateway saw")
-        return CandidateSet(POPULAR, stale[:n], "")
-
-    def version(self, part: Hashable, deadline: Deadline) -> int | None:
-        """The version of one popularity list, read again once the near cache's lifetime is over
-        (what a new answer would do); None when Redis cannot say now or the list is empty."""
-        category, n = cast(tuple[str, int], part)  # the (category, n) this source handed out
-        got = Provenance()
-        deg = Degradation()
-        self.popular(n, category, deadline, deg, got)
-        if deg.degraded or got.volatile or not got.depends:
-            return None
-        return got.depends[0][2]
+        return CandidateSet(POPULAR, stale[:n], ""), None
 
     @staticmethod
     def read_recs(r: redis.Redis, user: str) -> tuple[list[tuple[str, float]], str]:
