@@ -76,6 +76,7 @@ class Planted:
     impressions: dict[str, int] = field(default_factory=dict)
     outcomes: dict[str, set[tuple[str, str, str]]] = field(default_factory=dict)
     events: list[common_pb2.Event] = field(default_factory=list)
+    window_matched: set[tuple[str, str, str]] = field(default_factory=set)  # sent without the answer's id
 
 
 @dataclass
@@ -114,6 +115,9 @@ def seed_world(
             raw = f"sim-shopper-{name}-{u}"
             user, style = pseudo(raw), int(rng.integers(clusters))
             picks = rng.choice(n_items, size=60, replace=False)
+            # Replaced, not added to: a rerun on the same Redis database must not keep the last
+            # run's items (not in this catalog) in the lists.
+            pipe.delete(keys.recs(user))
             pipe.hset(keys.recs(user), mapping={items[p]: float(rng.random()) for p in picks})
             pipe.hset(keys.recs_meta(user), mapping={"model_version": "sim-model-1", "updated_at": "0"})
             own = [i for i in items if cluster_of[i] == style]
@@ -129,14 +133,13 @@ def seed_world(
 
 def shop(
     gateways: dict[str, str],
-    ingestion: str,
     world: World,
     shoppers: Shoppers,
     requests_per_user: int,
     seed: int,
     progress: Callable[[str], None],
 ) -> Planted:
-    """Every simulated user asks for recommendations and reacts; outcome events go through IngestEvents."""
+    """Every simulated user asks for recommendations and reacts; the outcome events are collected."""
     import grpc
 
     planted = Planted()
@@ -184,27 +187,57 @@ def shop(
         elif key is not None:
             planted.events.append(e)
             planted.outcomes.setdefault(exp, set()).add(key)
-    with grpc.insecure_channel(ingestion) as ch:
-        stub = ingestion_pb2_grpc.IngestionServiceStub(ch)
-        for start in range(0, len(planted.events), 500):
-            resp = stub.IngestEvents(
-                ingestion_pb2.IngestEventsRequest(events=planted.events[start : start + 500]), timeout=60
-            )
-            if resp.rejected:
-                raise RuntimeError(f"ingestion rejected simulated events: {resp.rejected[0].reason}")
+            if not e.recommendation_id:
+                planted.window_matched.add(key)
     return planted
 
 
-def wait_attributed(db: Any, names: dict[str, str], planted: Planted, timeout_s: float) -> dict[str, Any]:
+def send_outcomes(ingestion: str, planted: Planted) -> None:
+    """The outcome events through IngestEvents, as a shop sends them; every one must be accepted."""
+    import grpc
+
+    with grpc.insecure_channel(ingestion) as ch:
+        stub = ingestion_pb2_grpc.IngestionServiceStub(ch)
+        for start in range(0, len(planted.events), 500):
+            chunk = planted.events[start : start + 500]
+            resp = stub.IngestEvents(ingestion_pb2.IngestEventsRequest(events=chunk), timeout=60)
+            if resp.rejected:
+                raise RuntimeError(f"ingestion rejected simulated events: {resp.rejected[0].reason}")
+            if resp.accepted != len(chunk):
+                raise RuntimeError(f"ingestion accepted {resp.accepted} of {len(chunk)} simulated events")
+
+
+def wait_impressions(db: Any, names: dict[str, str], planted: Planted, timeout_s: float) -> None:
+    """Until every impression is archived. The simulated shop sends its outcome events only then:
+    it sends them all at once after the shopping, so they are past ``attribution_settle_s`` when
+    they arrive, and an impression still in flight would let a window match take the shopper's
+    other list (last touch is only as right as the impression archive is complete; docs/experiments.md)."""
+    want = sum(planted.impressions.values())
+    deadline = time.monotonic() + timeout_s
+    while db[names["impressions"]].count_documents({}) < want and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def wait_attributed(
+    db: Any, names: dict[str, str], planted: Planted, timeout_s: float, progress: Callable[[str], None]
+) -> dict[str, Any]:
     """Until every impression is archived and every planted outcome attributed (or the timeout)."""
     want_imp = sum(planted.impressions.values())
     want_att = sum(len(v) for v in planted.outcomes.values())
-    deadline = time.monotonic() + timeout_s
+    t0 = time.monotonic()
+    shown_at = t0
     while True:
         imp = db[names["impressions"]].count_documents({})
         att = db[names["attributions"]].count_documents({})
-        if (imp >= want_imp and att >= want_att) or time.monotonic() > deadline:
+        if (imp >= want_imp and att >= want_att) or time.monotonic() - t0 > timeout_s:
             break
+        if time.monotonic() - shown_at >= 10:
+            shown_at = time.monotonic()
+            parked = db[names["pending"]].count_documents({})
+            progress(
+                f"  after {shown_at - t0:.0f} s: impressions {imp}/{want_imp}, attributed {att}/{want_att}, "
+                f"parked {parked}"
+            )
         time.sleep(0.5)
     rows = list(db[names["attributions"]].find({}))
     found = {(d["recommendation_id"], d["item_id"], d["outcome"]) for d in rows}
@@ -215,6 +248,11 @@ def wait_attributed(db: Any, names: dict[str, str], planted: Planted, timeout_s:
         for d in rows
         if (d["recommendation_id"], d["item_id"], d["outcome"]) not in want
     ][:5]
+    # Which planted outcomes are missing, by how they must be matched: a diagnosis starts here.
+    missing: dict[str, int] = {}
+    for key in want - found:
+        how = "window" if key in planted.window_matched else "id"
+        missing[how] = missing.get(how, 0) + 1
     return {
         "impressions_sent": want_imp,
         "impressions_archived": imp,
@@ -222,6 +260,7 @@ def wait_attributed(db: Any, names: dict[str, str], planted: Planted, timeout_s:
         "outcomes_attributed": len(found),
         "attributed_as_planted": len(found & want),
         "attributed_not_planted": len(found - want),
+        "missing_by_match": missing,
         "examples_not_planted": extra,
     }
 
@@ -305,9 +344,11 @@ def run_online(
             db = mongo["stylerec"]
             world = seed_world(r, db, token, users_per_experiment, rng)
             progress(f"{SYNTHETIC}\nsimulating {users_per_experiment} shoppers per experiment ...")
-            planted = shop(gateways, stack.addr_of(ing_name), world, shoppers, requests_per_user, seed, progress)
+            planted = shop(gateways, world, shoppers, requests_per_user, seed, progress)
+            wait_impressions(db, names, planted, timeout_s)
+            send_outcomes(stack.addr_of(ing_name), planted)
             progress("waiting for impressions and outcomes to be archived and attributed ...")
-            pipeline = wait_attributed(db, names, planted, timeout_s)
+            pipeline = wait_attributed(db, names, planted, timeout_s, progress)
             reports = {
                 exp: build_report(db, exp, None, names["impressions"], names["attributions"]) for exp in EXPERIMENTS
             }

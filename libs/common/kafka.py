@@ -173,8 +173,10 @@ class ProtoProducer:
         """Queue one message; returns kafka-python's future (``.get()`` confirms delivery)."""
         return self.send_raw(topic, key.encode(), message.SerializeToString())
 
-    def send_raw(self, topic: str, key: bytes, value: bytes):  # type: ignore[no-untyped-def]
-        fut = self._producer.send(topic, key=key, value=value)
+    def send_raw(self, topic: str, key: bytes, value: bytes, partition: int | None = None):  # type: ignore[no-untyped-def]
+        """``partition``: where the record goes, for a caller that grouped records by partition
+        itself; None lets the key's hash choose (kafka's default partitioner)."""
+        fut = self._producer.send(topic, key=key, value=value, partition=partition)
         fut.add_callback(lambda _md: PRODUCED.labels(topic, "ok").inc())
         fut.add_errback(lambda _e: PRODUCED.labels(topic, "error").inc())
         return fut
@@ -205,6 +207,11 @@ class ProtoProducer:
         topic = dead_letter_topic(service)
         self.send_raw(topic, key, dl.SerializeToString()).get(timeout=10)
         DEAD_LETTERS.labels(topic, label).inc()
+
+    def partition_count(self, topic: str) -> int:
+        """The topic's partitions as the broker reports them (cached metadata, refreshed by the
+        client; waits up to ``max_block_ms`` the first time)."""
+        return len(self._producer.partitions_for(topic))
 
     def bootstrap_connected(self) -> bool:
         return bool(self._producer.bootstrap_connected())

@@ -31,8 +31,7 @@ from typing import Any, NamedTuple
 
 from stylerec.v1 import common_pb2, gateway_pb2
 
-from libs.common.kafka import IMPRESSIONS as IMPRESSIONS_TOPIC
-from libs.common.kafka import TOPICS, ProtoProducer, kafka_security, partition_of
+from libs.common.kafka import ProtoProducer, kafka_security, partition_of
 from services.gateway.config import GatewaySettings
 from services.gateway.experiments import Assignment
 from services.gateway.memo import ParseMemo
@@ -110,6 +109,7 @@ def _framed(payload: bytes) -> bytes:
 
 
 class Record(NamedTuple):
+    partition: int
     key: str  # the first user's pseudonym: every user in it hashes to this partition
     value: bytes  # a serialized ImpressionBatch
     impressions: int
@@ -124,7 +124,7 @@ def batch_by_partition(
     record per answer keyed by its user did. A record that reached ``RECORD_BYTES`` is closed and
     the next one of that partition started: a record is at most that plus one impression.
     ``body_of``: the impression body of (user, answer bytes), memoized by the publisher."""
-    out: list[tuple[str, list[bytes], dict[tuple[str, str, str], int]]] = []
+    out: list[tuple[int, str, list[bytes], dict[tuple[str, str, str], int]]] = []
     current: dict[int, int] = {}  # partition -> index of its open record in out
     size: dict[int, int] = {}
     for s in shown:
@@ -132,14 +132,14 @@ def batch_by_partition(
         if p not in current or size[p] >= RECORD_BYTES:
             current[p] = len(out)
             size[p] = 0
-            out.append((s.user, [], {}))
+            out.append((p, s.user, [], {}))
         body, counter = body_of(s.user, s.answer)
         framed = _framed(impression_bytes(body, s))
-        _, parts, counts = out[current[p]]
+        _, _, parts, counts = out[current[p]]
         parts.append(framed)
         counts[counter] = counts.get(counter, 0) + 1
         size[p] += len(framed)
-    return [Record(key, b"".join(parts), len(parts), counts) for key, parts, counts in out]
+    return [Record(p, key, b"".join(parts), len(parts), counts) for p, key, parts, counts in out]
 
 
 class ImpressionPublisher:
@@ -160,7 +160,6 @@ class ImpressionPublisher:
         self._thread = threading.Thread(target=self._run, name="impression-publisher", daemon=True)
         self._published: dict[tuple[str, str, str], Any] = {}
         self._linger_s = settings.impressions_linger_ms / 1000
-        self._partitions = TOPICS.get(self.topic, TOPICS[IMPRESSIONS_TOPIC])
         # Kept answers are shown many times: their impression body is built once per answer.
         self._bodies: ParseMemo[Body] = ParseMemo("impression", settings.parse_memo_entries)
         self._dropped_full = IMPRESSIONS_DROPPED.labels("queue_full")
@@ -250,10 +249,19 @@ class ImpressionPublisher:
             return
         left = len(batch)
         body_of = self._body
-        for record in batch_by_partition(batch, self._partitions, body_of):
+        try:
+            # The topic's own count, not the default layout's: grouped by another count, one
+            # shopper's impressions would spread over partitions and lose their order.
+            partitions = producer.partition_count(self.topic)
+            records = batch_by_partition(batch, partitions, body_of)
+        except Exception as exc:
+            self._dropped_broker.inc(left)
+            log.warning("impressions dropped: no topic metadata", extra={"error": type(exc).__name__, "n": left})
+            return
+        for record in records:
             n = record.impressions
             try:
-                fut = producer.send_raw(self.topic, record.key.encode(), record.value)
+                fut = producer.send_raw(self.topic, record.key.encode(), record.value, partition=record.partition)
             except Exception as exc:
                 # Metadata wait ran out (broker down): the rest of this batch would wait as long each.
                 self._dropped_broker.inc(left)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +126,11 @@ def test_online_experiment_finds_the_planted_lift_and_no_aa_difference(infra: An
     """SYNTHETIC shoppers through a real ingestion and two real gateways on the session infra."""
     from cli.evaluation.experiment_online import SYNTHETIC, run_online
 
-    result = run_online(150, 2, seed=7, stack=infra, redis_db=9, progress=lambda _line: None)
+    t0 = time.monotonic()
+    # Printed lines show in the report of a failure: how far each stage got, and when.
+    result = run_online(
+        150, 2, seed=7, stack=infra, redis_db=9, progress=lambda line: print(f"{time.monotonic() - t0:6.1f} s {line}")
+    )
     assert result["benchmark"] == SYNTHETIC
     p = result["pipeline"]
     assert p["impressions_archived"] == p["impressions_sent"] == 600

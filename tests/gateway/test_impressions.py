@@ -15,7 +15,7 @@ from kafka import KafkaConsumer
 from stylerec.v1 import common_pb2, gateway_pb2
 
 from cli.localstack.stack import Stack
-from libs.common.kafka import IMPRESSIONS, TOPICS, ensure_topics, partition_of
+from libs.common.kafka import ensure_topics, partition_of
 from services.gateway.config import ExperimentArm
 from services.gateway.experiments import Experiments
 from tests.gateway.conftest import Gateway, Seeder, basis, pseudo
@@ -27,17 +27,18 @@ ARMS = [{"name": "cf", "style": False}, {"name": "style", "style_lambda": 0.5}]
 
 def impressions_on(
     infra: Stack, topic: str, want: int, wait_s: float = 20
-) -> list[tuple[bytes, common_pb2.Impression]]:
+) -> list[tuple[bytes, int, common_pb2.Impression]]:
     consumer = KafkaConsumer(
         topic, bootstrap_servers=[infra.kafka_bootstrap], group_id=None, auto_offset_reset="earliest"
     )
-    out: list[tuple[bytes, common_pb2.Impression]] = []
+    out: list[tuple[bytes, int, common_pb2.Impression]] = []
     end = time.monotonic() + wait_s
     try:
         while time.monotonic() < end and len(out) < want:
             for batch in consumer.poll(timeout_ms=300).values():
                 for rec in batch:
-                    out += [(rec.key, imp) for imp in common_pb2.ImpressionBatch.FromString(rec.value).impressions]
+                    batch = common_pb2.ImpressionBatch.FromString(rec.value).impressions
+                    out += [(rec.key, rec.partition, imp) for imp in batch]
     finally:
         consumer.close()
     return out
@@ -47,7 +48,8 @@ def test_arms_change_the_answer_and_every_answer_becomes_an_impression(
     infra: Stack, gateway_factory: Callable[..., Gateway], mongo: object, unique: str
 ) -> None:
     topic = f"imp-gw-{unique}"
-    ensure_topics([infra.kafka_bootstrap], {topic: 1})
+    # 4 partitions, not the default layout's 6: the gateway must group by the topic's own count.
+    ensure_topics([infra.kafka_bootstrap], {topic: 4})
     name, salt = f"exp-{unique}", f"salt-{unique}"
     gw = gateway_factory(
         f"gw-exp-{unique}",
@@ -90,14 +92,14 @@ def test_arms_change_the_answer_and_every_answer_becomes_an_impression(
 
     got = impressions_on(infra, topic, want=4)
     assert len(got) == 4
-    by_id = {imp.recommendation_id: (key, imp) for key, imp in got}
+    by_id = {imp.recommendation_id: (key, partition, imp) for key, partition, imp in got}
     for arm, resp in answers.items():
-        key, imp = by_id[resp.recommendation_id]
+        key, partition, imp = by_id[resp.recommendation_id]
         user = pseudo(by_arm[arm])
         # A record holds the impressions of users sharing a partition, keyed by one of them.
         assert (
             key.decode() in {pseudo(raw) for raw in by_arm.values()}
-            and partition_of(key.decode(), TOPICS[IMPRESSIONS]) == partition_of(user, TOPICS[IMPRESSIONS])
+            and partition_of(key.decode(), 4) == partition_of(user, 4) == partition
             and imp.user_id == user
             and by_arm[arm] not in imp.SerializeToString().decode(errors="replace")
         )

@@ -146,20 +146,26 @@ def test_experiment_settings_are_validated() -> None:
 class FakeProducer:
     """Stands in for the broker client in a unit test: records sends; acknowledges at once."""
 
-    def __init__(self, block_s: float = 0.0) -> None:
+    def __init__(self, block_s: float = 0.0, partitions: int = 6) -> None:
         self.sent: list[tuple[str, str, object]] = []
+        self.partitions_sent: list[int | None] = []
         self.block_s = block_s
+        self.partitions = partitions
+
+    def partition_count(self, topic: str) -> int:
+        return self.partitions
 
     def send(self, topic: str, key: str, message: object) -> object:
         time.sleep(self.block_s)
         self.sent.append((topic, key, message))
         return self._done()
 
-    def send_raw(self, topic: str, key: bytes, value: bytes) -> object:
+    def send_raw(self, topic: str, key: bytes, value: bytes, partition: int | None = None) -> object:
         from stylerec.v1 import common_pb2
 
         time.sleep(self.block_s)
         self.sent.append((topic, key.decode(), common_pb2.ImpressionBatch.FromString(value)))
+        self.partitions_sent.append(partition)
         return self._done()
 
     @staticmethod
@@ -234,7 +240,7 @@ def test_impressions_go_one_record_per_partition_keyed_into_it() -> None:
     assert sorted(i.recommendation_id for i in got) == sorted(f"rec_{n:032x}" for n in range(60))
     for r, b in zip(records, batches, strict=True):
         assert r.key == b.impressions[0].user_id and r.impressions == len(b.impressions)
-        assert {partition_of(i.user_id, 6) for i in b.impressions} == {partition_of(r.key, 6)}
+        assert {partition_of(i.user_id, 6) for i in b.impressions} == {partition_of(r.key, 6)} == {r.partition}
         assert r.counts == {("", "", "CF"): len(b.impressions)}
     first = next(i for i in got if i.recommendation_id == f"rec_{7:032x}")
     assert [(it.item_id, it.position) for it in first.items] == [("i7-0", 0), ("i7-1", 1), ("i7-2", 2)]
@@ -303,3 +309,32 @@ def test_impressions_without_a_broker_are_dropped_and_counted() -> None:
         time.sleep(0.05)
     assert dropped() - before == 1
     pub.stop()
+
+
+def test_impressions_are_grouped_by_the_topics_own_partition_count() -> None:
+    """A topic created with another count than the default layout's 6 (here 4, which 6 does not
+    refine) still gets each shopper's impressions in one partition, in order: the publisher asks
+    the producer for the count and sends every record to its partition explicitly."""
+    from stylerec.v1 import gateway_pb2
+
+    from libs.common.kafka import partition_of
+    from services.gateway.config import GatewaySettings
+    from services.gateway.experiments import NO_EXPERIMENT
+    from services.gateway.impressions import ImpressionPublisher
+
+    four = FakeProducer(partitions=4)
+    pub = ImpressionPublisher(GatewaySettings(impressions_linger_ms=0), lambda: four).start()  # type: ignore[arg-type,return-value]
+    users = [f"u_{n:032x}" for n in range(40)]
+    for _ in range(3):
+        for u in users:
+            resp = gateway_pb2.GetRecommendationsResponse(strategy=gateway_pb2.CF, model_version="m")
+            resp.items.add(item_id="a")
+            pub.stamp(resp, u, NO_EXPERIMENT)
+    pub.stop()
+    seen = 0
+    for (_topic, key, batch), partition in zip(four.sent, four.partitions_sent, strict=True):
+        assert partition is not None and 0 <= partition < 4 and partition_of(key, 4) == partition
+        for imp in batch.impressions:  # type: ignore[attr-defined]
+            assert partition_of(imp.user_id, 4) == partition
+            seen += 1
+    assert seen == 3 * len(users)
