@@ -513,6 +513,10 @@ def designed_state(result: dict[str, Any], workload: Workload, soak_s: float) ->
     growth = state_growth(gauges, soak_s)
     if not growth["samples"]:
         return {"note": "scoring's state gauges were never read: judged on raw RSS", **growth}
+    if soak_s / 60.0 < MIN_SOAK_MINUTES_FOR_VERDICT:
+        # The costs only serve the memory verdict, which a soak this short does not get; measuring
+        # them starts and fills a scoring state of its own (~30 s on the 2-core box).
+        return {"note": "entry costs not measured: the soak is too short for a memory verdict", **growth}
     progress("measuring the bytes per (user, item) pair and per applied id of the scoring state ...")
     fresh = Workload(workload.users, workload.user_weights, workload.items, workload.item_weights, workload.mix, "cost")
     costs = measure_entry_costs(fresh)

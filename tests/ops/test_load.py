@@ -179,8 +179,8 @@ def test_bench_load_end_to_end(tmp_path: Path) -> None:
     state = report["scoring_state"]
     assert state["samples"] > 0 and state["pairs_end"] > state["pairs_start"] >= 0, state
     assert state["applied_ids_end"] > state["applied_ids_start"], state
-    assert state["bytes_per_pair"] > 0 and state["bytes_per_applied_id"] > 0, state
-    assert report["memory"]["processes"]["scoring"]["less_designed_state"]["samples"] > 0
+    # Entry costs serve only the memory verdict (test_entry_costs_are_measured_on_the_real_state).
+    assert "bytes_per_pair" not in state and "too short" in state["note"], state
     assert report["passed"] is True and report["failures"] == []
     for png in ("rss.png", "latency.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
