@@ -193,10 +193,12 @@ class GatewaySettings(ServiceSettings):
         description="Impressions buffered for the broker; beyond it new ones are dropped and counted, never waited on.",
     )
     impressions_linger_ms: int = Field(
-        50,
+        250,
         ge=0,
         le=5000,
-        description="How long the impression publisher collects answers before sending one record per partition.",
+        description="The impression publisher sends one record per partition at most this often, each holding "
+        "every answer since the last send: a record costs kafka-python's threads GIL time whatever its size "
+        "(docs/gateway.md). Impressions reach the broker up to this much later.",
     )
 
     @field_validator("experiment_arms", mode="before")

@@ -40,8 +40,6 @@ from services.gateway.metrics import IMPRESSIONS, IMPRESSIONS_DROPPED
 log = logging.getLogger(__name__)
 
 STRATEGY_NAMES: dict[int, str] = {int(v): gateway_pb2.Strategy.Name(v) for v in gateway_pb2.Strategy.values()}
-# How many queued impressions the background thread takes per round before handing them over.
-DRAIN_BATCH = 500
 # A record is closed once its impressions reach this size: at most this plus one impression
 # (max_k items), far below the producer's and broker's 1 MiB default.
 RECORD_BYTES = 256 * 1024
@@ -160,6 +158,7 @@ class ImpressionPublisher:
         self._thread = threading.Thread(target=self._run, name="impression-publisher", daemon=True)
         self._published: dict[tuple[str, str, str], Any] = {}
         self._linger_s = settings.impressions_linger_ms / 1000
+        self._next_send = 0.0  # monotonic: the earliest time of the next send
         # Kept answers are shown many times: their impression body is built once per answer.
         self._bodies: ParseMemo[Body] = ParseMemo("impression", settings.parse_memo_entries)
         self._dropped_full = IMPRESSIONS_DROPPED.labels("queue_full")
@@ -207,26 +206,32 @@ class ImpressionPublisher:
         return child
 
     def _drain(self) -> list[Shown] | None:
+        """Everything queued, at most once per linger: records go out on a cadence of
+        ``impressions_linger_ms`` from the last send, each holding all of its partition's answers
+        since then. (Taking a fixed number per linger capped the publisher below the gateway's
+        rate at long lingers, and the queue overflowed.) After a quiet spell the first answer
+        goes at once. The queue's bound is what bounds a drain."""
         try:
             first = self._queue.get(timeout=0.5)
         except queue.Empty:
             return []
         if first is None:
             return None
+        wait = self._next_send - time.monotonic()
+        if wait > 0:
+            self._stop.wait(wait)
         batch = [first]
-        # Collect for the linger before taking the rest: one record per partition then carries
-        # every answer of the interval instead of the one that woke the thread.
-        if self._linger_s > 0:
-            self._stop.wait(self._linger_s)
-        while len(batch) < DRAIN_BATCH:
+        get = self._queue.get_nowait
+        while True:
             try:
-                nxt = self._queue.get_nowait()
+                nxt = get()
             except queue.Empty:
                 break
             if nxt is None:
                 self._stop.set()
                 break
             batch.append(nxt)
+        self._next_send = time.monotonic() + self._linger_s
         return batch
 
     def _run(self) -> None:
