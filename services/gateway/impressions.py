@@ -4,8 +4,9 @@ An online experiment needs the denominator: which items, in which order, by whic
 arm, were shown to whom. The request thread only stamps the answer with a recommendation id and
 puts a small tuple on a bounded queue: the answer's wire bytes (one upb serialization, ~1 µs for
 k=10, cheaper than walking the items in Python) and the pseudonym; no I/O. One background thread
-collects them for ``impressions_linger_ms`` and sends **one record per partition** (an
-``ImpressionBatch`` of the users hashing there): kafka-python's ``send`` per answer was half of
+sends, at most every ``impressions_linger_ms``, **one record per partition** (an
+``ImpressionBatch`` of the users hashing there, over the topic's own partition count) holding
+every answer since its last send: kafka-python's ``send`` per answer was half of
 what impressions cost this process (docs/gateway.md), more than building them. Building them is
 cheap too: the answer is queued as serialized *before* its recommendation id, so every view of a
 kept answer queues the same bytes, and the impression's shared body (user, strategy, arm,
