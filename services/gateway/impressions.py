@@ -254,17 +254,15 @@ class ImpressionPublisher:
             self._stop.wait(1.0)
             return
         left = len(batch)
-        body_of = self._body
         try:
             # The topic's own count, not the default layout's: grouped by another count, one
             # shopper's impressions would spread over partitions and lose their order.
             partitions = producer.partition_count(self.topic)
-            records = batch_by_partition(batch, partitions, body_of)
         except Exception as exc:
             self._dropped_broker.inc(left)
             log.warning("impressions dropped: no topic metadata", extra={"error": type(exc).__name__, "n": left})
             return
-        for record in records:
+        for record in batch_by_partition(batch, partitions, self._body):
             n = record.impressions
             try:
                 fut = producer.send_raw(self.topic, record.key.encode(), record.value, partition=record.partition)
