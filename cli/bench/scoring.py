@@ -376,6 +376,14 @@ def human(result: dict[str, Any]) -> str:
             f"fold-in per user {per['one_at_a_time']} ms one at a time, {per['batched_500']} ms batched"
             f" (x{per['ratio_batched_vs_single']})"
         )
+        heavy = a.get("heavy_shoppers_foldin")
+        if heavy:
+            h, ms = heavy["history_items_min_median_max"], heavy["per_user_ms"]
+            lines.append(
+                f"heavy shoppers ({heavy['users']} users, {h[0]}-{h[2]} items): one new item costs"
+                f" {ms['product']} ms per user by the product, {ms['kept_sums']} ms with kept sums"
+                f" (x{heavy['ratio_kept_sums_vs_product']}; identical lists: {heavy['identical_lists']})"
+            )
         vs = a.get("vs_ingest_stream", {})
         if "ratio" in vs:
             lines.append(f"apply vs ingest stream {vs['ingest_stream_events_per_s']:,.0f}/s: x{vs['ratio']}")

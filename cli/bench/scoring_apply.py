@@ -13,7 +13,9 @@ scoring replica apply (state, fold-in, Redis) when its input is already there? I
 * baselines in the same run on the same topic: (a) a bare kafka-python consumer reading every
   record (no decoding, no work), (b) the same replica's work without Kafka and Redis: the state
   and the batched fold-in on the very model scoring serves, poll-sized chunks of the same events;
-* the per-user fold-in cost, one user at a time against the batched product, on that model.
+* the per-user fold-in cost, one user at a time against the batched product, on that model;
+* the heavy shoppers' fold-in (the users of the longest histories, one new item each time): the
+  product over the whole history against kept score sums (services/scoring/user_sums.py).
 
 Nothing is asserted: this is a command; the summary compares the apply rate with the ingestion
 stream rate of `stylerec bench ingest` when that file is there.
@@ -44,10 +46,13 @@ from services.ingestion.archiver import event_document
 from services.scoring.config import ScoringSettings
 from services.scoring.foldin import ModelHolder, Recommender
 from services.scoring.interactions import EventRecord, InteractionState
-from services.scoring.registry import ModelRegistry
+from services.scoring.registry import ModelRegistry, ServingModel
+from services.scoring.user_sums import UserSums
 
 APPLIED = "stylerec_scoring_events_applied_total"
 HISTORY_PURCHASES = 60_000  # the demo's slice of Online Retail: fits the 2-core box
+HEAVY_USERS = 50  # the heavy-shopper measurement: this many users of the longest histories
+HEAVY_ROUNDS = 10  # ... each given one new item this many times
 CHUNK = 5000  # scoring's default STYLEREC_FOLDIN_BATCH_MAX: the micro-batch the consumer gets
 
 
@@ -187,7 +192,8 @@ def in_process(
     state.apply_all(record_of(e) for e in history)
     holder = ModelHolder()
     holder.swap(sm)
-    engine = Recommender(state, holder, settings.new_item_slots)
+    sums = UserSums(settings.foldin_sums_users, settings.foldin_sums_min_items)
+    engine = Recommender(state, holder, settings.new_item_slots, user_sums=sums)
     records = [record_of(e) for e in events]
 
     t0 = time.perf_counter()
@@ -198,14 +204,16 @@ def in_process(
     math_s = time.perf_counter() - t0
 
     users = state.users()[:2000]
+    plain = Recommender(state, holder, settings.new_item_slots)
     t0 = time.perf_counter()
     for u in users:
-        engine.top_n(u, settings.top_n)
+        plain.top_n(u, settings.top_n)
     single_ms = (time.perf_counter() - t0) * 1000 / len(users)
     t0 = time.perf_counter()
     for start in range(0, len(users), 500):
-        engine.top_n_many(users[start : start + 500], settings.top_n)
+        plain.top_n_many(users[start : start + 500], settings.top_n)
     batched_ms = (time.perf_counter() - t0) * 1000 / len(users)
+    heavy = heavy_shoppers(state, holder, sm, settings)
     return {
         "model": {"version": sm.version, "algorithm": sm.algorithm, "items": len(sm.item_ids)},
         "state_and_foldin_events_per_s": round(len(records) / math_s, 1),
@@ -215,6 +223,44 @@ def in_process(
             "batched_500": round(batched_ms, 4),
             "ratio_batched_vs_single": round(batched_ms / single_ms, 3) if single_ms else None,
         },
+        "heavy_shoppers_foldin": heavy,
+    }
+
+
+def heavy_shoppers(
+    state: InteractionState, holder: ModelHolder, sm: ServingModel, settings: ScoringSettings
+) -> dict[str, Any]:
+    """Per-user cost of folding in one new item for the users of the longest histories: the
+    batched product over each whole history against kept score sums (built before the clock
+    starts, as a running replica has them). Both answer the same users after the same events;
+    their lists are compared, and must be identical."""
+    users = sorted(state.users(), key=lambda u: (-len(state.history(u)), u))[:HEAVY_USERS]
+    plain = Recommender(state, holder, settings.new_item_slots)
+    kept = Recommender(state, holder, settings.new_item_slots, user_sums=UserSums(len(users), 1))
+    kept.top_n_many(users, settings.top_n)
+    unseen = {u: [i for i in sm.item_ids if i not in state.history(u)] for u in users}
+    times = {"product": 0.0, "kept_sums": 0.0}
+    same = True
+    for r in range(HEAVY_ROUNDS):
+        state.apply_many(
+            [EventRecord(f"heavy-{r}-{u}", u, unseen[u][r], 1, state.watermark) for u in users if len(unseen[u]) > r]
+        )
+        answers = {}
+        for name, engine in (
+            (("product", plain), ("kept_sums", kept)) if r % 2 else (("kept_sums", kept), ("product", plain))
+        ):
+            t0 = time.perf_counter()
+            answers[name] = engine.top_n_many(users, settings.top_n)
+            times[name] += time.perf_counter() - t0
+        same = same and all(answers["product"][u].items == answers["kept_sums"][u].items for u in users)
+    per = {k: round(v * 1000 / (HEAVY_ROUNDS * len(users)), 4) for k, v in times.items()}
+    lengths = sorted(len(state.history(u)) for u in users)
+    return {
+        "users": len(users),
+        "history_items_min_median_max": [lengths[0], lengths[len(lengths) // 2], lengths[-1]] if lengths else [],
+        "per_user_ms": per,
+        "ratio_kept_sums_vs_product": round(per["kept_sums"] / per["product"], 3) if per["product"] else None,
+        "identical_lists": same,
     }
 
 

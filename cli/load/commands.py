@@ -508,7 +508,8 @@ def soak_pipeline(watch: PipelineWatch, soak_s: float, sampler: RssSampler) -> d
 
 
 def designed_state(result: dict[str, Any], workload: Workload, soak_s: float) -> dict[str, Any]:
-    """Scoring's pairs and ids over the soak, their bytes per entry, and its RSS less them (cli/load/state.py)."""
+    """Scoring's pairs, ids and kept score sums over the soak, the bytes per entry, and its RSS less
+    them (cli/load/state.py)."""
     gauges = result["scoring_gauges"]
     growth = state_growth(gauges, soak_s)
     if not growth["samples"]:
@@ -524,6 +525,7 @@ def designed_state(result: dict[str, Any], workload: Workload, soak_s: float) ->
     designed_mib = (
         (growth["pairs_end"] - growth["pairs_start"]) * costs["bytes_per_pair"]
         + (growth["applied_ids_end"] - growth["applied_ids_start"]) * costs["bytes_per_applied_id"]
+        + (growth["user_sums_bytes_end"] - growth["user_sums_bytes_start"])
     ) / MIB
     return {
         **growth,
@@ -740,10 +742,12 @@ def human(report: dict[str, Any], out: Path) -> str:
         )
         if "less_designed_state" in p:
             a, ss = p["less_designed_state"], report["scoring_state"]
+            sums_mib = (ss.get("user_sums_bytes_end", 0) - ss.get("user_sums_bytes_start", 0)) / MIB
             lines.append(
                 f"  {'':<13} less designed state (+{ss['pairs_end'] - ss['pairs_start']} pairs x "
                 f"{ss['bytes_per_pair']} B, +{ss['applied_ids_end'] - ss['applied_ids_start']} ids x "
-                f"{ss['bytes_per_applied_id']} B): slope {a['slope_second_half_mib_per_min']} MiB/min, "
+                f"{ss['bytes_per_applied_id']} B, +{sums_mib:.1f} MiB of kept score sums): "
+                f"slope {a['slope_second_half_mib_per_min']} MiB/min, "
                 f"growth {a['growth_first_to_last_quarter_pct']}% (judged on this)"
             )
     lines.append(f"machine: {report['machine']['note']}")

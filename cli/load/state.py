@@ -8,6 +8,11 @@ their cost in bytes is measured in this process, in the same run, on the same ``
 code fed by the same workload generator. Whatever scoring keeps beyond them (a cache that never
 evicts, a per-event list) still counts against it. Both the raw and the adjusted series are
 reported.
+
+A third entry is bounded by design and reports its own size: heavy shoppers' kept score sums
+(services/scoring/user_sums.py, at most ``STYLEREC_FOLDIN_SUMS_USERS`` of them) fill during a
+soak as shoppers pass the history length that earns one. The service's gauge of their array bytes
+is taken out too (exact, not estimated; the few hundred bytes of Python objects per entry stay in).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from services.scoring.interactions import EventRecord, InteractionState
 
 PAIRS = "stylerec_scoring_state_pairs"
 IDS = "stylerec_scoring_state_applied_ids"
+SUMS = "stylerec_scoring_user_sums_bytes"
 APPLIED = "stylerec_scoring_events_applied_total"  # summed over sources, outcome="new" only
 MIB = 1024.0 * 1024.0
 
@@ -37,6 +43,7 @@ def scrape_scoring(metrics_addr: str, timeout_s: float = 2.0) -> dict[str, float
     return {
         PAIRS: metric_sum(samples, PAIRS),
         IDS: metric_sum(samples, IDS),
+        SUMS: metric_sum(samples, SUMS),
         APPLIED: metric_sum(samples, APPLIED, outcome="new"),
     }
 
@@ -112,7 +119,8 @@ def _complete(gauges: list[tuple[float, dict[str, float]]]) -> list[tuple[float,
 def adjusted_series(
     rss: list[tuple[float, float]], gauges: list[tuple[float, dict[str, float]]], costs: dict[str, Any]
 ) -> list[tuple[float, float]]:
-    """RSS (MiB) minus the MiB the state's pairs and ids added since the first gauge sample.
+    """RSS (MiB) minus the MiB the state's pairs and ids and the kept score sums added since the
+    first gauge sample.
 
     Each RSS sample is paired with the gauge sample nearest in time; RSS samples before the
     first complete gauge sample are dropped."""
@@ -120,13 +128,14 @@ def adjusted_series(
     if not full:
         return []
     t_g = np.array([t for t, _g in full])
-    p0, i0 = full[0][1][PAIRS], full[0][1][IDS]
+    p0, i0, s0 = full[0][1][PAIRS], full[0][1][IDS], full[0][1].get(SUMS, 0.0)
     out = []
     for t, mib in rss:
         if t < t_g[0]:
             continue
         g = full[int(np.abs(t_g - t).argmin())][1]
         designed = (g[PAIRS] - p0) * costs["bytes_per_pair"] + (g[IDS] - i0) * costs["bytes_per_applied_id"]
+        designed += g.get(SUMS, 0.0) - s0
         out.append((t, round(mib - designed / MIB, 2)))
     return out
 
@@ -144,6 +153,8 @@ def state_growth(gauges: list[tuple[float, dict[str, float]]], soak_s: float) ->
         "pairs_end": int(end[PAIRS]),
         "applied_ids_start": int(start[IDS]),
         "applied_ids_end": int(end[IDS]),
+        "user_sums_bytes_start": int(start.get(SUMS, 0.0)),
+        "user_sums_bytes_end": int(end.get(SUMS, 0.0)),
     }
 
 

@@ -45,6 +45,7 @@ from services.scoring.registry import ModelRegistry
 from services.scoring.server import ScoringServicer
 from services.scoring.style_profile import CatalogCentroid, EmbeddingSource, ProfileWriter
 from services.scoring.trainer import Trainer, TrainingError, TrainScheduler, archive_events
+from services.scoring.user_sums import UserSums
 
 log = logging.getLogger("services.scoring")
 
@@ -142,7 +143,13 @@ def run_serving(settings: ScoringSettings) -> None:
     holder = ModelHolder()
     categories = CategoryCache(db, settings.items_collection)
     engine = Recommender(
-        state, holder, settings.new_item_slots, categories, categories.newest, repeat=settings.repeat_policy == "decay"
+        state,
+        holder,
+        settings.new_item_slots,
+        categories,
+        categories.newest,
+        repeat=settings.repeat_policy == "decay",
+        user_sums=UserSums(settings.foldin_sums_users, settings.foldin_sums_min_items),
     )
     embeddings = EmbeddingSource(
         r, db, settings.items_collection, settings.embedding_dim, cache_ttl_s=settings.embedding_cache_s

@@ -49,6 +49,19 @@ class ScoringSettings(ServiceSettings):
         "popularity at once.",
     )
     recs_exclude_seen: bool = Field(True, description="Leave items the user already interacted with out of recs.")
+    foldin_sums_users: int = Field(
+        1024,
+        ge=0,
+        le=1_000_000,
+        description=(
+            "Heavy shoppers whose model score sums are kept between fold-ins (binary EASE), so an event adds its new"
+            " items instead of redoing the product over the whole history; least recently used dropped first."
+            " About 5 bytes per catalog item plus 8 per history item each. 0 turns it off."
+        ),
+    )
+    foldin_sums_min_items: int = Field(
+        64, ge=1, description="History length (items) from which a user's score sums are kept (foldin_sums_users)."
+    )
     foldin_batch_max: int = Field(
         5000,
         ge=1,

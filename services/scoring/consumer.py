@@ -159,7 +159,7 @@ class Publisher:
         prefetched = None
         if profiles:
             try:
-                prefetched = self.profiles.lookup(self.state.seen_many(users))
+                prefetched = self.profiles.lookup(self.state.items_of(users))
             except redis.RedisError:
                 STORE_ERRORS.labels("redis", "style_profile").inc()
                 raise

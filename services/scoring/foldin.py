@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +28,7 @@ from services.scoring.interactions import InteractionState
 from services.scoring.models.base import top_k_rows
 from services.scoring.models.blend import RepeatBlend, RepeatWeights, UserHistory, blend_scores, neutral_stats
 from services.scoring.registry import ServingModel
+from services.scoring.user_sums import UserScores, UserSums
 
 POPULARITY_VERSION = "popularity-v1"
 
@@ -84,6 +85,10 @@ class Recommender:
     depend on the user (the popularity ranking, the model's unknown items) is computed once per
     batch. One user at a time, the product and the per-user popularity sort were most of
     scoring's CPU under load (docs/scoring.md, "Fold-in").
+
+    Heavy shoppers of a model that scores by item sums (binary EASE) skip the product: their
+    sums are kept between fold-ins and only their new items are added (``user_sums``,
+    services/scoring/user_sums.py); the result is bit-for-bit the product's.
     """
 
     def __init__(
@@ -94,11 +99,15 @@ class Recommender:
         categories: Callable[[], dict[str, str]] | None = None,
         arrivals: Callable[[], list[tuple[str, float]]] | None = None,
         repeat: bool = False,
+        user_sums: UserSums | None = None,
     ) -> None:
         """``repeat``: repeat_policy decay: a list asked for without excluding seen items mixes the
         user's rebuy history (the state's per-event-type decayed record) with CF by the weights the
         model learned (services/scoring/models/blend.py)."""
         self.repeat = repeat
+        self.user_sums = user_sums
+        if user_sums is not None:
+            state.forget_hooks.append(user_sums.drop)
         self.state = state
         self.holder = holder
         self.new_item_slots = new_item_slots
@@ -188,18 +197,41 @@ class Recommender:
                 out[u] = Recs(items, sm.version if sm else POPULARITY_VERSION, "popularity")
         if sm is None or not scored:
             return out
-        rows = self.history_rows(sm, [histories[u] for u in scored])
-        # float32 as the models produce it: the values (and so the ranking) are the ones the float64
-        # copy had, and the copy of a batch x catalog matrix was a tenth of the batch's time.
-        scores = np.array(sm.model.score(rows), dtype=np.float32, copy=None)
+        sums = sm.model.item_sums() if self.user_sums is not None else None
+        kept: list[str] = []
+        if sums is not None and self.user_sums is not None:
+            kept = [u for u in scored if self.user_sums.wants(histories[u])]
+        if kept:
+            # Rows of the product first, then the kept users: ``scored`` is the order of the rows.
+            held = set(kept)
+            scored = [u for u in scored if u not in held] + kept
+        whole = scored[: len(scored) - len(kept)]
+        rows = self.history_rows(sm, [histories[u] for u in whole])
+        parts: list[np.ndarray] = []
+        if whole:
+            # float32 as the models produce it: the values (and so the ranking) are the ones the
+            # float64 copy had, and the copy of a batch x catalog matrix was a tenth of the batch's time.
+            parts.append(np.array(sm.model.score(rows), dtype=np.float32, copy=None))
+        held_scores: dict[str, UserScores] = {}
+        if kept and sums is not None and self.user_sums is not None:
+            held_scores = self.user_sums.scores(sm.version, sums, sm.item_index, kept, histories)
+            parts.append(np.stack([held_scores[u].scores for u in kept]))
+        scores = parts[0] if len(parts) == 1 else np.concatenate(parts)
         repeat = self.repeat and not exclude_seen
         if repeat:
             blend = sm.repeat or RepeatBlend(RepeatWeights(), neutral_stats(len(sm.item_ids)), "defaults")
             hist = UserHistory(*self.state.repeat_histories(scored, sm.item_index))
             scores = blend_scores(scores, hist, blend.stats, blend.weights)
         if exclude_seen:
-            # The CSR structure is the seen set of each row: mask it in one fancy-index assignment.
-            scores[np.repeat(np.arange(len(scored)), np.diff(rows.indptr)), rows.indices] = -np.inf
+            # The CSR structure is the seen set of each row (a kept user's entry holds theirs):
+            # mask them all in one fancy-index assignment.
+            r_idx = [np.repeat(np.arange(len(whole)), np.diff(rows.indptr))]
+            c_idx = [rows.indices]
+            for r, u in enumerate(kept, start=len(whole)):
+                seen = held_scores[u].seen
+                r_idx.append(np.full(len(seen), r))
+                c_idx.append(seen)
+            scores[np.concatenate(r_idx), np.concatenate(c_idx)] = -np.inf
         if allowed is not None:
             mask = np.full(scores.shape[1], -np.inf, dtype=np.float32)
             cols = [j for j in (sm.item_index.get(i) for i in allowed) if j is not None]
@@ -213,8 +245,7 @@ class Recommender:
         for r, u in enumerate(scored):
             keep = finite[r]
             items = [(ids[j], v) for j, v in zip(top[r][keep].tolist(), top_scores[r][keep].tolist(), strict=True)]
-            exclude = set(histories[u]) if exclude_seen else set()
-            listed = self._with_new_items(items, k, exclude, fresh)
+            listed = self._with_new_items(items, k, histories[u] if exclude_seen else (), fresh)
             rebuys = frozenset(i for i, _ in listed if i in histories[u]) if repeat else frozenset()
             out[u] = Recs(listed, sm.version, "personalized", rebuys)
         return out
@@ -240,7 +271,7 @@ class Recommender:
         return fresh
 
     def _with_new_items(
-        self, items: list[tuple[str, float]], k: int, exclude: set[str], fresh: list[str]
+        self, items: list[tuple[str, float]], k: int, exclude: Container[str], fresh: list[str]
     ) -> list[tuple[str, float]]:
         """Up to ``new_item_slots`` unseen items of ``fresh`` take the last slots, scored just below
         the lowest model score. At most a quarter of the list: a short list (k < 4) is the model's

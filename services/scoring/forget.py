@@ -194,6 +194,9 @@ class ForgetListener:
             return
         try:
             for user in due:
+                # The state has no row of theirs any more; this runs its forget hooks again for
+                # what a fold-in that started before the command may have kept since.
+                self.state.forget(user)
                 delete_user_keys(self.redis, user)
         except redis.RedisError:
             log.warning("second deletion of a forgotten user's keys failed; retrying", exc_info=True)

@@ -159,6 +159,9 @@ class InteractionState:
         self._ranking: list[tuple[str, float]] | None = None
         # Users whose events are never applied (the suppression list of forgotten users).
         self.exclude: Callable[[str], bool] | None = None
+        # Called with each forgotten user (after the lock is released): what else keeps per-user
+        # data in process (the fold-in's kept score sums) drops it too.
+        self.forget_hooks: list[Callable[[str], None]] = []
         # Rebuy history (repeat_policy decay only): per event type its own half-life, so a purchase
         # and a view fade differently. Each pair keeps [count, latest ts, then per half-life class
         # (value, as-of ts)]: exact decay for any half-life, where the fixed-epoch growth trick of
@@ -287,6 +290,13 @@ class InteractionState:
         rounding residue). Event ids stay in the applied set: they carry no user, and keeping them
         makes a replayed event of the user a duplicate even before the suppression list is loaded.
         """
+        try:
+            return self._forget(user)
+        finally:
+            for hook in self.forget_hooks:
+                hook(user)
+
+    def _forget(self, user: str) -> int:
         with self._lock:
             items = self._user_items.pop(user, None)
             self._repeat.pop(user, None)
@@ -364,9 +374,10 @@ class InteractionState:
         with self._lock:
             return set(self._user_items.get(user, {}))
 
-    def seen_many(self, users: Iterable[str]) -> dict[str, set[str]]:
+    def items_of(self, users: Iterable[str]) -> set[str]:
+        """Every item any of ``users`` interacted with: one union in C, not a loop per item."""
         with self._lock:
-            return {u: set(self._user_items.get(u, {})) for u in users}
+            return set().union(*(self._user_items.get(u, ()) for u in users))
 
     def knows(self, user: str) -> bool:
         with self._lock:

@@ -78,3 +78,15 @@ ARCHIVE_SYNC_READ = Counter(
     " (progress: the archivers' published bounds; slack: the time-window fallback; full).",
     ["mode"],
 )
+USER_SUMS = Counter(
+    "stylerec_scoring_user_sums_total",
+    "Heavy shoppers' kept score sums (services/scoring/user_sums.py) a fold-in used, by outcome: reused (only the "
+    "items new since the last fold-in added) or built (summed over the whole history).",
+    ["outcome"],
+)
+USER_SUMS_USERS = Gauge("stylerec_scoring_user_sums_users", "Users whose score sums are kept (bounded by the setting).")
+USER_SUMS_BYTES = Gauge(
+    "stylerec_scoring_user_sums_bytes",
+    "Bytes of the kept score sums' arrays and id tuples: bounded by design (a load run subtracts it, as it does"
+    " the state's pairs).",
+)

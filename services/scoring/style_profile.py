@@ -22,7 +22,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,7 +59,11 @@ def compute_profile(
     the uncentred unit embeddings; the gateway then also scores uncentred (it reads the
     same published centroid), so profile and items stay in one space.
     """
-    used = [(item, w) for item, w in history.items() if item in embeddings and w > 0]
+    # Only the history's items with an embedding count. They are found by a set intersection (in
+    # C: a heavy shopper's thousands of photo-less items cost no Python loop on each of their
+    # events) and taken in id order, so the sums do not depend on the order items came in.
+    common = history.keys() & embeddings.keys()
+    used = [(item, history[item]) for item in sorted(common) if history[item] > 0]
     if not used:
         return None
     W = float(sum(w for _, w in used))
@@ -119,10 +124,12 @@ class EmbeddingSource:
         self.miss_ttl_s = miss_ttl_s
         self.cache_ttl_s = cache_ttl_s
         self.cache_max = cache_max
-        self._missing_until: dict[str, float] = {}
+        # item -> when MongoDB may be asked again; in expiry order (one TTL for all), see _sweep
+        self._missing_until: OrderedDict[str, float] = OrderedDict()
         self._cache: dict[str, tuple[float, np.ndarray]] = {}  # item -> (expires, the embedding Redis had)
-        # item -> (expires, the embeddings version it was absent under): valid while the version stands
-        self._absent: dict[str, tuple[float, bytes | str | None]] = {}
+        # item -> expiry, for items Redis had no embedding for under ``_version`` (emptied when the
+        # version moves); in expiry order, so expired ones leave from the front
+        self._absent: OrderedDict[str, float] = OrderedDict()
         self._version: bytes | str | None = None
         self._lock = threading.Lock()  # the caller's thread and the backfill thread share the dicts
         self._pending: set[str] = set()  # misses waiting for the backfill thread
@@ -137,27 +144,25 @@ class EmbeddingSource:
         return v if np.all(np.isfinite(v)) else None
 
     def get(self, items: Iterable[str]) -> dict[str, np.ndarray]:
-        wanted = list(dict.fromkeys(items))
+        """The embeddings of ``items`` that exist. Sets, not a loop per item: a batch asks for every
+        item of its users' histories, mostly the same ones again (and in a photo-less catalog all
+        absent), and a Python loop over them grew with the histories (docs/scoring.md)."""
+        wanted = set(items)
         if not wanted:
             return {}
         out: dict[str, np.ndarray] = {}
         now = time.monotonic()
-        ask: list[str] = []
-        assumed_absent: list[str] = []  # absent when the embeddings version was self._version
         with self._lock:
-            for item in wanted:
-                hit = self._cache.get(item)
-                if hit is not None and hit[0] > now:
-                    out[item] = hit[1]
-                    continue
-                gone = self._absent.get(item)
-                if gone is not None and gone[0] > now and gone[1] == self._version:
-                    assumed_absent.append(item)
-                else:
-                    ask.append(item)
+            for item in wanted & self._cache.keys():  # the embedded items only
+                expires, cached = self._cache[item]
+                if expires > now:
+                    out[item] = cached
+            _sweep(self._absent, now)
+            assumed_absent = (wanted & self._absent.keys()) - out.keys()
             version_then = self._version
+        ask = list(wanted - out.keys() - assumed_absent)
         if self.cache_ttl_s > 0 or self._backfill is not None:
-            metrics.EMBEDDING_CACHE.labels("hit").inc(len(wanted) - len(ask) - len(assumed_absent))
+            metrics.EMBEDDING_CACHE.labels("hit").inc(len(out))
             metrics.EMBEDDING_CACHE.labels("absent").inc(len(assumed_absent))
             metrics.EMBEDDING_CACHE.labels("miss").inc(len(ask))
         # The version rides along in the same MGET: one round trip, and when it moved (the style
@@ -166,14 +171,18 @@ class EmbeddingSource:
         version = raws[0]
         found = list(zip(ask, raws[1:], strict=True))
         if version != version_then and assumed_absent:
-            found += zip(assumed_absent, self.redis.mget([keys.item_embedding(i) for i in assumed_absent]), strict=True)
-            metrics.EMBEDDING_CACHE.labels("recheck").inc(len(assumed_absent))
-        missing: list[str] = []
+            again = list(assumed_absent)
+            found += zip(again, self.redis.mget([keys.item_embedding(i) for i in again]), strict=True)
+            metrics.EMBEDDING_CACHE.labels("recheck").inc(len(again))
+        missing: set[str] = set()
         with self._lock:
+            if version != self._version:
+                self._absent.clear()  # recorded under another version: asked again when wanted
             self._version = version
             if self.cache_ttl_s > 0 and len(self._cache) + len(self._absent) + len(found) > self.cache_max:
                 self._cache.clear()
                 self._absent.clear()
+            stamp = time.monotonic()
             for item, raw in found:
                 v = self._decode(raw)
                 if v is not None:
@@ -181,18 +190,19 @@ class EmbeddingSource:
                     if self.cache_ttl_s > 0:
                         self._cache[item] = (now + self.cache_ttl_s, v)
                 elif self.cache_ttl_s > 0:
-                    self._absent[item] = (now + self.cache_ttl_s, version)
-            missing = [i for i in wanted if i not in out and self._missing_until.get(i, 0.0) < now]
+                    _renew(self._absent, item, stamp + self.cache_ttl_s)
+            _sweep(self._missing_until, now)
+            missing = wanted - out.keys() - self._missing_until.keys()
             if missing and self._backfill is not None:
                 # Asked once per miss_ttl_s, by the backfill thread: until it answers, the
                 # profile is computed without these items (they had no embedding in Redis).
                 for item in missing:
-                    self._missing_until[item] = now + self.miss_ttl_s
+                    _renew(self._missing_until, item, stamp + self.miss_ttl_s)
                 self._pending.update(missing)
                 self._wake.set()
-                missing = []
+                missing = set()
         if missing and self.db is not None:
-            out.update(self._from_mongo(missing, now))
+            out.update(self._from_mongo(sorted(missing), now))
         return out
 
     def _from_mongo(self, missing: list[str], now: float) -> dict[str, np.ndarray]:
@@ -214,9 +224,10 @@ class EmbeddingSource:
         with self._lock:
             if len(self._missing_until) > 1_000_000:
                 self._missing_until.clear()
+            stamp = time.monotonic()
             for item in missing:
                 if item not in found:
-                    self._missing_until[item] = now + self.miss_ttl_s
+                    _renew(self._missing_until, item, stamp + self.miss_ttl_s)
             if self._backfill is not None:
                 # Kept as long as a negative answer would be: Redis lacked them, MongoDB had them.
                 for item, v in found.items():
@@ -252,6 +263,22 @@ class EmbeddingSource:
                 found = self._from_mongo(todo[start : start + 1000], time.monotonic())
                 metrics.EMBEDDING_BACKFILL.labels("found").inc(len(found))
                 metrics.EMBEDDING_BACKFILL.labels("absent").inc(min(1000, len(todo) - start) - len(found))
+
+
+def _renew(expiring: OrderedDict[str, float], item: str, expires: float) -> None:
+    """Set ``item``'s expiry, moving it to the back: with one TTL and a monotonic clock the dict
+    stays in expiry order, which is what lets :func:`_sweep` stop at the first live entry."""
+    expiring.pop(item, None)
+    expiring[item] = expires
+
+
+def _sweep(expiring: OrderedDict[str, float], now: float) -> None:
+    """Drop the expired entries, oldest first; O(expired), not O(entries)."""
+    while expiring:
+        _item, expires = next(iter(expiring.items()))
+        if expires > now:
+            return
+        expiring.popitem(last=False)
 
 
 class CatalogCentroid:
@@ -355,11 +382,11 @@ class ProfileWriter:
     def update(self, user: str, history: dict[str, float]) -> StyleProfile | None:
         return self.update_many({user: history})[user]
 
-    def lookup(self, histories: Mapping[str, Iterable[str]]) -> tuple[set[str], dict[str, np.ndarray]]:
-        """The embeddings a batch needs, fetched before the caller takes its write lock (the
-        lookup may fall back to MongoDB, and nothing that slow belongs under the lock the
-        consumer waits on): (items looked up, the embeddings found)."""
-        items = {i for h in histories.values() for i in h}
+    def lookup(self, items: set[str]) -> tuple[set[str], dict[str, np.ndarray]]:
+        """The embeddings a batch needs (``items``: every item of its users' histories), fetched
+        before the caller takes its write lock (the lookup may fall back to MongoDB, and nothing
+        that slow belongs under the lock the consumer waits on): (items looked up, the embeddings
+        found)."""
         return items, self.source.get(items)
 
     def update_many(
@@ -383,15 +410,13 @@ class ProfileWriter:
     ) -> dict[str, StyleProfile | None]:
         """:meth:`update_many` into the caller's transaction (the consumer's recs write)."""
         looked, embeddings = prefetched if prefetched is not None else (set(), {})
-        rest = {i for h in histories.values() for i in h} - looked
+        rest = set().union(*histories.values()) - looked
         if rest:
             embeddings = {**embeddings, **self.source.get(rest)}
         centroid = self.centroid.get() if self.centroid is not None else None
         out: dict[str, StyleProfile | None] = {}
         for user, history in histories.items():
-            profile = compute_profile(
-                history, {i: embeddings[i] for i in history if i in embeddings}, self.half, centroid
-            )
+            profile = compute_profile(history, embeddings, self.half, centroid)
             out[user] = profile
             self._queue(pipe, user, profile)
         return out

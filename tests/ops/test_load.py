@@ -13,7 +13,7 @@ from cli.load.commands import keeps_up, scoring_side
 from cli.load.driver import KINDS, Mix, Workload
 from cli.load.freshness import ProbeResults, histogram_quantile
 from cli.load.report import memory_verdict
-from cli.load.state import IDS, MIB, PAIRS, adjusted_series, measure_entry_costs, state_growth
+from cli.load.state import IDS, MIB, PAIRS, SUMS, adjusted_series, measure_entry_costs, state_growth
 from cli.localstack.stack import REPO, SERVICES
 from cli.main import main as cli_main
 
@@ -62,6 +62,12 @@ def test_scoring_is_judged_on_rss_less_its_designed_state() -> None:
     v = memory_verdict({"scoring": rss}, 600, adjusted={"scoring": adjusted_series(rss, still, costs)})
     assert v["verdict"] == "NOT flat" and "less designed state" in v["reason"]
     assert adjusted_series(rss, [(0.0, {})], costs) == []  # no gauge sample: nothing to judge on
+
+    # The kept score sums report their own bytes: 3 MiB/min of them is designed growth too.
+    sums = [(t, {PAIRS: 0.0, IDS: 0.0, SUMS: 3 * MIB * t / 60}) for t, _m in rss]
+    adj = adjusted_series(rss, sums, costs)
+    assert max(abs(m - 300) for _t, m in adj) < 0.01
+    assert state_growth(sums, 600)["user_sums_bytes_end"] == int(30 * MIB)
 
 
 def test_scoring_keeps_up_when_its_backlog_drains_within_thirty_seconds() -> None:

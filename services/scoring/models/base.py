@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -47,6 +49,12 @@ class Recommender(ABC):
     def similar_items(self, item: int, k: int) -> list[tuple[int, float]]:
         """The ``k`` nearest items to ``item`` (excluding itself), best first."""
 
+    def item_sums(self) -> ItemSums | None:
+        """The model's scores as sums of one integer row per seen item (:class:`ItemSums`), for
+        models whose score of a history is exactly that; None for the others. Serving keeps such
+        sums per heavy shopper and adds only their new items (services/scoring/user_sums.py)."""
+        return None
+
     @abstractmethod
     def arrays(self) -> dict[str, np.ndarray]:
         """Learned state as named arrays (the artifact stored in GridFS)."""
@@ -61,6 +69,42 @@ class Recommender(ABC):
         arrays: dict[str, Any] = {"__meta__": np.frombuffer(meta.encode(), dtype=np.uint8), **self.arrays()}
         np.savez(buf, **arrays)
         return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class ItemSums:
+    """Scores of a binary history as a sum of fixed-point item rows: ``score = (Σ rows[i]) * scale``
+    over the user's items ``i``.
+
+    Integers, not floats, because integer addition is exact and commutes: a user's sums kept
+    across batches (one row added per new item) are bit-for-bit the sums a fresh product over the
+    whole history gives, in whatever order the items came, so a replica that restarts (or one
+    rebuilt from the archive) serves exactly the scores of one that never stopped. Float sums
+    would depend on the order of additions. ``rows`` is int32: :func:`fixed_point` picks the
+    scale so that no sum over any set of items can leave its range.
+    """
+
+    rows: np.ndarray  # items x items, int32
+    scale: float  # a power of two
+
+    def scores(self, sums: np.ndarray) -> np.ndarray:
+        """float32 scores from integer sums (one rounding, the same for every path)."""
+        return (sums.astype(np.float64) * self.scale).astype(np.float32)
+
+
+FIXED_POINT_BOUND = 2**30  # largest |sum| allowed before rounding: the rounding adds < n/2 < 2**30
+
+
+def fixed_point(M: np.ndarray) -> ItemSums:
+    """``M`` (float items x items) as :class:`ItemSums`: the largest scale that keeps every column's
+    sum of absolute values (the largest any user's score can reach) within 2**30. On Online
+    Retail's EASE that is a resolution of about 1e-9 of the largest possible score, far below
+    float32's own rounding of one score."""
+    bound = float(np.abs(M).sum(axis=0, dtype=np.float64).max()) if M.size else 0.0
+    shift = math.floor(math.log2(FIXED_POINT_BOUND / bound)) if bound > 0 else 0
+    # ldexp by a power of two is exact in float32, and rint to an integer-valued float32 too.
+    rows = np.rint(np.ldexp(np.asarray(M, dtype=np.float32), shift)).astype(np.int32)
+    return ItemSums(np.ascontiguousarray(rows), math.ldexp(1.0, -shift))
 
 
 def top_k_indices(scores: np.ndarray, k: int) -> np.ndarray:
