@@ -165,9 +165,9 @@ class Publisher:
                 raise
         written: dict[str, StyleProfile | None] = {}
 
-        def queue_profiles(pipe: redis.client.Pipeline, part: dict[str, dict[str, float]]) -> None:
+        def queue_profiles(pipe: redis.client.Pipeline, part: dict[str, dict[str, float]], scale: float) -> None:
             try:
-                written.update(self.profiles.queue_many(pipe, part, prefetched))
+                written.update(self.profiles.queue_many(pipe, part, prefetched, scale))
             except redis.RedisError:
                 STORE_ERRORS.labels("redis", "style_profile").inc()
                 raise
@@ -176,8 +176,10 @@ class Publisher:
             marks = self.state.write_marks(users, self.engine.holder.version)
             # Read once under the lock: recs, seen sets and profiles all come from this state,
             # and go out in the same MULTI/EXEC per chunk of users.
-            histories = self.state.histories(users)
-            self.recs.write_users(users, histories=histories, added=added, also=queue_profiles if profiles else None)
+            histories, scale = self.state.stored_histories(users)
+            self.recs.write_users(
+                users, histories=histories, scale=scale, added=added, also=queue_profiles if profiles else None
+            )
             if not profiles:
                 return
             self.state.mark_written(marks)

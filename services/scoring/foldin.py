@@ -115,8 +115,9 @@ class Recommender:
         self.arrivals = arrivals or (lambda: [])
 
     @staticmethod
-    def history_rows(sm: ServingModel, histories: list[dict[str, float]]) -> sp.csr_matrix:
-        """CSR rows over the model's items: ``log1p`` of each known item's decayed weight."""
+    def history_rows(sm: ServingModel, histories: list[dict[str, float]], scale: float = 1.0) -> sp.csr_matrix:
+        """CSR rows over the model's items: ``log1p`` of each known item's decayed weight
+        (``scale`` x the weight given: InteractionState.stored_histories)."""
         indptr = [0]
         cols: list[int] = []
         vals: list[float] = []
@@ -128,7 +129,7 @@ class Recommender:
                     cols.append(j)
                     vals.append(w)
             indptr.append(len(cols))
-        data = np.log1p(np.asarray(vals, dtype=np.float64)).astype(np.float32)
+        data = np.log1p(np.asarray(vals, dtype=np.float64) * scale).astype(np.float32)
         # A vanishingly decayed interaction is still an interaction: keep it visible to the model.
         data = np.maximum(data, np.float32(1e-6))
         return sp.csr_matrix(
@@ -159,14 +160,16 @@ class Recommender:
         exclude_seen: bool = True,
         category: str = "",
         histories: dict[str, dict[str, float]] | None = None,
+        scale: float = 1.0,
     ) -> dict[str, Recs]:
-        """Each user's top-``k``; identical to asking for each user alone (tests/scoring/test_batched_foldin.py)."""
+        """Each user's top-``k``; identical to asking for each user alone (tests/scoring/test_batched_foldin.py).
+        ``histories`` (read from the state when None) have their weights multiplied by ``scale``."""
         start = time.perf_counter()
         sm = self.holder.get()  # one reference for the whole batch: atomic w.r.t. swaps
         wanted = list(dict.fromkeys(users))
         if histories is None:
             histories = self.state.histories(u for u in wanted if u)
-        out = self._rank(sm, wanted, k, exclude_seen, category, histories)
+        out = self._rank(sm, wanted, k, exclude_seen, category, histories, scale)
         # Per user, the batch's time shared out: the histogram keeps meaning "cost of one user's
         # fold-in" whatever the batch size, which the batch-size histogram shows beside it.
         each = (time.perf_counter() - start) / max(1, len(wanted))
@@ -183,6 +186,7 @@ class Recommender:
         exclude_seen: bool,
         category: str,
         histories: dict[str, dict[str, float]],
+        scale: float = 1.0,
     ) -> dict[str, Recs]:
         allowed = self._allowed(category)
         out: dict[str, Recs] = {}
@@ -206,7 +210,7 @@ class Recommender:
             held = set(kept)
             scored = [u for u in scored if u not in held] + kept
         whole = scored[: len(scored) - len(kept)]
-        rows = self.history_rows(sm, [histories[u] for u in whole])
+        rows = self.history_rows(sm, [histories[u] for u in whole], scale)
         parts: list[np.ndarray] = []
         if whole:
             # float32 as the models produce it: the values (and so the ranking) are the ones the
@@ -343,18 +347,21 @@ class RecsWriter:
         users: Iterable[str],
         chunk: int = 500,
         histories: dict[str, dict[str, float]] | None = None,
+        scale: float = 1.0,
         added: dict[str, set[str]] | None = None,
-        also: Callable[[redis.client.Pipeline, dict[str, dict[str, float]]], None] | None = None,
+        also: Callable[[redis.client.Pipeline, dict[str, dict[str, float]], float], None] | None = None,
     ) -> int:
         """Per ``chunk`` users: one batched fold-in and one MULTI/EXEC (the gateway never reads a
         half-written user, and a batch costs one Redis round trip instead of one per user).
-        ``histories``: the users' current histories when the caller already read them.
+        ``histories``: the users' current histories when the caller already read them (weights
+        times ``scale``: InteractionState.stored_histories).
         ``added``: when the caller knows what each user's history gained since this process last
         wrote it (the consumer's batch), the seen set takes just those items instead of being
         deleted and rewritten whole: a heavy shopper's set holds hundreds of items, and rewriting
         it on each of their events made a fold-in's cost grow with the history (docs/load.md).
-        ``also``: queues more writes of the same users (their style profiles) into the same
-        MULTI/EXEC, so a consumer batch costs one round trip, not one per kind of key.
+        ``also``: queues more writes of the same users (their style profiles, from the same
+        histories and scale) into the same MULTI/EXEC, so a consumer batch costs one round trip,
+        not one per kind of key.
 
         The seen-set script goes as EVAL, not as a registered script: redis-py asks ``SCRIPT
         EXISTS`` in a round trip of its own before every pipeline that holds a registered script,
@@ -362,10 +369,11 @@ class RecsWriter:
         wanted = list(dict.fromkeys(users))
         for begin in range(0, len(wanted), chunk):
             part = wanted[begin : begin + chunk]
-            hist = (
-                {u: histories.get(u, {}) for u in part} if histories is not None else self.engine.state.histories(part)
-            )
-            recs = self.engine.top_n_many(part, self.top_n, exclude_seen=self.exclude_seen, histories=hist)
+            if histories is not None:
+                hist = {u: histories.get(u, {}) for u in part}
+            else:
+                hist, scale = self.engine.state.stored_histories(part)
+            recs = self.engine.top_n_many(part, self.top_n, exclude_seen=self.exclude_seen, histories=hist, scale=scale)
             seen = {u: hist[u].keys() for u in part}
             now = f"{time.time():.3f}"
             pipe = self.redis.pipeline(transaction=True)
@@ -390,7 +398,7 @@ class RecsWriter:
                 else:
                     self._write_seen(pipe, user, seen[user])
             if also is not None:
-                also(pipe, hist)
+                also(pipe, hist, scale)
             # Last in the transaction: gateways drop the answers they kept for these users
             # (services/gateway/answers.py) once everything above is visible.
             pipe.publish(keys.user_changes_channel(), " ".join(part))

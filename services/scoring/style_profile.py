@@ -52,8 +52,9 @@ def compute_profile(
     embeddings: dict[str, np.ndarray],
     half_confidence_weight: float,
     centroid: np.ndarray | None = None,
+    scale: float = 1.0,
 ) -> StyleProfile | None:
-    """The user's profile in the centred space of ``centroid``.
+    """The user's profile in the centred space of ``centroid`` (``history``'s weights times ``scale``).
 
     ``centroid`` None (no catalog centroid known yet: tiny catalogs, tests) falls back to
     the uncentred unit embeddings; the gateway then also scores uncentred (it reads the
@@ -63,7 +64,7 @@ def compute_profile(
     # C: a heavy shopper's thousands of photo-less items cost no Python loop on each of their
     # events) and taken in id order, so the sums do not depend on the order items came in.
     common = history.keys() & embeddings.keys()
-    used = [(item, history[item]) for item in sorted(common) if history[item] > 0]
+    used = [(item, w) for item in sorted(common) if (w := history[item] * scale) > 0]
     if not used:
         return None
     W = float(sum(w for _, w in used))
@@ -407,8 +408,10 @@ class ProfileWriter:
         pipe: redis.client.Pipeline,
         histories: dict[str, dict[str, float]],
         prefetched: tuple[set[str], dict[str, np.ndarray]] | None = None,
+        scale: float = 1.0,
     ) -> dict[str, StyleProfile | None]:
-        """:meth:`update_many` into the caller's transaction (the consumer's recs write)."""
+        """:meth:`update_many` into the caller's transaction (the consumer's recs write); the
+        histories' weights times ``scale`` (InteractionState.stored_histories)."""
         looked, embeddings = prefetched if prefetched is not None else (set(), {})
         rest = set().union(*histories.values()) - looked
         if rest:
@@ -416,7 +419,7 @@ class ProfileWriter:
         centroid = self.centroid.get() if self.centroid is not None else None
         out: dict[str, StyleProfile | None] = {}
         for user, history in histories.items():
-            profile = compute_profile(history, embeddings, self.half, centroid)
+            profile = compute_profile(history, embeddings, self.half, centroid, scale)
             out[user] = profile
             self._queue(pipe, user, profile)
         return out

@@ -188,3 +188,24 @@ def test_popularity_ranking_cache_follows_the_state() -> None:
     assert [i for i, _ in s.popular(5)] == ["b", "a"]
     s.forget("v")
     assert [i for i, _ in s.popular(5)] == ["a"]
+
+
+@pytest.mark.parametrize("algorithm", ["ease", "itemknn", "history"])
+def test_stored_weights_and_a_scale_answer_as_decayed_weights(
+    algorithm: str, shop: tuple[InteractionState, list[EventRecord]]
+) -> None:
+    """The consumer hands the fold-in stored sums and one decay factor (a C-speed copy) instead of
+    decayed weights (a Python loop per item): the same products, so the very same lists."""
+    state, _ = shop
+    sm = fit_model(state, algorithm, {})
+    holder = ModelHolder()
+    holder.swap(sm)
+    engine = Recommender(state, holder, new_item_slots=2)
+    users = state.users()
+    stored, scale = state.stored_histories(users)
+    decayed = state.histories(users)
+    assert {u: {i: w * scale for i, w in h.items()} for u, h in stored.items()} == decayed
+    assert scale != 1.0
+    got = engine.top_n_many(users, K, histories=stored, scale=scale)
+    want = engine.top_n_many(users, K, histories=decayed)
+    assert all(got[u].items == want[u].items for u in users)
