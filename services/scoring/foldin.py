@@ -308,14 +308,49 @@ class Recommender:
         return out, sm.version
 
 
-# Adds a batch's items to a user's seen set and says whether the set now has exactly the size
-# of the user's history. Only scoring writes the set, always from the history, and a history
-# only grows (ForgetUser deletes the keys), so "subset of the history, of the history's size"
-# means "equal to it". 0 means the set had expired or drifted: the caller rewrites it whole.
-SEEN_ADD_LUA = """
-if #ARGV > 2 then redis.call('SADD', KEYS[1], unpack(ARGV, 3)) end
-if redis.call('SCARD', KEYS[1]) == tonumber(ARGV[2]) then
-  redis.call('EXPIRE', KEYS[1], ARGV[1])
+# One user's recs, meta, known marker and seen set, in one script call: the ~7 commands each had
+# cost redis-py a Python call and a packing of their own, which made the Redis writes about half
+# of a batch's client-side time (docs/scoring.md, "Under load"). KEYS: recs, recs_meta,
+# user_known, user_seen. ARGV: ttl, known ttl, n, n x (item, score), m, m x (field, value),
+# seen mode, history size, the seen members to add (mode "add": the batch's new items) or all of
+# them (mode "whole"). Mode "add" then checks the set has exactly the history's size: only scoring
+# writes the set, always from the history, and a history only grows (ForgetUser deletes the
+# keys), so "subset of the history, of the history's size" means "equal to it". Returns 1, or 0
+# when the set had expired or drifted: the caller rewrites it whole.
+WRITE_USER_LUA = """
+local function sadd_from(key, first)
+  while first <= #ARGV do
+    local last = math.min(first + 4999, #ARGV)
+    redis.call('SADD', key, unpack(ARGV, first, last))
+    first = last + 1
+  end
+end
+local ttl = ARGV[1]
+local n = tonumber(ARGV[3])
+local i = 4
+redis.call('DEL', KEYS[1])
+if n > 0 then
+  redis.call('HSET', KEYS[1], unpack(ARGV, i, i + 2 * n - 1))
+  redis.call('EXPIRE', KEYS[1], ttl)
+end
+i = i + 2 * n
+local m = tonumber(ARGV[i])
+redis.call('HSET', KEYS[2], unpack(ARGV, i + 1, i + 2 * m))
+redis.call('EXPIRE', KEYS[2], ttl)
+i = i + 2 * m + 1
+redis.call('SET', KEYS[3], '1', 'EX', ARGV[2])
+local mode, size = ARGV[i], tonumber(ARGV[i + 1])
+if mode == 'whole' then
+  redis.call('DEL', KEYS[4])
+  if #ARGV >= i + 2 then
+    sadd_from(KEYS[4], i + 2)
+    redis.call('EXPIRE', KEYS[4], ttl)
+  end
+  return 1
+end
+sadd_from(KEYS[4], i + 2)
+if redis.call('SCARD', KEYS[4]) == size then
+  redis.call('EXPIRE', KEYS[4], ttl)
   return 1
 end
 return 0
@@ -380,23 +415,22 @@ class RecsWriter:
             checks: dict[int, str] = {}  # index of a seen-set add in the transaction's results -> user
             for user in part:
                 r = recs[user]
-                pipe.delete(keys.recs(user))
-                if r.items:
-                    pipe.hset(keys.recs(user), mapping={i: f"{s:.6g}" for i, s in r.items})
-                    pipe.expire(keys.recs(user), self.ttl_s)
-                meta: dict[Any, Any] = {"model_version": r.version, "updated_at": now}
+                args: list[Any] = [self.ttl_s, self.known_ttl_s, len(r.items)]
+                for item, score in r.items:
+                    args += (item, f"{score:.6g}")
+                meta: list[Any] = ["model_version", r.version, "updated_at", now]
                 if self.engine.repeat:
                     # Which listed items are the user's own again (the gateway marks them "rebuy").
-                    meta["rebuy"] = json.dumps(sorted(r.rebuys))
-                pipe.hset(keys.recs_meta(user), mapping=meta)
-                pipe.expire(keys.recs_meta(user), self.ttl_s)
-                pipe.set(keys.user_known(user), b"1", ex=self.known_ttl_s)
+                    meta += ("rebuy", json.dumps(sorted(r.rebuys)))
+                args += (len(meta) // 2, *meta)
                 new = added.get(user, set()) if added is not None else None
                 if new is not None and seen[user] and len(new) <= SEEN_ADD_MAX:
                     checks[len(pipe.command_stack)] = user
-                    pipe.eval(SEEN_ADD_LUA, 1, keys.user_seen(user), self.ttl_s, len(seen[user]), *sorted(new))
+                    args += ("add", len(seen[user]), *sorted(new))
                 else:
-                    self._write_seen(pipe, user, seen[user])
+                    args += ("whole", len(seen[user]), *seen[user])
+                user_keys = (keys.recs(user), keys.recs_meta(user), keys.user_known(user), keys.user_seen(user))
+                pipe.execute_command("EVAL", WRITE_USER_LUA, len(user_keys), *user_keys, *args)
             if also is not None:
                 also(pipe, hist, scale)
             # Last in the transaction: gateways drop the answers they kept for these users

@@ -67,3 +67,31 @@ def test_batch_adds_only_new_items_and_the_set_always_equals_the_history(
     writer.write_users([user], added=apply([f"bulk-{k}" for k in range(SEEN_ADD_MAX + 1)]))
     assert seen_in_redis(r, user) == set(state.seen(user))
     assert writes("whole") - whole_before == 3
+
+
+def test_one_script_writes_every_key_of_a_user(session_redis: redis.Redis, unique: str) -> None:
+    """The per-user script (foldin.py WRITE_USER_LUA): a whole seen set larger than one SADD of the
+    script takes (12,000 members, added in chunks), an empty list (the key is removed, not left
+    stale), the meta and the known marker, each with its TTL."""
+    r = session_redis
+    state = InteractionState({1: 1.0}, 30 * 86400)
+    writer = RecsWriter(r, Recommender(state, ModelHolder()), top_n=5, ttl_s=600, exclude_seen=True, known_ttl_s=900)
+    user = f"script-{unique}"
+    state.apply_all(EventRecord(f"{unique}-{k}", user, f"item-{k}", 1, T0 + k) for k in range(12_000))
+    r.hset(keys.recs(user), mapping={"stale": "1.0"})
+    writer.write_users([user])  # no ``added``: the whole set
+    assert seen_in_redis(r, user) == set(state.seen(user)) and len(state.seen(user)) == 12_000
+    assert 0 < r.ttl(keys.user_seen(user)) <= 600
+    # The only shopper has seen every item: nothing is left to recommend, and the old list is gone.
+    assert not r.exists(keys.recs(user))
+    meta = {k.decode(): v.decode() for k, v in r.hgetall(keys.recs_meta(user)).items()}
+    assert meta["model_version"] == "popularity-v1" and float(meta["updated_at"]) > 0
+    assert 0 < r.ttl(keys.recs_meta(user)) <= 600
+    assert r.get(keys.user_known(user)) == b"1" and 600 < r.ttl(keys.user_known(user)) <= 900
+
+    other = f"script-other-{unique}"
+    state.apply(EventRecord(f"{unique}-o", other, "item-1", 1, T0))
+    writer.write_users([other], added={other: {"item-1"}})
+    recs = {k.decode(): float(v) for k, v in r.hgetall(keys.recs(other)).items()}
+    assert len(recs) == 5 and "item-1" not in recs
+    assert 0 < r.ttl(keys.recs(other)) <= 600
