@@ -198,6 +198,8 @@ def cmd_bench_ingest(args: argparse.Namespace) -> int:
     if args.rounds < 1:
         raise UsageError("--rounds must be at least 1")
     run_id = uuid.uuid4().hex[:8]
+    # A fresh clone has no out/ yet: mkdtemp does not make parents.
+    (REPO / "out").mkdir(exist_ok=True)
     stack_dir = Path(tempfile.mkdtemp(prefix="bench-ingest-", dir=REPO / "out"))
     stack = Stack(dir=stack_dir)
     pseudonymize = Pseudonymizer(DEV_PSEUDONYM_SECRET)
