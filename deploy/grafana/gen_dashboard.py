@@ -245,6 +245,19 @@ def build() -> dict[str, Any]:
         description="outcome=error means the handler raised and the batch is being retried.",
     )
     d.add(
+        "Consumer loop busy time by phase",
+        [
+            (
+                f"sum by (group, phase) (rate(stylerec_kafka_consumer_batch_seconds_sum[{RATE}]))",
+                "{{group}} {{phase}}",
+            )
+        ],
+        unit="percentunit",
+        description="Share of wall time each consumer group's loop spends polling, handling and committing."
+        " A group whose phases add up to ~1 per replica has no idle time left: its events queue and their"
+        " freshness grows even while the lag in messages stays small (docs/load.md).",
+    )
+    d.add(
         "Produced / s by topic",
         [(f"sum by (topic, outcome) (rate(stylerec_kafka_messages_produced_total[{RATE}]))", "{{topic}} {{outcome}}")],
         unit="ops",

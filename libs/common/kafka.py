@@ -24,7 +24,7 @@ from kafka.errors import KafkaError, TopicAlreadyExistsError
 from kafka.partitioner.default import murmur2
 from stylerec.v1 import common_pb2
 
-from libs.common.metrics import CONSUMED, CONSUMER_LAG, DEAD_LETTERS, PRODUCED
+from libs.common.metrics import CONSUMED, CONSUMER_BATCH, CONSUMER_LAG, DEAD_LETTERS, PRODUCED
 
 if TYPE_CHECKING:
     from libs.common.settings import ServiceSettings
@@ -326,12 +326,14 @@ class ProtoConsumerLoop(Generic[M]):
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
+                started = time.perf_counter()
                 with self._lock:
                     polled = self._consumer.poll(timeout_ms=self._poll_timeout_ms)
                     self._assigned = frozenset(self._consumer.assignment())
                 if not polled:
                     self._export_lag()
                     continue
+                CONSUMER_BATCH.labels(self.group_id, "poll").observe(time.perf_counter() - started)
                 self._process(polled)
             except Exception as exc:
                 self.last_error = f"{type(exc).__name__}: {exc}"
@@ -344,6 +346,7 @@ class ProtoConsumerLoop(Generic[M]):
                 time.sleep(0.5)
 
     def _process(self, polled: dict[TopicPartition, list[ConsumerRecord]]) -> None:
+        started = time.perf_counter()
         good: list[Decoded[M]] = []
         for tp, records in polled.items():
             for record in records:
@@ -366,8 +369,11 @@ class ProtoConsumerLoop(Generic[M]):
             for tp, records in polled.items():
                 CONSUMED.labels(self.group_id, tp.topic, "error").inc(len(records))
             raise
+        handled = time.perf_counter()
+        CONSUMER_BATCH.labels(self.group_id, "handle").observe(handled - started)
         with self._lock:
             self._consumer.commit()
+        CONSUMER_BATCH.labels(self.group_id, "commit").observe(time.perf_counter() - handled)
         self.batches += 1
         for d in good:
             CONSUMED.labels(self.group_id, d.record.topic, "ok").inc()

@@ -46,6 +46,14 @@ CONSUMED = Counter(
     "Kafka messages handled by a consumer, by outcome (ok, dead_letter, skipped, error).",
     ["group", "topic", "outcome"],
 )
+CONSUMER_BATCH = Histogram(
+    "stylerec_kafka_consumer_batch_seconds",
+    "Wall time of each step of a consumer's poll -> handle -> commit cycle, for polls that returned"
+    " records (poll: the poll call, which waits for the fetch; handle: decoding and the service's"
+    " batch handler; commit: the offset commit). An event waits about two cycles.",
+    ["group", "phase"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
 PRODUCED = Counter(
     "stylerec_kafka_messages_produced_total",
     "Kafka messages produced, by outcome (ok, error).",

@@ -8,6 +8,7 @@ import time
 import gridfs
 import pytest
 from kafka import KafkaConsumer
+from prometheus_client import REGISTRY
 from pymongo import UpdateOne
 from pymongo.errors import ServerSelectionTimeoutError
 from stylerec.v1 import common_pb2
@@ -68,6 +69,12 @@ def test_producer_consumer_roundtrip_with_dead_letter(infra: Stack, unique: str)
         assert all(d.message.item_id == "i1" for d in got)
     finally:
         loop.stop()
+    # Each step of the cycles that carried records is timed (the dashboard's busy-time panel).
+    for phase in ("poll", "handle", "commit"):
+        labels = {"group": f"g-{unique}", "phase": phase}
+        count = REGISTRY.get_sample_value("stylerec_kafka_consumer_batch_seconds_count", labels)
+        assert count is not None and count >= 1, f"no {phase} timing"
+        assert (REGISTRY.get_sample_value("stylerec_kafka_consumer_batch_seconds_sum", labels) or 0) > 0
     # The undecodable record is parked with its reason, not lost and not retried forever.
     dlq = KafkaConsumer(
         dead_letter_topic(f"svc{unique}"),
