@@ -95,6 +95,7 @@ def seed(
     pipe = r.pipeline(transaction=False)
     for i, e in zip(items, emb, strict=True):
         pipe.set(keys.item_embedding(i), encode_embedding(e))
+    pipe.incr(keys.item_embeddings_version())  # as the style worker does: readers rescan when it moves
     pipe.zadd(keys.popular(), {i: float(N_ITEMS - n) for n, i in enumerate(items[:300])})
     pipe.set(keys.model_version(), "bench-model-1")
     requests = []

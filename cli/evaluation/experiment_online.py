@@ -104,6 +104,7 @@ def seed_world(
     pipe = r.pipeline(transaction=False)
     for i in items:
         pipe.set(keys.item_embedding(i), encode_embedding(emb[i]))
+    pipe.incr(keys.item_embeddings_version())  # as the style worker does: readers rescan when it moves
     pipe.zadd(keys.popular(), {i: float(n_items - n) for n, i in enumerate(items[:50])})
     pipe.set(keys.model_version(), "sim-model-1")
     pseudo = Pseudonymizer(SECRET)

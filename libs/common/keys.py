@@ -53,7 +53,9 @@ def item_embedding(item_id: str) -> str:
 
 def item_embeddings_version() -> str:
     """Counter the style worker increments whenever it writes or deletes an ``item_embedding``:
-    a reader that remembered which items had none knows when to ask again; owner: style worker."""
+    a reader that remembered which items had none knows when to ask again (scoring's profiles),
+    and the gateway's embedding index rescans only when it moved; owner: style worker (anything
+    else that writes embeddings, a benchmark or a test seeding a catalog, increments it too)."""
     return f"{NS}:{SCHEMA}:emb-version"
 
 

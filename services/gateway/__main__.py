@@ -103,7 +103,7 @@ def build_app(settings: GatewaySettings) -> GatewayApp:
     )
     # One centroid cache for both users of style similarity (re-rank and similar items).
     centroid = StyleCentroid(ds, settings.style_centroid_near_cache_s)
-    index = EmbeddingIndex(ds, settings.embedding_index_refresh_s, centroid)
+    index = EmbeddingIndex(ds, settings.embedding_index_refresh_s, centroid, settings.embedding_index_full_scan_s)
     catalog = ItemCatalog(ds, settings.item_cache_ttl_s, settings.item_near_cache_s)
     # Answers built from something unversioned (scoring's TopN, embeddings outside the index) live
     # no longer than the popularity near cache, as every kept answer did before versions.

@@ -164,7 +164,20 @@ class GatewaySettings(ServiceSettings):
 
     # --- similar items ---------------------------------------------------------------------------
     embedding_index_refresh_s: float = Field(
-        30.0, gt=0, description="How often the in-process item style-embedding index is reloaded from Redis."
+        30.0,
+        gt=0,
+        description=(
+            "How often the in-process item style-embedding index checks the embeddings version in Redis;"
+            " it rescans (SCAN + MGET) only when the version moved."
+        ),
+    )
+    embedding_index_full_scan_s: float = Field(
+        600.0,
+        gt=0,
+        description=(
+            "Longest time between two full rescans of the embedding index even when the embeddings"
+            " version did not move (a writer that forgot to increment it is seen within this)."
+        ),
     )
 
     # --- online experiments (docs/experiments.md) --------------------------------------------

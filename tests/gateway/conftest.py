@@ -165,6 +165,7 @@ class Seeder:
         )
         if embedding is not None:
             self.r.set(keys.item_embedding(item_id), encode_embedding(embedding))
+            self.r.incr(keys.item_embeddings_version())  # as the style worker does
         return ref
 
     def recs(self, user: str, scores: dict[str, float], version: str = "test-model-1") -> None:

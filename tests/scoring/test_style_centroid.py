@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -102,11 +103,13 @@ def test_catalog_centroid_is_published_for_the_gateway_and_withdrawn_for_tiny_ca
         few = dict(list(looks.items())[: MIN_CENTROID_ITEMS - 1])
         r.mset({keys.item_embedding(i): unit(v).astype("<f4").tobytes() for i, v in few.items()})
         r.set(keys.item_embedding("broken"), b"\x00" * 7)  # wrong size: ignored
+        r.incr(keys.item_embeddings_version())  # as every embedding writer does
         cc = CatalogCentroid(r, 8, refresh_s=300.0, retry_s=0.0)
         assert cc.get() is None and cc.items == MIN_CENTROID_ITEMS - 1
         assert not r.exists(keys.style_centroid())
 
         r.mset({keys.item_embedding(i): unit(v).astype("<f4").tobytes() for i, v in looks.items()})
+        r.incr(keys.item_embeddings_version())
         c = cc.get()
         expected, n = catalog_centroid(np.stack(list(looks.values())))
         assert c is not None and expected is not None and n == 20 and np.allclose(c, expected, atol=1e-6)
@@ -129,6 +132,7 @@ def test_started_centroid_refreshes_on_its_own_thread_not_in_get(infra: Stack) -
         assert cc.get() is None
         looks = catalog()
         r.mset({keys.item_embedding(i): unit(v).astype("<f4").tobytes() for i, v in looks.items()})
+        r.incr(keys.item_embeddings_version())
         deadline = time.monotonic() + 10
         while cc.get() is None and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -137,5 +141,34 @@ def test_started_centroid_refreshes_on_its_own_thread_not_in_get(infra: Stack) -
         assert cc.get() is not None
     finally:
         cc.stop()
+        r.flushdb()
+        r.close()
+
+
+def test_a_retry_scans_only_when_the_embeddings_version_moved(infra: Stack) -> None:
+    """No centroid yet (too few embedded items): each retry reads the version; the SCAN, which
+    walks every user's keys too, runs again only when an embedding was written or deleted."""
+    r = redis.Redis(port=infra.components["redis"].port, db=CENTROID_REDIS_DB)
+    r.flushdb()
+    scans: list[int] = []
+    real_scan = r.scan_iter
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        scans.append(1)
+        return real_scan(*args, **kwargs)
+
+    r.scan_iter = counted  # type: ignore[method-assign]
+    try:
+        cc = CatalogCentroid(r, 8, refresh_s=300.0, retry_s=0.0)
+        for _ in range(5):
+            assert cc.get() is None
+        assert len(scans) == 1, "retries with nothing written must not rescan"
+        looks = catalog()
+        r.mset({keys.item_embedding(i): unit(v).astype("<f4").tobytes() for i, v in looks.items()})
+        assert cc.get() is None, "a write that did not move the version is not looked for"
+        r.incr(keys.item_embeddings_version())
+        assert cc.get() is not None and cc.items == 20
+        assert len(scans) == 2
+    finally:
         r.flushdb()
         r.close()
