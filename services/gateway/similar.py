@@ -5,10 +5,9 @@ request would be O(catalog), so each replica keeps a matrix of them in memory,
 reloaded (SCAN + MGET of ``keys.item_embedding``) at most every
 ``embedding_index_refresh_s``, and only when ``keys.item_embeddings_version`` (which every
 embedding writer increments) has moved or ``embedding_index_full_scan_s`` has passed. The SCAN
-walks the whole keyspace, and that grows with the shop's users and events, not with the
-catalog: in a 4-minute `stylerec bench load` soak it went from 1,195 to 2,989 SCAN calls a
-minute and up to 3.8 s of Redis's time a minute (1.1 to 1.5 ms a call, every other command waiting
-behind each), to find the same 2,228 items' (absent) embeddings each time.
+walks the whole keyspace, which grows with the shop's users and events, not with the catalog
+(1.1 to 1.5 ms of Redis's time per SCAN call late in a 4-minute `stylerec bench load` soak, every
+other command waiting behind each; scoring's catalog centroid was gated the same way for it).
 
 Similarity is the catalog-centred cosine mapped to 0..1
 (libs/common/style_math.py; the plain cosine while scoring has published no centroid), so
