@@ -256,12 +256,20 @@ class ProtoConsumerLoop(Generic[M]):
         validate: Callable[[M], str | None] | None = None,
         auto_offset_reset: str = "earliest",
         fetch_max_wait_ms: int | None = None,
+        fetch_min_bytes: int = 1,
         security: Mapping[str, Any] | None = None,
         redact: Redactor | None = None,
         dead_letter: bool = True,
     ) -> None:
         """``dead_letter=False``: unusable records are skipped (counted ``skipped``), for a second
-        group on a topic whose owner already dead-letters them, so none is parked twice."""
+        group on a topic whose owner already dead-letters them, so none is parked twice.
+
+        ``fetch_min_bytes`` > 1 with ``fetch_max_wait_ms`` makes the loop take its records in
+        ticks: the broker holds each fetch until that many bytes are there or the wait is over,
+        so under a steady stream a cycle carries everything that arrived in one wait instead of
+        whatever trickled in since the last cycle. That matters on the embedded broker, whose
+        cost per fetch grows with the number of record batches in each partition it reads
+        (docs/load.md, "The broker's fetch cost"): fewer, fuller fetches keep it bounded."""
         self.group_id = group_id
         self._dead_letter = dead_letter
         self._redact = redact
@@ -274,7 +282,9 @@ class ProtoConsumerLoop(Generic[M]):
         self._poll_timeout_ms = poll_timeout_ms
         # fetch_max_wait_ms (None = kafka-python's 500 ms): a broker that does not wake a parked
         # fetch when data arrives (the embedded tansu) adds up to this much latency per hop.
-        extra: dict[str, int] = {} if fetch_max_wait_ms is None else {"fetch_max_wait_ms": fetch_max_wait_ms}
+        extra: dict[str, int] = {"fetch_min_bytes": fetch_min_bytes}
+        if fetch_max_wait_ms is not None:
+            extra["fetch_max_wait_ms"] = fetch_max_wait_ms
         self._consumer = KafkaConsumer(
             bootstrap_servers=list(bootstrap),
             group_id=group_id,

@@ -399,8 +399,8 @@ class ExperimentsRunner:
             "max_poll_interval_ms": s.kafka_max_poll_interval_ms,
             "session_timeout_ms": s.kafka_session_timeout_ms,
             "security": kafka_security(s),
-            # The embedded broker does not wake parked fetches: keep attribution within ~0.1 s.
-            "fetch_max_wait_ms": 100,
+            "fetch_max_wait_ms": s.archive_fetch_max_wait_ms,
+            "fetch_min_bytes": s.archive_fetch_min_bytes,
         }
 
     def _start_loops(self) -> None:

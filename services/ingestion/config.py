@@ -95,6 +95,20 @@ class IngestionSettings(ServiceSettings):
         description="MongoDB collection where each archiver publishes how far its writes are visible.",
     )
     archiver_max_poll_records: int = Field(1000, ge=1, le=100_000, description="Records per archiver bulk write.")
+    archive_fetch_max_wait_ms: int = Field(
+        1000,
+        ge=1,
+        le=10_000,
+        description=(
+            "Fetch tick of the archiver and attribution consumers: the broker answers when"
+            " archive_fetch_min_bytes are there or this passed. They write the system of record and"
+            " feed reports, so a second is free to them, and it spares the embedded broker, whose fetch"
+            " cost grows with each partition's batch count (docs/load.md)."
+        ),
+    )
+    archive_fetch_min_bytes: int = Field(
+        1 << 20, ge=1, le=64 << 20, description="Bytes the broker waits for before answering an archive fetch."
+    )
 
     # ---- online experiments: impression archive and attribution (docs/experiments.md) ----
     experiments_enabled: bool = Field(

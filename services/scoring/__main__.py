@@ -171,6 +171,7 @@ def run_serving(settings: ScoringSettings) -> None:
         session_timeout_ms=settings.kafka_session_timeout_ms,
         validate=event_problem,
         fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
+        fetch_min_bytes=settings.kafka_fetch_min_bytes,
         security=kafka_security(settings),
         redact=redact_user_event,
     )

@@ -123,7 +123,23 @@ class ScoringSettings(ServiceSettings):
         20.0, gt=0, description="Decayed weight at which style-profile confidence reaches half its coherence."
     )
     kafka_fetch_max_wait_ms: int = Field(
-        50, ge=1, le=5000, description="Consumer fetch long-poll; bounds the event-to-recs latency on tansu."
+        100,
+        ge=1,
+        le=5000,
+        description=(
+            "Consumer fetch long-poll: with kafka_fetch_min_bytes, the apply tick under a steady stream"
+            " (on tansu a parked fetch is not woken, so it is also the most an idle stream adds per event)."
+        ),
+    )
+    kafka_fetch_min_bytes: int = Field(
+        1 << 20,
+        ge=1,
+        le=64 << 20,
+        description=(
+            "Bytes the broker waits for before answering a fetch (or kafka_fetch_max_wait_ms passes):"
+            " each apply cycle takes what arrived in one tick, not a trickle, so the embedded broker,"
+            " whose fetch cost grows with each partition's batch count, is asked a few times a second."
+        ),
     )
     embedding_dim: int = Field(100, ge=1, description="Length of item style embeddings.")
     embedding_cache_s: float = Field(
