@@ -252,20 +252,25 @@ class Attribution:
             raise
         metrics.IMPRESSIONS_ARCHIVED.inc(len(ops))
         # Only parked events these impressions can settle: those naming one of them, and those of
-        # their users recent enough for one to be their window match (shown at most skew_s after
-        # the event). Every other parked event was examined already and nothing new bears on it;
-        # re-reading all of a user's parked events here made each batch cost more as the
-        # unmatched ones accumulated (a day's window), and its memory grew with them (docs/load.md).
+        # their users, of an item they showed, recent enough for one to be their window match
+        # (shown at most skew_s after the event). Every other parked event was examined already
+        # and nothing new bears on it; re-reading all of a user's parked events here made each
+        # batch cost more as the unmatched ones accumulated (a day's window), and its memory grew
+        # with them (docs/load.md).
         ids = list(imps)
         users = list({m.user_id for m in imps.values()})
+        items_shown = list({it.item_id for m in imps.values() for it in m.items})
         since = min(ts_of(m) for m in imps.values()) - self.skew_s
+        recent = {"user_id": {"$in": users}, "item_id": {"$in": items_shown}, "ts": {"$gte": since}}
+        # An event naming one of them that can count is no older than its impression less the
+        # skew, so ``since`` bounds both queries: the server reads the recent part of the ts index
+        # instead of every parked event. (An older one could only be skipped as outside_window;
+        # it now expires with the unmatched events instead of being counted as such.)
+        named = {"recommendation_id": {"$in": ids}, "ts": {"$gte": since}}
         parked: dict[str, dict[str, Any]] = {
-            str(d["_id"]): d for d in with_retries(lambda: list(self.pending.find({"recommendation_id": {"$in": ids}})))
+            str(d["_id"]): d for d in with_retries(lambda: list(self.pending.find(named)))
         }
-        parked.update(
-            (str(d["_id"]), d)
-            for d in with_retries(lambda: list(self.pending.find({"user_id": {"$in": users}, "ts": {"$gte": since}})))
-        )
+        parked.update((str(d["_id"]), d) for d in with_retries(lambda: list(self.pending.find(recent))))
         if parked:
             self.resolve([Outcome.from_doc(d) for d in parked.values()])
 
@@ -297,18 +302,36 @@ class Attribution:
         self.swept_to = max(float(d["ts"]) for d in due) if len(due) == 5000 else cutoff
         return len(due)
 
+    def _impressions_showing(self, outcomes: list[Outcome]) -> list[dict[str, Any]]:
+        """Each user's impressions in the window that showed one of that user's items: the only
+        ones ``match`` can pick by window (one named by id is read by id in ``resolve``).
+
+        One query per user, by equality on the indexed ``user_id``. A single ``user_id $in``
+        query was one round trip, but the Mongo-protocol server of the local stack plans ``$in``
+        on a secondary index as a scan of the whole collection (equality uses the index): the
+        attribution sweep, once a second, then read every impression archived so far, and each
+        sweep cost more as the soak went on (docs/load.md). On MongoDB both use the index; the
+        per-user queries cost a round trip each, bounded by the users of one sweep or poll.
+        """
+        wanted: dict[str, tuple[set[str], float]] = {}
+        for o in outcomes:
+            items, earliest = wanted.get(o.user_id, (set(), o.ts))
+            items.add(o.item_id)
+            wanted[o.user_id] = (items, min(earliest, o.ts))
+        found: list[dict[str, Any]] = []
+        for user, (items, earliest) in wanted.items():
+            query = {"user_id": user, "items": {"$in": sorted(items)}, "ts": {"$gte": earliest - self.window_s}}
+            found += with_retries(lambda q=query: list(self.impressions.find(q)))  # type: ignore[misc]
+        return found
+
     def resolve(self, outcomes: list[Outcome], now: float | None = None) -> None:
         """Attribute what can be attributed now; settled events leave ``attribution_pending``."""
         due_before = (time.time() if now is None else now) - self.settle_s
         outcomes = [o for o in outcomes if o.recommendation_id or o.ts <= due_before]
         if not outcomes:
             return
-        users = list({o.user_id for o in outcomes})
         ids = list({o.recommendation_id for o in outcomes if o.recommendation_id})
-        earliest = min(o.ts for o in outcomes) - self.window_s
-        found: list[dict[str, Any]] = with_retries(
-            lambda: list(self.impressions.find({"user_id": {"$in": users}, "ts": {"$gte": earliest}}))
-        )
+        found = self._impressions_showing(outcomes)
         known = {d["_id"] for d in found}
         missing = [i for i in ids if i not in known]
         if missing:
