@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cli.load.commands import keeps_up, scoring_side
+from cli.load.commands import fresh_enough, keeps_up, scoring_side
 from cli.load.driver import KINDS, Mix, Workload
 from cli.load.freshness import ProbeResults, histogram_quantile
 from cli.load.report import memory_verdict
@@ -78,6 +78,22 @@ def test_scoring_keeps_up_when_its_backlog_drains_within_thirty_seconds() -> Non
     assert keeps_up(20_000, 12.5, 59.0)[0]
     ok, why = keeps_up(195_000, 17.3, 93.1)  # caught up fast, but recommendations were 93 s behind
     assert not ok and "93.1 s of writes" in why
+
+
+def test_a_max_search_step_is_held_to_the_soaks_freshness_goal() -> None:
+    """Quick answers with stale recommendations are not a rate the stack sustains."""
+    quick = ProbeResults(sent=3, latencies_s=[0.2, 0.3, 0.4], at_s=[0.0, 0.25, 0.5], accept_s=[0.05] * 3)
+    assert fresh_enough(quick.summary(10.0, 1.0)) == (True, "")
+    stale = ProbeResults(sent=3, latencies_s=[0.2, 0.3, 1.4], at_s=[0.0, 0.25, 0.5], accept_s=[0.05] * 3)
+    ok, why = fresh_enough(stale.summary(10.0, 1.0))
+    assert not ok and why == "freshness p95 1400.0 ms > 1000 ms (3 probes)"
+    quick.timeouts = 1  # a probe never seen ranks above the rest: the p95 is a timeout
+    ok, why = fresh_enough(quick.summary(10.0, 1.0))
+    assert not ok and "p95 a timeout" in why
+    refused = ProbeResults(sent=3, latencies_s=[0.2, 0.3], at_s=[0.0, 0.25], accept_s=[0.05] * 2)
+    refused.not_accepted = 1
+    assert fresh_enough(refused.summary(10.0, 1.0)) == (False, "1 freshness probes were not accepted")
+    assert not fresh_enough(ProbeResults().summary(10.0, 1.0))[0]  # no probe measured proves nothing
 
 
 def test_freshness_timeouts_rank_above_every_measured_probe() -> None:
@@ -167,6 +183,8 @@ def test_bench_load_end_to_end(tmp_path: Path) -> None:
     assert pipe["events_accepted"] > 0 and pipe["kept_up"] is True, pipe
     assert pipe["drained_after_s"] is not None and pipe["seed_drained_after_s"] is not None, pipe
     assert all(isinstance(s["scoring_backlog_events"], int) for s in steps)
+    # Each step is probed like the soak (a probe every --step-probe-interval while it is measured).
+    assert all(s["freshness"]["probes_measured"] >= 2 and s["freshness"]["p95_ms"] for s in steps), steps
     # Freshness under load: probes sent during the soak, each seen in the user's answer in Redis.
     fresh = soak["freshness"]
     assert fresh["probes_sent"] >= 10 and fresh["probes_measured"] == fresh["probes_sent"], fresh
@@ -199,6 +217,7 @@ def test_bench_load_end_to_end(tmp_path: Path) -> None:
         (["--scoring-replicas", "0", "--stack", "own"], "--scoring-replicas must be in [1, 4]"),
         (["--probe-interval", "0"], "--probe-interval must be in [0.05, 60] seconds"),
         (["--freshness-p95-ms", "-1"], "--freshness-p95-ms must be > 0"),
+        (["--step-probe-interval", "0.01"], "--step-probe-interval must be in [0.05, 60] seconds"),
     ],
 )
 def test_bench_load_bad_options_exit_2(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
