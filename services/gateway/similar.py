@@ -27,6 +27,7 @@ import redis
 from stylerec.v1 import gateway_pb2, scoring_pb2
 
 from libs.common import keys
+from libs.common.embedding_scan import EmbeddingScanGate
 from libs.common.style_math import affinity01, centre
 from services.gateway.deadlines import Deadline, DependencyUnavailable
 from services.gateway.downstream import Degradation, Downstream
@@ -54,8 +55,7 @@ class EmbeddingIndex:
         self.refresh_s = refresh_s
         self.full_scan_s = full_scan_s
         self.centroid = centroid
-        self._scanned_stamp: bytes | str | None = None  # keys.item_embeddings_version as read before the last scan
-        self._scanned_at = float("-inf")
+        self._scan_gate = EmbeddingScanGate()
         self._ids: list[str] = []
         self._pos: dict[str, int] = {}  # item id -> row, built once per reload (not per request)
         self._matrix = np.zeros((0, 100), dtype=np.float32)  # unit rows as stored
@@ -90,16 +90,14 @@ class EmbeddingIndex:
 
     def _reload(self, deadline: Deadline) -> None:
         """Rescan when the embeddings version moved (or the full-scan age passed); else keep the matrix."""
-        # Read before the scan: a write landing during the scan moves it again, so the next
-        # refresh scans once more instead of missing that write.
         stamp = self.ds.redis_call("embeddings_version", lambda r: r.get(keys.item_embeddings_version()), deadline)
-        if stamp == self._scanned_stamp and time.monotonic() - self._scanned_at < self.full_scan_s:
+        if self._scan_gate.unchanged(stamp, self.full_scan_s):
             with self._lock:
                 self._loaded_at = time.monotonic()
             return
         scanned_at = time.monotonic()
         ids, matrix = self.ds.redis_call("embeddings_scan", self._load, deadline)
-        self._scanned_stamp, self._scanned_at = stamp, scanned_at
+        self._scan_gate.scanned(stamp, scanned_at)
         with self._lock:
             if ids != self._ids or not np.array_equal(matrix, self._matrix):
                 self._version += 1
@@ -199,7 +197,7 @@ class EmbeddingIndex:
 
     def invalidate(self) -> None:
         self._loaded_at = 0.0
-        self._scanned_at = float("-inf")
+        self._scan_gate.forget()
 
     @staticmethod
     def _load(r: redis.Redis) -> tuple[list[str], np.ndarray]:

@@ -31,6 +31,7 @@ import redis
 from pymongo.database import Database
 
 from libs.common import keys
+from libs.common.embedding_scan import EmbeddingScanGate
 from libs.common.metrics import STORE_ERRORS
 from libs.common.style_math import catalog_centroid, centre, encode_centroid
 from services.scoring import metrics
@@ -308,8 +309,7 @@ class CatalogCentroid:
         self.value: np.ndarray | None = None
         self.items = 0
         self._next_at = 0.0
-        self._scanned_stamp: bytes | str | None = None  # keys.item_embeddings_version as read before the last scan
-        self._scanned_at = float("-inf")
+        self._scan_gate = EmbeddingScanGate()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -343,9 +343,8 @@ class CatalogCentroid:
         self._stop.set()
 
     def refresh(self) -> np.ndarray | None:
-        # Read before the scan: a write landing during the scan moves it again and is picked up.
         stamp = self.redis.get(keys.item_embeddings_version())
-        if stamp == self._scanned_stamp and time.monotonic() - self._scanned_at < self.refresh_s:
+        if self._scan_gate.unchanged(stamp, self.refresh_s):
             # No embedding written or deleted since the last scan: it would find the same rows.
             # A catalog without embeddings (no photos yet) used to be rescanned every retry_s,
             # and that SCAN walks every user's keys: up to 3.8 s of Redis's time a minute in a
@@ -373,7 +372,7 @@ class CatalogCentroid:
             pipe.expire(key, int(max(3600.0, 10 * self.refresh_s)))
             pipe.execute()
         self.value, self.items = centroid, n
-        self._scanned_stamp, self._scanned_at = stamp, scanned_at
+        self._scan_gate.scanned(stamp, scanned_at)
         self._next_at = time.monotonic() + (self.refresh_s if centroid is not None else self.retry_s)
         log.info("style centroid refreshed", extra={"items": n, "published": centroid is not None})
         return centroid
