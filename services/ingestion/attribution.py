@@ -43,6 +43,7 @@ from typing import Any
 
 from kafka.errors import KafkaError
 from pymongo import UpdateOne
+from pymongo.collection import Collection
 from pymongo.database import Database
 from stylerec.v1 import common_pb2
 
@@ -56,6 +57,12 @@ from services.ingestion.config import IngestionSettings
 from services.ingestion.validation import PSEUDONYM_RE, RECOMMENDATION_ID_RE
 
 log = logging.getLogger(__name__)
+
+
+def find_all(collection: Collection[dict[str, Any]], query: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every document ``query`` matches, the whole read retried as one (a cursor is not resumable)."""
+    return with_retries(lambda: list(collection.find(query)))
+
 
 # Event type -> outcome name (labels, report columns). VIEW and FAVORITE are not outcomes.
 OUTCOMES: dict[int, str] = {
@@ -267,10 +274,8 @@ class Attribution:
         # instead of every parked event. (An older one could only be skipped as outside_window;
         # it now expires with the unmatched events instead of being counted as such.)
         named = {"recommendation_id": {"$in": ids}, "ts": {"$gte": since}}
-        parked: dict[str, dict[str, Any]] = {
-            str(d["_id"]): d for d in with_retries(lambda: list(self.pending.find(named)))
-        }
-        parked.update((str(d["_id"]), d) for d in with_retries(lambda: list(self.pending.find(recent))))
+        parked: dict[str, dict[str, Any]] = {str(d["_id"]): d for d in find_all(self.pending, named)}
+        parked.update((str(d["_id"]), d) for d in find_all(self.pending, recent))
         if parked:
             self.resolve([Outcome.from_doc(d) for d in parked.values()])
 
@@ -321,7 +326,7 @@ class Attribution:
         found: list[dict[str, Any]] = []
         for user, (items, earliest) in wanted.items():
             query = {"user_id": user, "items": {"$in": sorted(items)}, "ts": {"$gte": earliest - self.window_s}}
-            found += with_retries(lambda q=query: list(self.impressions.find(q)))  # type: ignore[misc]
+            found += find_all(self.impressions, query)
         return found
 
     def resolve(self, outcomes: list[Outcome], now: float | None = None) -> None:
@@ -336,7 +341,7 @@ class Attribution:
         missing = [i for i in ids if i not in known]
         if missing:
             # An id may name an impression older than the window start or another user's.
-            found += with_retries(lambda: list(self.impressions.find({"_id": {"$in": missing}})))
+            found += find_all(self.impressions, {"_id": {"$in": missing}})
         by_user: dict[str, list[dict[str, Any]]] = {}
         for d in found:
             by_user.setdefault(d["user_id"], []).append(d)
