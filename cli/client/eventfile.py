@@ -531,8 +531,11 @@ def run_bulk(
     in flight is named so the caller can resume or resend.
 
     ``max_rate`` (rows per second) paces the batches so that a backfill leaves
-    the live shop room: a batch waits until the rows sent so far are within
-    the rate since the first batch went out.
+    the live shop room: each batch is due ``len(batch) / max_rate`` after the
+    previous one was due or went out, whichever is later. A slow answer (a
+    retried batch, a busy service) therefore never earns a catch-up burst;
+    counting from the first send would fire every overdue batch at once, just
+    when the service is struggling.
     """
     from tqdm import tqdm
 
@@ -553,17 +556,16 @@ def run_bulk(
                 yield row
 
     pending: list[Reject] = []  # unreadable rows of the batch being sent, recorded whatever happens
-    started: float | None = None
+    due: float | None = None  # when the next batch may go out under max_rate
     try:
         for good, bad in batches(skipped(), max_rows, max_bytes, size):
             pending = [Reject(r.line, "file", r.error or "unreadable", r.raw, r.index) for r in bad]
             server_rejects: list[Reject] = []
             if good and max_rate is not None:
-                if started is None:
-                    started = clock()
-                wait = started + report.sent / max_rate - clock()
-                if wait > 0:
-                    sleep(wait)
+                now = clock()
+                if due is not None and due > now:
+                    sleep(due - now)
+                due = max(due or now, now) + len(good) / max_rate
             if good:
                 report.in_flight_lines = (good[0].line, good[-1].line)
                 report.sent += len(good)

@@ -219,6 +219,27 @@ def test_max_rate_paces_batches_from_the_first_send() -> None:
     assert sent_at == pytest.approx([100.0, 100.5, 101.0, 101.5, 102.0])
 
 
+def test_max_rate_gives_no_catch_up_burst_after_a_slow_answer() -> None:
+    # A backfill paced from its first send would fire every overdue batch at once after a stall, just
+    # when the service is struggling (and a busy CI box saw a paced 10 s run finish in one burst).
+    now = {"t": 100.0}
+    sent_at: list[float] = []
+
+    def server(values: list[int]) -> Outcome:
+        sent_at.append(now["t"])
+        now["t"] += 3.0 if values[0] == 10 else 0.01  # the second batch takes 3 s to answer
+        return Outcome(accepted=len(values))
+
+    def sleep(s: float) -> None:
+        now["t"] += s
+
+    report = run_bulk(
+        _rows(50), server, BulkReport("things"), max_rows=10, max_rate=20.0, sleep=sleep, clock=lambda: now["t"]
+    )
+    assert report.accepted == 50
+    assert sent_at == pytest.approx([100.0, 100.5, 103.5, 104.0, 104.5])
+
+
 def test_ctrl_c_keeps_what_was_acknowledged_and_names_the_batch_in_flight(capsys: pytest.CaptureFixture[str]) -> None:
     def interrupted_on_second(values: list[int]) -> Outcome:
         if values[0] >= 10:
@@ -376,7 +397,8 @@ def test_ctrl_c_on_the_real_cli_loses_nothing_acknowledged(stack: Stack, tmp_pat
     import signal
 
     # Paced at 1,000 rows/s the 10,000 rows take 10 s however fast the box is, so Ctrl-C lands mid-run
-    # (unpaced, a busy CI box twice sent every row before the interrupt and the CLI exited 0).
+    # (unpaced, a busy CI box twice sent every row before the interrupt and the CLI exited 0; paced from the
+    # first send, a stalled first batch let the rest go in one burst that beat the interrupt).
     n = 10_000
     now = int(time.time())
     f = tmp_path / "big.csv"

@@ -93,7 +93,12 @@ def test_slow_then_absent_broker(own_stack: Stack) -> None:
 
         holder = threading.Thread(target=hold)
         holder.start()
-        time.sleep(0.7)
+        # Wait for the server to hold the batch (a fixed sleep lost this race on a busy CI box: the second
+        # call arrived first, took the budget itself and timed out as UNAVAILABLE).
+        deadline = time.monotonic() + 10
+        while own_stack.scrape(name).get(("stylerec_ingestion_inflight_events", frozenset())) != 50:
+            assert time.monotonic() < deadline, "the held batch never reached the in-flight budget"
+            time.sleep(0.05)
         # ... so a second caller is turned away at once instead of queueing without bound.
         with pytest.raises(grpc.RpcError) as err:
             stub.IngestEvents(ingestion_pb2.IngestEventsRequest(events=_events(f"{tag}-more", 20)), timeout=20)
