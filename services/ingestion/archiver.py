@@ -192,7 +192,7 @@ class ArchiverRunner:
                     service="ingestion",
                     max_poll_records=s.archiver_max_poll_records,
                     fetch_max_wait_ms=s.archive_fetch_max_wait_ms,
-                    fetch_min_bytes=s.archive_fetch_min_bytes,
+                    poll_tick_s=s.archive_poll_tick_ms / 1000,
                     max_poll_interval_ms=s.kafka_max_poll_interval_ms,
                     session_timeout_ms=s.kafka_session_timeout_ms,
                     validate=archived_problem,

@@ -9,7 +9,7 @@ archiver — so it reuses the same loop, dead-lettering, redaction and scaling k
 
 Two consumer groups, both idempotent:
 
-* ``impressions`` → MongoDB ``impressions`` (``_id`` = recommendation id, TTL on ``shown_at``);
+* ``impressions`` → MongoDB ``impressions`` (``_id`` = recommendation id, expired by ``shown_at``);
   afterwards the pending outcome events of those users are re-examined (an event may have been
   consumed before its impression: different topics, different lags);
 * ``user-events`` → for CLICK / ADD_TO_CART / PURCHASE: the event is first *parked* in
@@ -21,7 +21,7 @@ Two consumer groups, both idempotent:
 
 Store-then-look on both sides (park, then read impressions; archive impressions, then read the
 parked events) means that whichever of the two arrives second finds the other: no interleaving
-loses an outcome. Unmatched parked events expire by TTL after the window.
+loses an outcome. Unmatched parked events expire after the window (:meth:`Attribution.expire`).
 
 An event with a recommendation id names its impression, so it is settled as soon as that is
 archived. An event without one is matched by "latest impression before it", which is only right
@@ -39,6 +39,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from kafka.errors import KafkaError
@@ -57,6 +58,15 @@ from services.ingestion.config import IngestionSettings
 from services.ingestion.validation import PSEUDONYM_RE, RECOMMENDATION_ID_RE
 
 log = logging.getLogger(__name__)
+
+
+def plain_index(collection: Collection[dict[str, Any]], field: str) -> None:
+    """An ascending index on ``field`` without expiry, replacing a TTL index on it (earlier releases)."""
+    for name, spec in collection.index_information().items():
+        if spec.get("key") == [(field, 1)] and "expireAfterSeconds" in spec:
+            collection.drop_index(name)
+            log.info("TTL index replaced by the expiry sweep", extra={"collection": collection.name, "index": name})
+    collection.create_index(field)
 
 
 def find_all(collection: Collection[dict[str, Any]], query: dict[str, Any]) -> list[dict[str, Any]]:
@@ -122,7 +132,7 @@ def impression_document(imp: common_pb2.Impression) -> dict[str, Any]:
         "items": [it.item_id for it in sorted(imp.items, key=lambda it: it.position)],
         "model_version": imp.model_version,
         "ts": ts,
-        # A BSON date: what the TTL index expires by.
+        # A BSON date: what the expiry sweep deletes by.
         "shown_at": dt.datetime.fromtimestamp(ts, dt.UTC),
     }
 
@@ -215,23 +225,47 @@ class Attribution:
         self._counters: dict[tuple[str, str, str, str], Any] = {}
 
     def ensure_indexes(self) -> None:
-        """TTL indexes bound the stores; user_id serves lookups and ForgetUser. Retried until done once."""
+        """Indexes for the lookups, ForgetUser and the expiry sweep. Retried until done once.
+
+        Expiry is this service's own indexed range delete once a minute (:meth:`expire`), not
+        MongoDB TTL indexes: the Mongo-protocol server of the local stack runs a TTL purge before
+        every find on a TTL-indexed collection, and its purge is two scans of the whole collection
+        (206 ms per find over 39,000 parked events, a third of that server's CPU in a load soak,
+        growing with the collection; docs/load.md). On MongoDB the TTL monitor did the same delete
+        once a minute. A TTL index left by an earlier release is replaced by a plain one.
+        """
         if self._indexed:
             return
         try:
+            plain_index(self.impressions, "shown_at")
+            plain_index(self.attributions, "attributed_at")
+            plain_index(self.pending, "parked_at")
             self.impressions.create_index("user_id")
-            self.impressions.create_index("shown_at", expireAfterSeconds=self.ttl_s)
             self.attributions.create_index("user_id")
-            self.attributions.create_index("attributed_at", expireAfterSeconds=self.ttl_s)
             self.pending.create_index("user_id")
             self.pending.create_index("ts")
             self.pending.create_index("recommendation_id")
-            self.pending.create_index("parked_at", expireAfterSeconds=int(self.window_s + self.skew_s) + 3600)
         except Exception as exc:
             STORE_ERRORS.labels("mongo", "attribution_create_index").inc()
             log.warning("attribution indexes not created yet", extra={"error": type(exc).__name__})
             return
         self._indexed = True
+
+    def expire(self, now: float | None = None) -> dict[str, int]:
+        """Delete what is past its keep time: impressions and attributions after ``impressions_ttl_s``,
+        parked events after the window and skew (+1 h). How many of each were deleted."""
+        at = dt.datetime.fromtimestamp(time.time() if now is None else now, dt.UTC)
+        keep_parked = dt.timedelta(seconds=self.window_s + self.skew_s + 3600)
+        deleted: dict[str, int] = {}
+        for coll, field, before in (
+            (self.impressions, "shown_at", at - dt.timedelta(seconds=self.ttl_s)),
+            (self.attributions, "attributed_at", at - dt.timedelta(seconds=self.ttl_s)),
+            (self.pending, "parked_at", at - keep_parked),
+        ):
+            n = with_retries(partial(coll.delete_many, {field: {"$lt": before}})).deleted_count
+            metrics.ATTRIBUTION_EXPIRED.labels(coll.name).inc(n)
+            deleted[coll.name] = n
+        return deleted
 
     def _drop_forgotten(self, users: Iterable[str]) -> set[str]:
         return self.forgotten.forgotten_among(users) if self.forgotten is not None else set()
@@ -428,7 +462,7 @@ class ExperimentsRunner:
             "session_timeout_ms": s.kafka_session_timeout_ms,
             "security": kafka_security(s),
             "fetch_max_wait_ms": s.archive_fetch_max_wait_ms,
-            "fetch_min_bytes": s.archive_fetch_min_bytes,
+            "poll_tick_s": s.archive_poll_tick_ms / 1000,
         }
 
     def _start_loops(self) -> None:
@@ -476,9 +510,13 @@ class ExperimentsRunner:
 
     def _sweep_loop(self) -> None:
         every = max(0.2, min(1.0, self.settings.attribution_settle_s / 2))
+        expire_at = 0.0  # at once on start: a restart after a long stop has the most to delete
         while not self._stop.wait(every):
             try:
                 self.attribution.sweep()
+                if time.monotonic() >= expire_at:
+                    self.attribution.expire()
+                    expire_at = time.monotonic() + self.settings.attribution_expire_every_s
             except Exception as exc:
                 STORE_ERRORS.labels("mongo", "attribution_sweep").inc()
                 log.warning("attribution sweep failed; retried", extra={"error": type(exc).__name__})

@@ -99,15 +99,18 @@ class IngestionSettings(ServiceSettings):
         1000,
         ge=1,
         le=10_000,
-        description=(
-            "Fetch tick of the archiver and attribution consumers: the broker answers when"
-            " archive_fetch_min_bytes are there or this passed. They write the system of record and"
-            " feed reports, so a second is free to them, and it spares the embedded broker, whose fetch"
-            " cost grows with each partition's batch count (docs/load.md)."
-        ),
+        description="Fetch long-poll of the archiver and attribution consumers when nothing is waiting.",
     )
-    archive_fetch_min_bytes: int = Field(
-        1 << 20, ge=1, le=64 << 20, description="Bytes the broker waits for before answering an archive fetch."
+    archive_poll_tick_ms: int = Field(
+        1000,
+        ge=0,
+        le=10_000,
+        description=(
+            "The archiver and attribution consumers poll at most this often (0 = as fast as they can)."
+            " They write the system of record and feed reports, so a second is free to them, and it"
+            " spares the embedded broker, whose fetch cost grows with each partition's batch count"
+            " (docs/load.md); a cycle that took longer polls at once."
+        ),
     )
 
     # ---- online experiments: impression archive and attribution (docs/experiments.md) ----
@@ -131,7 +134,14 @@ class IngestionSettings(ServiceSettings):
         description="MongoDB collection of outcome events waiting for their impression (out-of-order arrival).",
     )
     impressions_ttl_s: int = Field(
-        30 * 86400, ge=3600, description="How long impressions and attributions are kept (MongoDB TTL index)."
+        30 * 86400, ge=3600, description="How long impressions and attributions are kept (the expiry sweep)."
+    )
+    attribution_expire_every_s: float = Field(
+        60.0,
+        gt=0,
+        le=86400,
+        description="How often the archiver deletes expired impressions, attributions and parked events "
+        "(one indexed range delete per collection).",
     )
     attribution_window_s: float = Field(
         86400.0,

@@ -88,6 +88,11 @@ ATTRIBUTED = Counter(
     "by experiment, arm, strategy and outcome (click, cart, purchase).",
     ["experiment", "arm", "strategy", "outcome"],
 )
+ATTRIBUTION_EXPIRED = Counter(
+    "stylerec_ingestion_attribution_expired_total",
+    "Documents the expiry sweep deleted, by collection (impressions, attributions, attribution_pending).",
+    ["collection"],
+)
 ATTRIBUTION_SKIPPED = Counter(
     "stylerec_ingestion_attribution_skipped_total",
     "Outcome events carrying a recommendation_id that cannot count for it, by reason "

@@ -171,7 +171,7 @@ def run_serving(settings: ScoringSettings) -> None:
         session_timeout_ms=settings.kafka_session_timeout_ms,
         validate=event_problem,
         fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
-        fetch_min_bytes=settings.kafka_fetch_min_bytes,
+        poll_tick_s=settings.kafka_poll_tick_ms / 1000,
         security=kafka_security(settings),
         redact=redact_user_event,
     )

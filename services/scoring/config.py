@@ -127,18 +127,19 @@ class ScoringSettings(ServiceSettings):
         ge=1,
         le=5000,
         description=(
-            "Consumer fetch long-poll: with kafka_fetch_min_bytes, the apply tick under a steady stream"
-            " (on tansu a parked fetch is not woken, so it is also the most an idle stream adds per event)."
+            "Consumer fetch long-poll when no event is waiting (on tansu a parked fetch is not woken,"
+            " so it is also the most an idle stream adds per event)."
         ),
     )
-    kafka_fetch_min_bytes: int = Field(
-        1 << 20,
-        ge=1,
-        le=64 << 20,
+    kafka_poll_tick_ms: int = Field(
+        100,
+        ge=0,
+        le=5000,
         description=(
-            "Bytes the broker waits for before answering a fetch (or kafka_fetch_max_wait_ms passes):"
-            " each apply cycle takes what arrived in one tick, not a trickle, so the embedded broker,"
-            " whose fetch cost grows with each partition's batch count, is asked a few times a second."
+            "The apply loop polls at most this often (0 = as fast as it can): under a steady stream each"
+            " cycle takes what arrived in one tick, not a trickle, so the embedded broker, whose fetch cost"
+            " grows with each partition's batch count, is asked a few times a second; a cycle that took"
+            " longer polls at once."
         ),
     )
     embedding_dim: int = Field(100, ge=1, description="Length of item style embeddings.")

@@ -270,3 +270,57 @@ def test_unusable_impressions_are_dead_lettered_with_the_reason(exp: Exp) -> Non
     assert dls[2].reason.startswith("undecodable") and dls[2].value == b""  # withheld
     # The raw id is not repeated on the dead-letter topic.
     assert all(b"raw-shop-id-42" not in d.SerializeToString() for d in dls)
+
+
+def test_expiry_sweep_deletes_only_what_is_past_its_keep_time_and_replaces_ttl_indexes(
+    mongo_db: Database[Any], unique: str
+) -> None:
+    """Expiry is the archiver's own range delete: the local stack's Mongo-protocol server purges a
+    TTL-indexed collection (two whole-collection scans) before every find, so no TTL index is left."""
+    import datetime as dt
+
+    from services.ingestion.attribution import Attribution
+    from services.ingestion.config import IngestionSettings
+
+    settings = IngestionSettings(
+        impressions_collection=f"imp_{unique}",
+        attributions_collection=f"att_{unique}",
+        attribution_pending_collection=f"pend_{unique}",
+        impressions_ttl_s=7 * 86400,
+        attribution_window_s=86400,
+        attribution_clock_skew_s=60,
+    )
+    pending = mongo_db[settings.attribution_pending_collection]
+    pending.create_index("parked_at", expireAfterSeconds=3600)  # as an earlier release left it
+    attribution = Attribution(mongo_db, settings)
+    attribution.ensure_indexes()
+    for name in (settings.impressions_collection, settings.attributions_collection, pending.name):
+        specs = mongo_db[name].index_information().values()
+        assert not [s for s in specs if "expireAfterSeconds" in s], (name, list(specs))
+
+    now = time.time()
+    at = dt.datetime.fromtimestamp(now, dt.UTC)
+
+    def days_ago(d: float) -> dt.datetime:
+        return at - dt.timedelta(days=d)
+
+    mongo_db[settings.impressions_collection].insert_many(
+        [{"_id": "old", "shown_at": days_ago(8)}, {"_id": "kept", "shown_at": days_ago(6)}]
+    )
+    mongo_db[settings.attributions_collection].insert_many(
+        [{"_id": "old", "attributed_at": days_ago(7.5)}, {"_id": "kept", "attributed_at": days_ago(1)}]
+    )
+    # Parked events are kept for the window + skew + 1 h (25 h 1 min here).
+    pending.insert_many(
+        [{"_id": "old", "parked_at": days_ago(1.1)}, {"_id": "kept", "parked_at": at - dt.timedelta(hours=24)}]
+    )
+    assert attribution.expire(now) == {
+        settings.impressions_collection: 1,
+        settings.attributions_collection: 1,
+        pending.name: 1,
+    }
+    for name in (settings.impressions_collection, settings.attributions_collection, pending.name):
+        assert [d["_id"] for d in mongo_db[name].find({})] == ["kept"], name
+    assert attribution.expire(now) == dict.fromkeys(
+        (settings.impressions_collection, settings.attributions_collection, pending.name), 0
+    )
