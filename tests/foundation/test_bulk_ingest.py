@@ -15,6 +15,7 @@ import random
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -199,13 +200,15 @@ def test_runner_stops_on_failure_and_says_how_far_it_got() -> None:
     assert report.last_line_acknowledged == 21 and report.stopped == "ingestion gone" and report.exit_code() == 1
 
 
-def test_max_rate_paces_batches_from_the_first_send() -> None:
+def paced_sends(answer_s: Callable[[list[int]], float]) -> list[float]:
+    """When each of 50 rows' batches (10 rows) went out at --max-rate 20, on a fake clock where
+    the server takes ``answer_s(batch)`` to answer."""
     now = {"t": 100.0}
     sent_at: list[float] = []
 
     def server(values: list[int]) -> Outcome:
         sent_at.append(now["t"])
-        now["t"] += 0.01  # each answer takes 10 ms
+        now["t"] += answer_s(values)
         return Outcome(accepted=len(values))
 
     def sleep(s: float) -> None:
@@ -215,29 +218,19 @@ def test_max_rate_paces_batches_from_the_first_send() -> None:
         _rows(50), server, BulkReport("things"), max_rows=10, max_rate=20.0, sleep=sleep, clock=lambda: now["t"]
     )
     assert report.accepted == 50
+    return sent_at
+
+
+def test_max_rate_paces_batches_from_the_first_send() -> None:
     # 10 rows per batch at 20 rows/s: one batch every half second from the first, not 10 ms apart.
-    assert sent_at == pytest.approx([100.0, 100.5, 101.0, 101.5, 102.0])
+    assert paced_sends(lambda _v: 0.01) == pytest.approx([100.0, 100.5, 101.0, 101.5, 102.0])
 
 
 def test_max_rate_gives_no_catch_up_burst_after_a_slow_answer() -> None:
     # A backfill paced from its first send would fire every overdue batch at once after a stall, just
     # when the service is struggling (and a busy CI box saw a paced 10 s run finish in one burst).
-    now = {"t": 100.0}
-    sent_at: list[float] = []
-
-    def server(values: list[int]) -> Outcome:
-        sent_at.append(now["t"])
-        now["t"] += 3.0 if values[0] == 10 else 0.01  # the second batch takes 3 s to answer
-        return Outcome(accepted=len(values))
-
-    def sleep(s: float) -> None:
-        now["t"] += s
-
-    report = run_bulk(
-        _rows(50), server, BulkReport("things"), max_rows=10, max_rate=20.0, sleep=sleep, clock=lambda: now["t"]
-    )
-    assert report.accepted == 50
-    assert sent_at == pytest.approx([100.0, 100.5, 103.5, 104.0, 104.5])
+    sends = paced_sends(lambda values: 3.0 if values[0] == 10 else 0.01)  # the second batch takes 3 s
+    assert sends == pytest.approx([100.0, 100.5, 103.5, 104.0, 104.5])
 
 
 def test_ctrl_c_keeps_what_was_acknowledged_and_names_the_batch_in_flight(capsys: pytest.CaptureFixture[str]) -> None:
