@@ -342,8 +342,9 @@ class Attribution:
         return len(due)
 
     def _impressions_showing(self, outcomes: list[Outcome]) -> list[dict[str, Any]]:
-        """Each user's impressions in the window that showed one of that user's items: the only
-        ones ``match`` can pick by window (one named by id is read by id in ``resolve``).
+        """Each user's impressions that ``match`` can pick by window for that user's outcomes (one
+        named by id is read by id in ``resolve``): read newest first, and only until every
+        outcome has its latest impression at or before it (or the read is past its window).
 
         One query per user, by equality on the indexed ``user_id``. A single ``user_id $in``
         query was one round trip, but the Mongo-protocol server of the local stack plans ``$in``
@@ -351,17 +352,40 @@ class Attribution:
         attribution sweep, once a second, then read every impression archived so far, and each
         sweep cost more as the soak went on (docs/load.md). On MongoDB both use the index; the
         per-user queries cost a round trip each, bounded by the users of one sweep or poll.
+
+        Newest first with an early stop, because a user's impressions of the day showing the same
+        items pile up: a shopper shown a list on every visit had 1,535 of them after a 10-minute
+        load soak, every look-up read them all, and the archiver's memory rose in steps with the
+        largest such read (docs/load.md).
         """
-        wanted: dict[str, tuple[set[str], float]] = {}
+        wanted: dict[str, list[Outcome]] = {}
         for o in outcomes:
-            items, earliest = wanted.get(o.user_id, (set(), o.ts))
-            items.add(o.item_id)
-            wanted[o.user_id] = (items, min(earliest, o.ts))
+            wanted.setdefault(o.user_id, []).append(o)
         found: list[dict[str, Any]] = []
-        for user, (items, earliest) in wanted.items():
-            query = {"user_id": user, "items": {"$in": sorted(items)}, "ts": {"$gte": earliest - self.window_s}}
-            found += find_all(self.impressions, query)
+        for user, mine in wanted.items():
+            found += with_retries(partial(self._latest_showing, user, mine))
         return found
+
+    def _latest_showing(self, user: str, mine: list[Outcome]) -> list[dict[str, Any]]:
+        items = sorted({o.item_id for o in mine})
+        oldest = min(o.ts for o in mine) - self.window_s
+        query = {"user_id": user, "items": {"$in": items}, "ts": {"$gte": oldest}}
+        open_ = list(mine)  # outcomes still without their latest impression at or before them
+        kept: list[dict[str, Any]] = []
+        for imp in self.impressions.find(query).sort("ts", -1).batch_size(50):
+            kept.append(imp)
+            ts, shown = float(imp["ts"]), set(imp["items"])
+            # Newest first: the first impression at or before an outcome that shows its item is the
+            # one ``match`` picks (ties on ts: the rest of the same ts are read too, below).
+            open_ = [o for o in open_ if not (ts <= o.ts and o.item_id in shown)]
+            if not open_ and all(ts <= o.ts for o in mine):
+                break
+        else:
+            return kept
+        # Impressions of the same ts as the last one read can still win the tie on id.
+        last, have = float(kept[-1]["ts"]), {k["_id"] for k in kept}
+        kept += [d for d in self.impressions.find({**query, "ts": last}) if d["_id"] not in have]
+        return kept
 
     def resolve(self, outcomes: list[Outcome], now: float | None = None) -> None:
         """Attribute what can be attributed now; settled events leave ``attribution_pending``."""

@@ -324,3 +324,57 @@ def test_expiry_sweep_deletes_only_what_is_past_its_keep_time_and_replaces_ttl_i
     assert attribution.expire(now) == dict.fromkeys(
         (settings.impressions_collection, settings.attributions_collection, pending.name), 0
     )
+
+
+def test_window_lookup_reads_a_heavy_users_impressions_newest_first_and_stops_at_the_match(
+    mongo_db: Database[Any], unique: str
+) -> None:
+    """A shopper shown a list on every visit piles up impressions of the same items; the look-up
+    must pick exactly what a read of all of them would, without reading all of them."""
+    from services.ingestion.attribution import Attribution, Outcome, match
+    from services.ingestion.config import IngestionSettings
+
+    settings = IngestionSettings(
+        impressions_collection=f"imp_{unique}",
+        attributions_collection=f"att_{unique}",
+        attribution_pending_collection=f"pend_{unique}",
+        attribution_window_s=86400,
+        attribution_clock_skew_s=60,
+    )
+    attribution = Attribution(mongo_db, settings)
+    attribution.ensure_indexes()
+    user, t0 = f"u-{unique}", 1_800_000_000.0
+    docs = [
+        {"_id": f"rec_{n:04d}", "user_id": user, "items": ["a", "b", "c"], "ts": t0 + 10 * n} for n in range(300)
+    ]
+    docs += [
+        {"_id": "rec_tie_z", "user_id": user, "items": ["d"], "ts": t0 + 2000},  # same ts: "z" > "y" wins
+        {"_id": "rec_tie_y", "user_id": user, "items": ["d"], "ts": t0 + 2000},
+        {"_id": "rec_late", "user_id": user, "items": ["e"], "ts": t0 + 2030},  # only after the event, in the skew
+        {"_id": "rec_other", "user_id": "someone-else", "items": ["a"], "ts": t0 + 2995},
+    ]
+    mongo_db[settings.impressions_collection].insert_many(docs)
+    everything = list(mongo_db[settings.impressions_collection].find({"user_id": user}))
+
+    def outcome(item: str, ts: float) -> Outcome:
+        return Outcome(f"ev-{item}-{ts}", user, item, "click", ts, "")
+
+    cases = [outcome("a", t0 + 2995), outcome("b", t0 + 1505), outcome("d", t0 + 2001), outcome("e", t0 + 2010)]
+    cases.append(outcome("f", t0 + 2500))  # never shown: no match, the read goes to the window's start
+    for o in cases:
+        read = attribution._impressions_showing([o])
+        expected = match(o, everything, settings.attribution_window_s, settings.attribution_clock_skew_s)
+        got = match(o, read, settings.attribution_window_s, settings.attribution_clock_skew_s)
+        assert (got or {}).get("_id") == (expected or {}).get("_id"), (o, got, expected)
+    assert [
+        (match(o, everything, 86400, 60) or {}).get("_id") for o in cases
+    ] == ["rec_0299", "rec_0150", "rec_tie_z", "rec_late", None]
+    # All five at once (one user): the same picks, and the read stopped well short of 300.
+    together = attribution._impressions_showing(cases)
+    assert [(match(o, together, 86400, 60) or {}).get("_id") for o in cases[:4]] == [
+        "rec_0299",
+        "rec_0150",
+        "rec_tie_z",
+        "rec_late",
+    ]
+    assert len(attribution._impressions_showing(cases[:1])) < 10
