@@ -355,8 +355,8 @@ class Attribution:
 
         Newest first with an early stop, because a user's impressions of the day showing the same
         items pile up: a shopper shown a list on every visit had 1,535 of them after a 10-minute
-        load soak, every look-up read them all, and the archiver's memory rose in steps with the
-        largest such read (docs/load.md).
+        load soak and every look-up read them all, a cost that grew with the soak (the archiver's
+        memory rose in steps meanwhile; docs/load.md).
         """
         wanted: dict[str, list[Outcome]] = {}
         for o in outcomes:
