@@ -344,9 +344,7 @@ def test_window_lookup_reads_a_heavy_users_impressions_newest_first_and_stops_at
     attribution = Attribution(mongo_db, settings)
     attribution.ensure_indexes()
     user, t0 = f"u-{unique}", 1_800_000_000.0
-    docs = [
-        {"_id": f"rec_{n:04d}", "user_id": user, "items": ["a", "b", "c"], "ts": t0 + 10 * n} for n in range(300)
-    ]
+    docs = [{"_id": f"rec_{n:04d}", "user_id": user, "items": ["a", "b", "c"], "ts": t0 + 10 * n} for n in range(300)]
     docs += [
         {"_id": "rec_tie_z", "user_id": user, "items": ["d"], "ts": t0 + 2000},  # same ts: "z" > "y" wins
         {"_id": "rec_tie_y", "user_id": user, "items": ["d"], "ts": t0 + 2000},
@@ -366,9 +364,13 @@ def test_window_lookup_reads_a_heavy_users_impressions_newest_first_and_stops_at
         expected = match(o, everything, settings.attribution_window_s, settings.attribution_clock_skew_s)
         got = match(o, read, settings.attribution_window_s, settings.attribution_clock_skew_s)
         assert (got or {}).get("_id") == (expected or {}).get("_id"), (o, got, expected)
-    assert [
-        (match(o, everything, 86400, 60) or {}).get("_id") for o in cases
-    ] == ["rec_0299", "rec_0150", "rec_tie_z", "rec_late", None]
+    assert [(match(o, everything, 86400, 60) or {}).get("_id") for o in cases] == [
+        "rec_0299",
+        "rec_0150",
+        "rec_tie_z",
+        "rec_late",
+        None,
+    ]
     # All five at once (one user): the same picks, and the read stopped well short of 300.
     together = attribution._impressions_showing(cases)
     assert [(match(o, together, 86400, 60) or {}).get("_id") for o in cases[:4]] == [
