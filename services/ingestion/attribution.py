@@ -371,20 +371,19 @@ class Attribution:
         oldest = min(o.ts for o in mine) - self.window_s
         query = {"user_id": user, "items": {"$in": items}, "ts": {"$gte": oldest}}
         open_ = list(mine)  # outcomes still without their latest impression at or before them
+        done_at: float | None = None  # ts at which the last one closed
         kept: list[dict[str, Any]] = []
         for imp in self.impressions.find(query).sort("ts", -1).batch_size(50):
-            kept.append(imp)
-            ts, shown = float(imp["ts"]), set(imp["items"])
+            ts = float(imp["ts"])
             # Newest first: the first impression at or before an outcome that shows its item is the
-            # one ``match`` picks (ties on ts: the rest of the same ts are read too, below).
-            open_ = [o for o in open_ if not (ts <= o.ts and o.item_id in shown)]
-            if not open_ and all(ts <= o.ts for o in mine):
+            # one ``match`` picks; the rest of that same ts are read too (they can win the tie on id).
+            if done_at is not None and ts < done_at:
                 break
-        else:
-            return kept
-        # Impressions of the same ts as the last one read can still win the tie on id.
-        last, have = float(kept[-1]["ts"]), {k["_id"] for k in kept}
-        kept += [d for d in self.impressions.find({**query, "ts": last}) if d["_id"] not in have]
+            kept.append(imp)
+            shown = set(imp["items"])
+            open_ = [o for o in open_ if not (ts <= o.ts and o.item_id in shown)]
+            if not open_ and done_at is None:
+                done_at = ts
         return kept
 
     def resolve(self, outcomes: list[Outcome], now: float | None = None) -> None:

@@ -4,6 +4,7 @@ the events sent through IngestEvents, under duplicates, replays and out-of-order
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import time
 import urllib.request
@@ -22,6 +23,8 @@ from stylerec.v1 import common_pb2, ingestion_pb2
 from cli.localstack.stack import Stack
 from libs.common.kafka import ensure_topics
 from libs.common.pseudonym import Pseudonymizer
+from services.ingestion.attribution import Attribution, Outcome, match
+from services.ingestion.config import IngestionSettings
 from tests.ingestion.conftest import LIMITS_ENV, make_event, start_ingestion, wait_until
 
 pytestmark = pytest.mark.integration
@@ -272,17 +275,9 @@ def test_unusable_impressions_are_dead_lettered_with_the_reason(exp: Exp) -> Non
     assert all(b"raw-shop-id-42" not in d.SerializeToString() for d in dls)
 
 
-def test_expiry_sweep_deletes_only_what_is_past_its_keep_time_and_replaces_ttl_indexes(
-    mongo_db: Database[Any], unique: str
-) -> None:
-    """Expiry is the archiver's own range delete: the local stack's Mongo-protocol server purges a
-    TTL-indexed collection (two whole-collection scans) before every find, so no TTL index is left."""
-    import datetime as dt
-
-    from services.ingestion.attribution import Attribution
-    from services.ingestion.config import IngestionSettings
-
-    settings = IngestionSettings(
+def own_collections(unique: str) -> IngestionSettings:
+    """Attribution settings over collections of this test alone: a 1-day window, 60 s skew, 7-day keep."""
+    return IngestionSettings(
         impressions_collection=f"imp_{unique}",
         attributions_collection=f"att_{unique}",
         attribution_pending_collection=f"pend_{unique}",
@@ -290,6 +285,14 @@ def test_expiry_sweep_deletes_only_what_is_past_its_keep_time_and_replaces_ttl_i
         attribution_window_s=86400,
         attribution_clock_skew_s=60,
     )
+
+
+def test_expiry_sweep_deletes_only_what_is_past_its_keep_time_and_replaces_ttl_indexes(
+    mongo_db: Database[Any], unique: str
+) -> None:
+    """Expiry is the archiver's own range delete: the local stack's Mongo-protocol server purges a
+    TTL-indexed collection (two whole-collection scans) before every find, so no TTL index is left."""
+    settings = own_collections(unique)
     pending = mongo_db[settings.attribution_pending_collection]
     pending.create_index("parked_at", expireAfterSeconds=3600)  # as an earlier release left it
     attribution = Attribution(mongo_db, settings)
@@ -331,23 +334,15 @@ def test_window_lookup_reads_a_heavy_users_impressions_newest_first_and_stops_at
 ) -> None:
     """A shopper shown a list on every visit piles up impressions of the same items; the look-up
     must pick exactly what a read of all of them would, without reading all of them."""
-    from services.ingestion.attribution import Attribution, Outcome, match
-    from services.ingestion.config import IngestionSettings
-
-    settings = IngestionSettings(
-        impressions_collection=f"imp_{unique}",
-        attributions_collection=f"att_{unique}",
-        attribution_pending_collection=f"pend_{unique}",
-        attribution_window_s=86400,
-        attribution_clock_skew_s=60,
-    )
+    settings = own_collections(unique)
     attribution = Attribution(mongo_db, settings)
     attribution.ensure_indexes()
     user, t0 = f"u-{unique}", 1_800_000_000.0
     docs = [{"_id": f"rec_{n:04d}", "user_id": user, "items": ["a", "b", "c"], "ts": t0 + 10 * n} for n in range(300)]
     docs += [
-        {"_id": "rec_tie_z", "user_id": user, "items": ["d"], "ts": t0 + 2000},  # same ts: "z" > "y" wins
+        # Same ts: "z" > "y" wins, whichever of the two the server returns first.
         {"_id": "rec_tie_y", "user_id": user, "items": ["d"], "ts": t0 + 2000},
+        {"_id": "rec_tie_z", "user_id": user, "items": ["d"], "ts": t0 + 2000},
         {"_id": "rec_late", "user_id": user, "items": ["e"], "ts": t0 + 2030},  # only after the event, in the skew
         {"_id": "rec_other", "user_id": "someone-else", "items": ["a"], "ts": t0 + 2995},
     ]
@@ -359,24 +354,15 @@ def test_window_lookup_reads_a_heavy_users_impressions_newest_first_and_stops_at
 
     cases = [outcome("a", t0 + 2995), outcome("b", t0 + 1505), outcome("d", t0 + 2001), outcome("e", t0 + 2010)]
     cases.append(outcome("f", t0 + 2500))  # never shown: no match, the read goes to the window's start
+
+    def picked(o: Outcome, impressions: list[dict[str, Any]]) -> Any:
+        hit = match(o, impressions, settings.attribution_window_s, settings.attribution_clock_skew_s)
+        return hit["_id"] if isinstance(hit, dict) else hit
+
     for o in cases:
-        read = attribution._impressions_showing([o])
-        expected = match(o, everything, settings.attribution_window_s, settings.attribution_clock_skew_s)
-        got = match(o, read, settings.attribution_window_s, settings.attribution_clock_skew_s)
-        assert (got or {}).get("_id") == (expected or {}).get("_id"), (o, got, expected)
-    assert [(match(o, everything, 86400, 60) or {}).get("_id") for o in cases] == [
-        "rec_0299",
-        "rec_0150",
-        "rec_tie_z",
-        "rec_late",
-        None,
-    ]
+        assert picked(o, attribution._impressions_showing([o])) == picked(o, everything), o
+    assert [picked(o, everything) for o in cases] == ["rec_0299", "rec_0150", "rec_tie_z", "rec_late", None]
     # All five at once (one user): the same picks, and the read stopped well short of 300.
     together = attribution._impressions_showing(cases)
-    assert [(match(o, together, 86400, 60) or {}).get("_id") for o in cases[:4]] == [
-        "rec_0299",
-        "rec_0150",
-        "rec_tie_z",
-        "rec_late",
-    ]
+    assert [picked(o, together) for o in cases] == [picked(o, everything) for o in cases]
     assert len(attribution._impressions_showing(cases[:1])) < 10
