@@ -329,11 +329,11 @@ def test_expiry_sweep_deletes_only_what_is_past_its_keep_time_and_replaces_ttl_i
     )
 
 
-def test_window_lookup_reads_a_heavy_users_impressions_newest_first_and_stops_at_the_match(
+def test_window_lookup_picks_a_heavy_users_latest_showing_and_reads_only_the_window(
     mongo_db: Database[Any], unique: str
 ) -> None:
     """A shopper shown a list on every visit piles up impressions of the same items; the look-up
-    must pick exactly what a read of all of them would, without reading all of them."""
+    must pick exactly what a read of all of them would, and not read those shown after the skew."""
     settings = own_collections(unique)
     attribution = Attribution(mongo_db, settings)
     attribution.ensure_indexes()
@@ -362,7 +362,10 @@ def test_window_lookup_reads_a_heavy_users_impressions_newest_first_and_stops_at
     for o in cases:
         assert picked(o, attribution._impressions_showing([o])) == picked(o, everything), o
     assert [picked(o, everything) for o in cases] == ["rec_0299", "rec_0150", "rec_tie_z", "rec_late", None]
-    # All five at once (one user): the same picks, and the read stopped well short of 300.
+    # All five at once (one user): the same picks.
     together = attribution._impressions_showing(cases)
     assert [picked(o, together) for o in cases] == [picked(o, everything) for o in cases]
-    assert len(attribution._impressions_showing(cases[:1])) < 10
+    # The read ends at the skew after the latest outcome: "b" at +1505 reads rec_0000 .. rec_0156
+    # (up to +1565), none of the 143 shown later, nor another user's.
+    read = attribution._impressions_showing([cases[1]])
+    assert sorted(d["_id"] for d in read) == [f"rec_{n:04d}" for n in range(157)]
