@@ -17,9 +17,10 @@
 5. RSS of every component's process group sampled from /proc throughout; a memory verdict over
    the soak (cli/load/report.py); ``load.json``, ``rss.png`` and ``latency.png`` in ``--out-dir``.
 
-Exit 1 when the soak had any error, the memory of a service was not flat, scoring fell behind, the
-freshness p95 under load was over ``--freshness-p95-ms``, or no step qualified as a maximum; the
-reason is printed. Nothing is asserted about speed: the numbers go to JSON.
+Exit 1 when the soak had any error, the memory of a service was not flat, scoring or ingestion's
+archive consumers (event archive, attribution, impression archive) fell behind, the freshness p95
+under load was over ``--freshness-p95-ms``, or no step qualified as a maximum; the reason is
+printed. Nothing is asserted about speed: the numbers go to JSON.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from cli.load.report import (
 )
 from cli.load.state import (
     MIB,
+    ArchiveWatch,
     PipelineWatch,
     adjusted_series,
     event_to_redis_buckets,
@@ -285,6 +287,24 @@ def keeps_up(backlog: int, drained_after_s: float | None, backlog_s: float | Non
     return True, ""
 
 
+def archive_keeps_up(
+    backlog: dict[str, int], drained_after_s: float | None, backlog_s: dict[str, float] | None = None
+) -> tuple[bool, str]:
+    """As ``keeps_up``, for ingestion's system-of-record consumers (cli/load/state.py ArchiveWatch)."""
+    slow = {g: s for g, s in (backlog_s or {}).items() if s > MAX_BACKLOG_S}
+    if slow:
+        return False, (
+            f"ingestion's archive consumers fell behind: {backlog} records not taken when the writes stopped "
+            f"({', '.join(f'{g} {s:g} s' for g, s in slow.items())} of writes > {MAX_BACKLOG_S:g} s)"
+        )
+    if drained_after_s is None or drained_after_s > KEEP_UP_S:
+        return False, (
+            f"ingestion's archive consumers fell behind: {backlog} records not taken when the writes stopped, "
+            f"not caught up within {KEEP_UP_S:g} s"
+        )
+    return True, ""
+
+
 def fresh_enough(fresh: dict[str, Any]) -> tuple[bool, str]:
     """A step's probes: the same promise the soak is held to (event -> recommendations p95)."""
     if fresh["not_accepted"]:
@@ -300,6 +320,7 @@ async def max_search(
     args: argparse.Namespace,
     watch: PipelineWatch | None,
     new_probe: Callable[[float, float], FreshnessProbe],
+    archive: ArchiveWatch | None = None,
 ) -> dict[str, Any]:
     """``new_probe(interval_s, timeout_s)``: a freshness probe for one step. A rate at which the
     answers are quick but the shoppers' recommendations are seconds stale is not one the stack
@@ -329,10 +350,17 @@ async def max_search(
             st["scoring_drained_after_s"] = drained = await asyncio.to_thread(watch.drain, KEEP_UP_S)
             if ok:
                 ok, why = keeps_up(backlog, drained)
+        if archive is not None:
+            st["archive_backlog_records"] = archived = await asyncio.to_thread(archive.backlog)
+            st["archive_drained_after_s"] = adrained = await asyncio.to_thread(archive.drain, KEEP_UP_S)
+            if ok:
+                ok, why = archive_keeps_up(archived, adrained)
         st.update({"concurrency": c, "qualifies": ok, "why_not": why})
         steps.append(st)
         kinds = " ".join(f"{k} p99 {st['by_kind'][k]['p99_ms']:.0f}ms" for k in KINDS)
         lag = f", scoring backlog {st['scoring_backlog_events']}" if watch is not None else ""
+        if archive is not None:
+            lag += f", archive backlog {st['archive_backlog_records']}"
         p95 = fresh["p95_ms"]
         fr = f", freshness p95 {p95:.0f} ms" if p95 is not None else ", freshness p95 timed out"
         progress(f"max search c={c}: {st['requests_per_s']:.1f} req/s, {kinds}{fr}{lag}, errors {st['errors']} {why}")
@@ -353,10 +381,12 @@ async def max_search(
             "closed loop, one step per concurrency, each step measured for step_seconds after a warm-up; "
             "max = the highest requests/s (all kinds, OK answers) of a step with zero errors, every kind's "
             f"p99 <= {args.p99_limit_ms} ms, scoring keeping up (every event accepted during the step "
-            f"applied within {KEEP_UP_S:g} s of the step's end) and freshness probes (one every "
-            f"{args.step_probe_interval:g} s during the step) with event -> recommendations in Redis p95 <= "
-            f"{args.freshness_p95_ms:g} ms, the soak's goal; the ramp stops at the first step that fails "
-            "that, or after "
+            f"applied within {KEEP_UP_S:g} s of the step's end), ingestion's archive consumers keeping up "
+            f"(every record produced to user-events and impressions during the step taken by the event "
+            f"archive, attribution and the impression archive within {KEEP_UP_S:g} s of its end) and "
+            f"freshness probes (one every {args.step_probe_interval:g} s during the step) with event -> "
+            f"recommendations in Redis p95 <= {args.freshness_p95_ms:g} ms, the soak's goal; the ramp "
+            "stops at the first step that fails that, or after "
             f"{PLATEAU_STEPS} steps that add less than {round((PLATEAU_GAIN - 1) * 100)}% over the best"
         ),
         "steps": steps,
@@ -426,6 +456,10 @@ async def drive(
     if replicas:
         watch = PipelineWatch(replicas, lambda: client.events_accepted)
         sampler.accepted, sampler.applied = watch.accepted, watch.applied
+    ingestion_addr, gateway_addr = stack.metrics_addr_of("ingestion"), stack.metrics_addr_of("gateway")
+    archive = (
+        ArchiveWatch([ingestion_addr, gateway_addr], [ingestion_addr]) if ingestion_addr and gateway_addr else None
+    )
     pipeline: dict[str, Any] = {"keep_up_s": KEEP_UP_S, "max_backlog_s": MAX_BACKLOG_S, "drain_timeout_s": DRAIN_S}
     probes = itertools.count()
 
@@ -449,12 +483,16 @@ async def drive(
             watch.base_accepted = -seed_info["purchases_accepted"]
             pipeline["seed_drained_after_s"] = await asyncio.to_thread(watch.drain, DRAIN_S)
             watch.mark()
+        if archive is not None:
+            # Counted since each process started; on a reused stack the first drain may not reach 0.
+            pipeline["archive_seed_drained_after_s"] = await asyncio.to_thread(archive.drain, DRAIN_S)
+            archive.mark()
         if args.rate:
             search: dict[str, Any] = {"skipped": f"--rate {args.rate} given", "steps": []}
             rate = args.rate
         else:
             progress(f"phase a: max search, concurrency {args.concurrency}, {args.step_seconds} s per step")
-            search = await max_search(client, args, watch, new_probe)
+            search = await max_search(client, args, watch, new_probe, archive)
             if search["max_requests_per_s"] is None:
                 return {"max_search": search, "soak": None, "rss": sampler.series, "sampler": sampler}
             rate = search["max_requests_per_s"] * args.rate_fraction
@@ -462,6 +500,9 @@ async def drive(
         if watch is not None:
             pipeline["search_drained_after_s"] = await asyncio.to_thread(watch.drain, DRAIN_S)
             watch.mark()
+        if archive is not None:
+            pipeline["archive_search_drained_after_s"] = await asyncio.to_thread(archive.drain, DRAIN_S)
+            archive.mark()
         progress(
             f"phase b: open-loop soak at {rate:.1f} req/s for {args.minutes} min, "
             f"a freshness probe every {args.probe_interval:g} s"
@@ -474,6 +515,8 @@ async def drive(
         await asyncio.to_thread(sampler.sample_once, loop.time() - origin["t"])
         if watch is not None:
             pipeline.update(await asyncio.to_thread(soak_pipeline, watch, soak_s, sampler))
+        if archive is not None:
+            pipeline["archive"] = await asyncio.to_thread(soak_archive, archive, soak_s)
     finally:
         sampling.cancel()
         await client.close()
@@ -559,6 +602,25 @@ def soak_pipeline(watch: PipelineWatch, soak_s: float, sampler: RssSampler) -> d
     }
 
 
+def soak_archive(archive: ArchiveWatch, soak_s: float) -> dict[str, Any]:
+    """Did ingestion's archive consumers take what was produced during the soak, and how long did the
+    rest take? Judged like scoring (backlog in seconds of the topic's writes, then the drain)."""
+    backlog = archive.backlog()
+    produced = archive.produced_since_mark()
+    backlog_s = {g: round(n / max(1.0, produced[g] / soak_s), 1) for g, n in backlog.items()}
+    drained = archive.drain(DRAIN_S)
+    ok, why = archive_keeps_up(backlog, drained, backlog_s)
+    return {
+        "groups": archive.groups,
+        "records_produced": produced,
+        "backlog_at_end_records": backlog,
+        "backlog_at_end_seconds_of_writes": backlog_s,
+        "drained_after_s": drained,
+        "kept_up": ok,
+        "why_not": why,
+    }
+
+
 def designed_state(result: dict[str, Any], workload: Workload, soak_s: float) -> dict[str, Any]:
     """Scoring's pairs, ids and kept score sums over the soak, the bytes per entry, and its RSS less
     them (cli/load/state.py)."""
@@ -616,6 +678,10 @@ def build_report(
     pipe = soak_part.get("pipeline", {}) if soak_part else {}
     if pipe.get("kept_up") is False:
         failures.append(f"{pipe['why_not']} (soak end; drained after {pipe['drained_after_s']} s)")
+    if pipe.get("archive", {}).get("kept_up") is False:
+        failures.append(
+            f"{pipe['archive']['why_not']} (soak end; drained after {pipe['archive']['drained_after_s']} s)"
+        )
     fresh = soak_part.get("freshness") if soak_part else None
     if fresh is not None and not fresh["met"]:
         failures.append(
@@ -771,6 +837,14 @@ def human(report: dict[str, Any], out: Path) -> str:
                 f"{pipe['events_applied_by_scoring_at_end']} of {pipe['events_accepted']} accepted events by the "
                 f"soak's end (backlog {pipe['backlog_at_end_events']}, {pipe['backlog_at_end_seconds_of_writes']} s "
                 f"of writes); drained after {pipe['drained_after_s']} s"
+            )
+        arch = pipe.get("archive")
+        if arch:
+            lines.append(
+                f"ingestion's archive consumers {'kept up' if arch['kept_up'] else 'FELL BEHIND'}: records produced "
+                f"{arch['records_produced']}, backlog at the soak's end {arch['backlog_at_end_records']} "
+                f"(seconds of writes {arch['backlog_at_end_seconds_of_writes']}); drained after "
+                f"{arch['drained_after_s']} s"
             )
         fr = soak_part.get("freshness")
         if fr:

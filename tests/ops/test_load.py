@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cli.load.commands import fresh_enough, keeps_up, scoring_side
+from cli.load.commands import archive_keeps_up, fresh_enough, keeps_up, scoring_side
 from cli.load.driver import KINDS, Mix, Workload
 from cli.load.freshness import ProbeResults, histogram_quantile
 from cli.load.report import memory_verdict
@@ -78,6 +78,14 @@ def test_scoring_keeps_up_when_its_backlog_drains_within_thirty_seconds() -> Non
     assert keeps_up(20_000, 12.5, 59.0)[0]
     ok, why = keeps_up(195_000, 17.3, 93.1)  # caught up fast, but recommendations were 93 s behind
     assert not ok and "93.1 s of writes" in why
+
+
+def test_the_archive_consumers_are_judged_like_scoring() -> None:
+    assert archive_keeps_up({"archiver": 900, "attribution": 0}, 3.0) == (True, "")
+    ok, why = archive_keeps_up({"archiver": 400_000}, None)  # still behind after the wait
+    assert not ok and "archive consumers fell behind" in why and "within 30 s" in why, why
+    ok, why = archive_keeps_up({"archiver": 0, "attribution": 150_000}, 20.0, {"archiver": 0.0, "attribution": 61.5})
+    assert not ok and "attribution 61.5 s" in why, why
 
 
 def test_a_max_search_step_is_held_to_the_soaks_freshness_goal() -> None:
@@ -183,6 +191,13 @@ def test_bench_load_end_to_end(tmp_path: Path) -> None:
     assert pipe["events_accepted"] > 0 and pipe["kept_up"] is True, pipe
     assert pipe["drained_after_s"] is not None and pipe["seed_drained_after_s"] is not None, pipe
     assert all(isinstance(s["scoring_backlog_events"], int) for s in steps)
+    # Ingestion's archive consumers took what the producers' own counters say was written.
+    groups = {"archiver", "attribution", "impressions-archiver"}
+    assert all(set(s["archive_backlog_records"]) == groups for s in steps), steps
+    assert all(s["archive_drained_after_s"] is not None for s in steps), steps
+    archive = pipe["archive"]
+    assert archive["kept_up"] is True and archive["drained_after_s"] is not None, archive
+    assert set(archive["records_produced"]) == groups and min(archive["records_produced"].values()) > 0, archive
     # Each step is probed like the soak (a probe every --step-probe-interval while it is measured).
     assert all(s["freshness"]["probes_measured"] >= 2 and s["freshness"]["p95_ms"] for s in steps), steps
     # Freshness under load: probes sent during the soak, each seen in the user's answer in Redis.
