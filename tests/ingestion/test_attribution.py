@@ -369,3 +369,52 @@ def test_window_lookup_picks_a_heavy_users_latest_showing_and_reads_only_the_win
     # (up to +1565), none of the 143 shown later, nor another user's.
     read = attribution._impressions_showing([cases[1]])
     assert sorted(d["_id"] for d in read) == [f"rec_{n:04d}" for n in range(157)]
+
+
+def test_an_impression_chunk_re_examines_only_the_parked_events_it_can_match(
+    mongo_db: Database[Any], unique: str
+) -> None:
+    """Archiving impressions re-examines parked events (one may have been examined before its
+    impression was archived), but only those an impression of the chunk can match itself: the
+    query's users x items cross product and events of other ids cost a look-up each for nothing."""
+    settings = own_collections(unique)
+    attribution = Attribution(mongo_db, settings)
+    attribution.ensure_indexes()
+    now = time.time()
+    u, v = f"u-{unique}", f"v-{unique}"
+
+    def parked(event_id: str, user: str, item: str, ts: float, rid: str = "") -> dict[str, Any]:
+        return Outcome(event_id, user, item, "click", ts, rid).doc() | {"_id": event_id}
+
+    rid_u, rid_v = rec_id(), rec_id()
+    mongo_db[settings.attribution_pending_collection].insert_many(
+        [
+            parked("shown-before", u, "x", now - 20),  # u was shown x 10 s before: the match
+            parked("not-shown", u, "y", now - 20),  # y was shown to v, not to u
+            parked("cross", v, "x", now - 20),  # x was shown to u, not to v
+            parked("named", v, "y", now - 20, rid_v),  # names v's impression of this chunk
+            parked("other-id", u, "x", now - 20, rec_id()),  # names an impression not in the chunk
+        ]
+    )
+
+    def impression(rid: str, user: str, items: list[str], ts: float) -> common_pb2.Impression:
+        imp = common_pb2.Impression(recommendation_id=rid, user_id=user, strategy="CF")
+        for n, item in enumerate(items):
+            imp.items.add(item_id=item, position=n)
+        imp.shown_at.FromNanoseconds(int(ts * 1e9))
+        return imp
+
+    resolved: list[list[str]] = []
+    real_resolve = attribution.resolve
+
+    def spy(outcomes: list[Outcome], at: float | None = None) -> None:
+        resolved.append(sorted(o.event_id for o in outcomes))
+        real_resolve(outcomes, at)
+
+    attribution.resolve = spy  # type: ignore[method-assign]
+    attribution._archive([impression(rid_u, u, ["x"], now - 30), impression(rid_v, v, ["y"], now - 30)])
+    assert resolved == [["named", "shown-before"]]
+    rows = {d["event_id"]: d["recommendation_id"] for d in mongo_db[settings.attributions_collection].find({})}
+    assert rows == {"shown-before": rid_u, "named": rid_v}
+    left = sorted(d["_id"] for d in mongo_db[settings.attribution_pending_collection].find({}))
+    assert left == ["cross", "not-shown", "other-id"]
