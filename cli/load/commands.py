@@ -74,6 +74,12 @@ PLATEAU_STEPS = 2
 # in bursts (its consumer and archive sync share one write lock) and at 880 events/s its backlog
 # swung between 3 and 20 s of writes; a scorer behind for good has minutes of writes to catch up.
 KEEP_UP_S = 30.0
+# A max-search step lasts seconds, so a drain within KEEP_UP_S passes an archive consumer that took
+# a fraction of the step's writes (the event archive, 25,000 records behind after 12 s at 724
+# requests/s, still caught up within 30 s once the writes stopped). Each step holds them to this
+# backlog in seconds of the step's writes instead: a consumer that keeps up is behind by at most
+# its 1 s tick and one cycle.
+STEP_ARCHIVE_BACKLOG_S = 3.0
 # ... and when the soak's final backlog is at most this many seconds of its writes: once writes
 # stop, scoring catches up fast (195,000 events in 17 s once), so the drain alone let a soak pass
 # whose recommendations were 93 s behind.
@@ -103,6 +109,13 @@ def register_bench(bsub: Any) -> None:
     p.add_argument("--concurrency", default="1,2,4,8,16,32,64", help="closed-loop steps of the max search")
     p.add_argument("--step-seconds", type=float, default=10.0, help="measured seconds per max-search step")
     p.add_argument("--p99-limit-ms", type=float, default=300.0, help="a max-search step qualifies under this p99")
+    p.add_argument(
+        "--step-archive-backlog-s",
+        type=float,
+        default=STEP_ARCHIVE_BACKLOG_S,
+        help="a max-search step qualifies when each archive consumer is at most this many seconds of the "
+        "step's writes behind at its end",
+    )
     p.add_argument("--seed-purchases", type=int, default=20_000, help="Online Retail purchases seeded first")
     p.add_argument("--max-inflight", type=int, default=2000, help="open-loop cap on outstanding requests")
     p.add_argument("--probe-interval", type=float, default=1.0, help="seconds between freshness probes during the soak")
@@ -163,6 +176,7 @@ def validate(args: argparse.Namespace) -> None:
         (0 <= args.review_fraction <= 1, "--review-fraction must be in [0, 1]"),
         (args.step_seconds > 0, "--step-seconds must be > 0"),
         (args.p99_limit_ms > 0, "--p99-limit-ms must be > 0"),
+        (args.step_archive_backlog_s > 0, "--step-archive-backlog-s must be > 0"),
         (args.seed_purchases >= 100, "--seed-purchases must be at least 100"),
         (args.max_inflight >= 1, "--max-inflight must be at least 1"),
         (0.05 <= args.probe_interval <= 60, "--probe-interval must be in [0.05, 60] seconds"),
@@ -288,14 +302,18 @@ def keeps_up(backlog: int, drained_after_s: float | None, backlog_s: float | Non
 
 
 def archive_keeps_up(
-    backlog: dict[str, int], drained_after_s: float | None, backlog_s: dict[str, float] | None = None
+    backlog: dict[str, int],
+    drained_after_s: float | None,
+    backlog_s: dict[str, float] | None = None,
+    limit_s: float = MAX_BACKLOG_S,
 ) -> tuple[bool, str]:
-    """As ``keeps_up``, for ingestion's system-of-record consumers (cli/load/state.py ArchiveWatch)."""
-    slow = {g: s for g, s in (backlog_s or {}).items() if s > MAX_BACKLOG_S}
+    """As ``keeps_up``, for ingestion's system-of-record consumers (cli/load/state.py ArchiveWatch);
+    ``backlog_s`` is each group's backlog in seconds of its topic's writes, held to ``limit_s``."""
+    slow = {g: s for g, s in (backlog_s or {}).items() if s > limit_s}
     if slow:
         return False, (
             f"ingestion's archive consumers fell behind: {backlog} records not taken when the writes stopped "
-            f"({', '.join(f'{g} {s:g} s' for g, s in slow.items())} of writes > {MAX_BACKLOG_S:g} s)"
+            f"({', '.join(f'{g} {s:g} s' for g, s in slow.items())} of writes > {limit_s:g} s)"
         )
     if drained_after_s is None or drained_after_s > KEEP_UP_S:
         return False, (
@@ -337,7 +355,11 @@ async def max_search(
             await asyncio.sleep(w)  # probes during the measured part only
             await p.run(args.step_seconds)
 
+        if archive is not None:
+            await asyncio.to_thread(archive.mark)
+        step_started = time.monotonic()
         rec, _ = await asyncio.gather(closed_loop(client, c, args.step_seconds, warmup_s=warmup_s), probed())
+        step_s = time.monotonic() - step_started
         st = rec.stats(args.step_seconds)
         fresh = probe.results.summary(probe.timeout_s, args.freshness_p95_ms / 1000)
         st["freshness"] = {k: v for k, v in fresh.items() if k not in ("definition", "series")}
@@ -352,15 +374,19 @@ async def max_search(
                 ok, why = keeps_up(backlog, drained)
         if archive is not None:
             st["archive_backlog_records"] = archived = await asyncio.to_thread(archive.backlog)
+            produced = await asyncio.to_thread(archive.produced_since_mark)
+            st["archive_backlog_seconds_of_writes"] = behind_s = {
+                g: round(n * step_s / max(1, produced[g]), 1) for g, n in archived.items()
+            }
             st["archive_drained_after_s"] = adrained = await asyncio.to_thread(archive.drain, KEEP_UP_S)
             if ok:
-                ok, why = archive_keeps_up(archived, adrained)
+                ok, why = archive_keeps_up(archived, adrained, behind_s, args.step_archive_backlog_s)
         st.update({"concurrency": c, "qualifies": ok, "why_not": why})
         steps.append(st)
         kinds = " ".join(f"{k} p99 {st['by_kind'][k]['p99_ms']:.0f}ms" for k in KINDS)
         lag = f", scoring backlog {st['scoring_backlog_events']}" if watch is not None else ""
         if archive is not None:
-            lag += f", archive backlog {st['archive_backlog_records']}"
+            lag += f", archive backlog {st['archive_backlog_records']} ({st['archive_backlog_seconds_of_writes']} s)"
         p95 = fresh["p95_ms"]
         fr = f", freshness p95 {p95:.0f} ms" if p95 is not None else ", freshness p95 timed out"
         progress(f"max search c={c}: {st['requests_per_s']:.1f} req/s, {kinds}{fr}{lag}, errors {st['errors']} {why}")
@@ -382,8 +408,9 @@ async def max_search(
             "max = the highest requests/s (all kinds, OK answers) of a step with zero errors, every kind's "
             f"p99 <= {args.p99_limit_ms} ms, scoring keeping up (every event accepted during the step "
             f"applied within {KEEP_UP_S:g} s of the step's end), ingestion's archive consumers keeping up "
-            f"(every record produced to user-events and impressions during the step taken by the event "
-            f"archive, attribution and the impression archive within {KEEP_UP_S:g} s of its end) and "
+            f"(the event archive, attribution and the impression archive each at most "
+            f"{args.step_archive_backlog_s:g} s of the step's writes behind at its end and caught up within "
+            f"{KEEP_UP_S:g} s) and "
             f"freshness probes (one every {args.step_probe_interval:g} s during the step) with event -> "
             f"recommendations in Redis p95 <= {args.freshness_p95_ms:g} ms, the soak's goal; the ramp "
             "stops at the first step that fails that, or after "

@@ -86,6 +86,9 @@ def test_the_archive_consumers_are_judged_like_scoring() -> None:
     assert not ok and "archive consumers fell behind" in why and "within 30 s" in why, why
     ok, why = archive_keeps_up({"archiver": 0, "attribution": 150_000}, 20.0, {"archiver": 0.0, "attribution": 61.5})
     assert not ok and "attribution 61.5 s" in why, why
+    # A max-search step: 25,000 records in a 12 s step is 8.7 s of its writes, though it drained.
+    ok, why = archive_keeps_up({"archiver": 25_000}, 21.0, {"archiver": 8.7}, 3.0)
+    assert not ok and "archiver 8.7 s of writes > 3 s" in why, why
 
 
 def test_a_max_search_step_is_held_to_the_soaks_freshness_goal() -> None:
@@ -157,7 +160,7 @@ def test_bench_load_end_to_end(tmp_path: Path) -> None:
             "--minutes", "0.2", "--stack", "own", "--seed-purchases", "2000",
             "--concurrency", "1,4", "--step-seconds", "2", "--p99-limit-ms", "10000",
             "--rate-fraction", "0.3", "--out-dir", str(out), "--json",
-            "--probe-interval", "0.5", "--freshness-p95-ms", "20000",
+            "--probe-interval", "0.5", "--freshness-p95-ms", "20000", "--step-archive-backlog-s", "60",
         ],
         cwd=REPO,
         capture_output=True,
@@ -195,6 +198,7 @@ def test_bench_load_end_to_end(tmp_path: Path) -> None:
     groups = {"archiver", "attribution", "impressions-archiver"}
     assert all(set(s["archive_backlog_records"]) == groups for s in steps), steps
     assert all(s["archive_drained_after_s"] is not None for s in steps), steps
+    assert all(set(s["archive_backlog_seconds_of_writes"]) == groups for s in steps), steps
     archive = pipe["archive"]
     assert archive["kept_up"] is True and archive["drained_after_s"] is not None, archive
     assert set(archive["records_produced"]) == groups and min(archive["records_produced"].values()) > 0, archive
@@ -232,6 +236,7 @@ def test_bench_load_end_to_end(tmp_path: Path) -> None:
         (["--scoring-replicas", "0", "--stack", "own"], "--scoring-replicas must be in [1, 4]"),
         (["--probe-interval", "0"], "--probe-interval must be in [0.05, 60] seconds"),
         (["--freshness-p95-ms", "-1"], "--freshness-p95-ms must be > 0"),
+        (["--step-archive-backlog-s", "0"], "--step-archive-backlog-s must be > 0"),
         (["--step-probe-interval", "0.01"], "--step-probe-interval must be in [0.05, 60] seconds"),
     ],
 )
