@@ -407,9 +407,9 @@ def test_an_impression_chunk_re_examines_only_the_parked_events_it_can_match(
     resolved: list[list[str]] = []
     real_resolve = attribution.resolve
 
-    def spy(outcomes: list[Outcome], at: float | None = None) -> None:
+    def spy(outcomes: list[Outcome], now: float | None = None) -> None:
         resolved.append(sorted(o.event_id for o in outcomes))
-        real_resolve(outcomes, at)
+        real_resolve(outcomes, now)
 
     attribution.resolve = spy  # type: ignore[method-assign]
     attribution._archive([impression(rid_u, u, ["x"], now - 30), impression(rid_v, v, ["y"], now - 30)])
