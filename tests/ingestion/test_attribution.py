@@ -333,7 +333,8 @@ def test_window_lookup_picks_a_heavy_users_latest_showing_and_reads_only_the_win
     mongo_db: Database[Any], unique: str
 ) -> None:
     """A shopper shown a list on every visit piles up impressions of the same items; the look-up
-    must pick exactly what a read of all of them would, and not read those shown after the skew."""
+    must pick exactly what a read of all of them would, reading one page of the newest when that
+    holds the match, and nothing shown after the skew."""
     settings = own_collections(unique)
     attribution = Attribution(mongo_db, settings)
     attribution.ensure_indexes()
@@ -345,6 +346,7 @@ def test_window_lookup_picks_a_heavy_users_latest_showing_and_reads_only_the_win
         {"_id": "rec_tie_z", "user_id": user, "items": ["d"], "ts": t0 + 2000},
         {"_id": "rec_late", "user_id": user, "items": ["e"], "ts": t0 + 2030},  # only after the event, in the skew
         {"_id": "rec_other", "user_id": "someone-else", "items": ["a"], "ts": t0 + 2995},
+        {"_id": "rec_g", "user_id": user, "items": ["g"], "ts": t0 + 5},  # behind 290 newer "a" lists
     ]
     mongo_db[settings.impressions_collection].insert_many(docs)
     everything = list(mongo_db[settings.impressions_collection].find({"user_id": user}))
@@ -354,6 +356,7 @@ def test_window_lookup_picks_a_heavy_users_latest_showing_and_reads_only_the_win
 
     cases = [outcome("a", t0 + 2995), outcome("b", t0 + 1505), outcome("d", t0 + 2001), outcome("e", t0 + 2010)]
     cases.append(outcome("f", t0 + 2500))  # never shown: no match, the read goes to the window's start
+    cases.append(outcome("g", t0 + 2995))  # with "a" in one query, its match is not on the first page
 
     def picked(o: Outcome, impressions: list[dict[str, Any]]) -> Any:
         hit = match(o, impressions, settings.attribution_window_s, settings.attribution_clock_skew_s)
@@ -361,14 +364,14 @@ def test_window_lookup_picks_a_heavy_users_latest_showing_and_reads_only_the_win
 
     for o in cases:
         assert picked(o, attribution._impressions_showing([o])) == picked(o, everything), o
-    assert [picked(o, everything) for o in cases] == ["rec_0299", "rec_0150", "rec_tie_z", "rec_late", None]
-    # All five at once (one user): the same picks.
+    assert [picked(o, everything) for o in cases] == ["rec_0299", "rec_0150", "rec_tie_z", "rec_late", None, "rec_g"]
+    # All six at once (one user, one query): the same picks; "f" and "g" leave the page open.
     together = attribution._impressions_showing(cases)
     assert [picked(o, together) for o in cases] == [picked(o, everything) for o in cases]
-    # The read ends at the skew after the latest outcome: "b" at +1505 reads rec_0000 .. rec_0156
-    # (up to +1565), none of the 143 shown later, nor another user's.
+    # "b" at +1505: one page of the 50 newest up to the skew after it (+1565), which holds its
+    # match; none of the 143 shown later, nor another user's.
     read = attribution._impressions_showing([cases[1]])
-    assert sorted(d["_id"] for d in read) == [f"rec_{n:04d}" for n in range(157)]
+    assert sorted(d["_id"] for d in read) == [f"rec_{n:04d}" for n in range(107, 157)]
 
 
 def test_an_impression_chunk_re_examines_only_the_parked_events_it_can_match(
