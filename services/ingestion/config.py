@@ -109,7 +109,8 @@ class IngestionSettings(ServiceSettings):
             "The archiver and attribution consumers poll at most this often (0 = as fast as they can)."
             " They write the system of record and feed reports, so a second is free to them, and it"
             " spares the embedded broker, whose fetch cost grows with each partition's batch count"
-            " (docs/load.md); a cycle that took longer polls at once."
+            " (docs/load.md); a cycle that took longer, or whose poll came back full (a backlog), polls at"
+            " once."
         ),
     )
 

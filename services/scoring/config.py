@@ -139,7 +139,7 @@ class ScoringSettings(ServiceSettings):
             "The apply loop polls at most this often (0 = as fast as it can): under a steady stream each"
             " cycle takes what arrived in one tick, not a trickle, so the embedded broker, whose fetch cost"
             " grows with each partition's batch count, is asked a few times a second; a cycle that took"
-            " longer polls at once."
+            " longer, or whose poll came back full (a backlog), polls at once."
         ),
     )
     embedding_dim: int = Field(100, ge=1, description="Length of item style embeddings.")
