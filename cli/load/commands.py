@@ -60,6 +60,7 @@ from cli.load.state import (
     measure_entry_costs,
     pipeline_applied,
     scrape_scoring,
+    seconds_of_writes,
     state_growth,
 )
 from cli.localstack.seeding import ingest, train_model, upsert
@@ -285,20 +286,25 @@ def step_passes(stats: dict[str, Any], p99_limit_ms: float) -> tuple[bool, str]:
     return True, ""
 
 
+def caught_up(behind: str, too_long: str | None, drained_after_s: float | None) -> tuple[bool, str]:
+    """The keep-up rule of scoring and of the archive consumers: a backlog no longer than its limit
+    (``too_long`` says by how much it was over, else None), drained within ``KEEP_UP_S``.
+    ``behind``: what was not done when the writes stopped, the start of the reason."""
+    if too_long is not None:
+        return False, f"{behind} ({too_long})"
+    if drained_after_s is None or drained_after_s > KEEP_UP_S:
+        return False, f"{behind}, not caught up within {KEEP_UP_S:g} s"
+    return True, ""
+
+
 def keeps_up(backlog: int, drained_after_s: float | None, backlog_s: float | None = None) -> tuple[bool, str]:
     """``backlog_s``: the backlog in seconds of writes (the soak's); None for a max-search step,
     which is shorter than ``MAX_BACKLOG_S`` and so is judged by its drain alone."""
+    too_long = None
     if backlog_s is not None and backlog_s > MAX_BACKLOG_S:
-        return False, (
-            f"scoring fell behind: {backlog} accepted events not applied when the writes stopped "
-            f"({backlog_s:g} s of writes > {MAX_BACKLOG_S:g} s)"
-        )
-    if drained_after_s is None or drained_after_s > KEEP_UP_S:
-        return False, (
-            f"scoring fell behind: {backlog} accepted events not applied when the writes stopped, "
-            f"not caught up within {KEEP_UP_S:g} s"
-        )
-    return True, ""
+        too_long = f"{backlog_s:g} s of writes > {MAX_BACKLOG_S:g} s"
+    behind = f"scoring fell behind: {backlog} accepted events not applied when the writes stopped"
+    return caught_up(behind, too_long, drained_after_s)
 
 
 def archive_keeps_up(
@@ -309,18 +315,10 @@ def archive_keeps_up(
 ) -> tuple[bool, str]:
     """As ``keeps_up``, for ingestion's system-of-record consumers (cli/load/state.py ArchiveWatch);
     ``backlog_s`` is each group's backlog in seconds of its topic's writes, held to ``limit_s``."""
-    slow = {g: s for g, s in (backlog_s or {}).items() if s > limit_s}
-    if slow:
-        return False, (
-            f"ingestion's archive consumers fell behind: {backlog} records not taken when the writes stopped "
-            f"({', '.join(f'{g} {s:g} s' for g, s in slow.items())} of writes > {limit_s:g} s)"
-        )
-    if drained_after_s is None or drained_after_s > KEEP_UP_S:
-        return False, (
-            f"ingestion's archive consumers fell behind: {backlog} records not taken when the writes stopped, "
-            f"not caught up within {KEEP_UP_S:g} s"
-        )
-    return True, ""
+    slow = ", ".join(f"{g} {s:g} s" for g, s in (backlog_s or {}).items() if s > limit_s)
+    too_long = f"{slow} of writes > {limit_s:g} s" if slow else None
+    behind = f"ingestion's archive consumers fell behind: {backlog} records not taken when the writes stopped"
+    return caught_up(behind, too_long, drained_after_s)
 
 
 def fresh_enough(fresh: dict[str, Any]) -> tuple[bool, str]:
@@ -373,11 +371,9 @@ async def max_search(
             if ok:
                 ok, why = keeps_up(backlog, drained)
         if archive is not None:
-            st["archive_backlog_records"] = archived = await asyncio.to_thread(archive.backlog)
-            produced = await asyncio.to_thread(archive.produced_since_mark)
-            st["archive_backlog_seconds_of_writes"] = behind_s = {
-                g: round(n * step_s / max(1, produced[g]), 1) for g, n in archived.items()
-            }
+            archived, produced = await asyncio.to_thread(archive.since_mark)
+            st["archive_backlog_records"] = archived
+            st["archive_backlog_seconds_of_writes"] = behind_s = seconds_of_writes(archived, produced, step_s)
             st["archive_drained_after_s"] = adrained = await asyncio.to_thread(archive.drain, KEEP_UP_S)
             if ok:
                 ok, why = archive_keeps_up(archived, adrained, behind_s, args.step_archive_backlog_s)
@@ -632,9 +628,8 @@ def soak_pipeline(watch: PipelineWatch, soak_s: float, sampler: RssSampler) -> d
 def soak_archive(archive: ArchiveWatch, soak_s: float) -> dict[str, Any]:
     """Did ingestion's archive consumers take what was produced during the soak, and how long did the
     rest take? Judged like scoring (backlog in seconds of the topic's writes, then the drain)."""
-    backlog = archive.backlog()
-    produced = archive.produced_since_mark()
-    backlog_s = {g: round(n / max(1.0, produced[g] / soak_s), 1) for g, n in backlog.items()}
+    backlog, produced = archive.since_mark()
+    backlog_s = seconds_of_writes(backlog, produced, soak_s)
     drained = archive.drain(DRAIN_S)
     ok, why = archive_keeps_up(backlog, drained, backlog_s)
     return {

@@ -221,47 +221,43 @@ class ArchiveWatch:
         self.producer_addrs = list(producer_addrs)
         self.consumer_addrs = list(consumer_addrs)
         self.groups = archive_groups()
-        self.base: dict[str, float] = dict.fromkeys(self.groups, 0.0)
-        self._base_produced: dict[str, float] = {}
+        zero = dict.fromkeys(self.groups, 0.0)
+        self._base: tuple[dict[str, float], dict[str, float]] = (zero, zero)
 
-    def _behind(self) -> dict[str, float]:
-        produced: dict[str, float] = {}
-        for addr in self.producer_addrs:
-            samples = scrape_metrics(addr, 2.0)
-            for topic in set(self.groups.values()):
-                produced[topic] = produced.get(topic, 0.0) + metric_sum(samples, PRODUCED, topic=topic, outcome="ok")
-        consumed = dict.fromkeys(self.groups, 0.0)
-        for addr in self.consumer_addrs:
-            samples = scrape_metrics(addr, 2.0)
-            for group in self.groups:
-                consumed[group] += sum(metric_sum(samples, CONSUMED, group=group, outcome=o) for o in TAKEN)
-        return {g: produced.get(topic, 0.0) - consumed[g] for g, topic in self.groups.items()}
-
-    def mark(self) -> None:
-        self.base, self._base_produced = self._behind(), self._produced()
-
-    def _produced(self) -> dict[str, float]:
+    def _counts(self) -> tuple[dict[str, float], dict[str, float]]:
+        """(records produced to each group's topic, records each group took), one scrape per endpoint."""
+        scraped = {a: scrape_metrics(a, 2.0) for a in {*self.producer_addrs, *self.consumer_addrs}}
         topics = {
-            t: sum(metric_sum(scrape_metrics(a, 2.0), PRODUCED, topic=t, outcome="ok") for a in self.producer_addrs)
+            t: sum(metric_sum(scraped[a], PRODUCED, topic=t, outcome="ok") for a in self.producer_addrs)
             for t in set(self.groups.values())
         }
-        return {g: topics[t] for g, t in self.groups.items()}
+        taken = {
+            g: sum(metric_sum(scraped[a], CONSUMED, group=g, outcome=o) for a in self.consumer_addrs for o in TAKEN)
+            for g in self.groups
+        }
+        return {g: topics[t] for g, t in self.groups.items()}, taken
 
-    def produced_since_mark(self) -> dict[str, int]:
-        """Records produced to each group's topic since ``mark()``."""
-        now = self._produced()
-        return {g: int(now[g] - self._base_produced.get(g, 0.0)) for g in self.groups}
+    def mark(self) -> None:
+        self._base = self._counts()
 
-    def backlog(self) -> dict[str, int]:
-        """Records produced since ``mark()`` that each group has not taken yet."""
-        return {g: int(n - self.base[g]) for g, n in self._behind().items()}
+    def since_mark(self) -> tuple[dict[str, int], dict[str, int]]:
+        """(records produced since ``mark()`` that each group has not taken yet, records produced to
+        its topic since then), from one reading."""
+        (produced, taken), (produced0, taken0) = self._counts(), self._base
+        new = {g: int(produced[g] - produced0[g]) for g in self.groups}
+        return {g: int(new[g] - (taken[g] - taken0[g])) for g in self.groups}, new
 
     def drain(self, timeout_s: float, poll_s: float = 0.5) -> float | None:
         """Seconds until every group's backlog reached 0; None when one did not within ``timeout_s``."""
         t0 = time.monotonic()
         while True:
-            if max(self.backlog().values(), default=0) <= 0:
+            if max(self.since_mark()[0].values(), default=0) <= 0:
                 return round(time.monotonic() - t0, 2)
             if time.monotonic() - t0 > timeout_s:
                 return None
             time.sleep(poll_s)
+
+
+def seconds_of_writes(backlog: dict[str, int], produced: dict[str, int], seconds: float) -> dict[str, float]:
+    """Each backlog in seconds of its topic's writes over ``seconds`` (those writes: ``produced``)."""
+    return {g: round(n * seconds / max(1, produced[g]), 1) for g, n in backlog.items()}
