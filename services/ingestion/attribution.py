@@ -70,24 +70,20 @@ def plain_index(collection: Collection[dict[str, Any]], field: str) -> None:
 
 
 def find_all(
-    collection: Collection[dict[str, Any]], query: dict[str, Any], fields: Sequence[str] | None = None
+    collection: Collection[dict[str, Any]],
+    query: dict[str, Any],
+    fields: Sequence[str] | None = None,
+    newest: int = 0,
 ) -> list[dict[str, Any]]:
-    """Every document ``query`` matches (only ``fields`` and ``_id`` when given), the whole read
-    retried as one (a cursor is not resumable)."""
-    return with_retries(lambda: list(collection.find(query, fields)))
+    """Every document ``query`` matches (only ``fields`` and ``_id`` when given; only the
+    ``newest`` by ``ts`` when > 0), the whole read retried as one (a cursor is not resumable)."""
+    sort = [("ts", -1)] if newest else None
+    return with_retries(lambda: list(collection.find(query, fields, sort=sort, limit=newest)))
 
 
 # What ``match`` and ``_record`` read of an impression.
 SHOWING_FIELDS = ("user_id", "items", "ts", "experiment", "arm", "strategy")
 SHOWING_PAGE = 50  # a user's newest impressions read at once by the window look-up
-
-
-def closes(page: list[dict[str, Any]], outcomes: list[Outcome]) -> bool:
-    """Whether a newest-first page holds every outcome's window match: an impression at or
-    before it that shows its item, newer than the page's last ts (so its ties are all on the
-    page too), beats every impression the page left out."""
-    last = page[-1]["ts"]
-    return all(any(last < d["ts"] <= o.ts and o.item_id in d["items"] for d in page) for o in outcomes)
 
 
 # Event type -> outcome name (labels, report columns). VIEW and FAVORITE are not outcomes.
@@ -222,6 +218,14 @@ def match(
     return before or after
 
 
+def closes(page: list[dict[str, Any]], outcomes: list[Outcome]) -> bool:
+    """Whether a newest-first page holds every outcome's window match: an impression at or
+    before it that shows its item, newer than the page's last ts (so its ties are all on the
+    page too), beats every impression the page left out."""
+    last = page[-1]["ts"]
+    return all(any(last < d["ts"] <= o.ts and o.item_id in d["items"] for d in page) for o in outcomes)
+
+
 class Attribution:
     """Both handlers over one set of collections; each is safe to replay."""
 
@@ -301,7 +305,8 @@ class Attribution:
         imps = {m.recommendation_id: m for m in shown if m.user_id not in gone}
         if not imps:
             return
-        ops = [UpdateOne({"_id": rid}, {"$set": impression_document(m)}, upsert=True) for rid, m in imps.items()]
+        docs = {rid: impression_document(m) for rid, m in imps.items()}
+        ops = [UpdateOne({"_id": rid}, {"$set": doc}, upsert=True) for rid, doc in docs.items()]
         try:
             with_retries(lambda: self.impressions.bulk_write(ops, ordered=False))
         except Exception:
@@ -334,8 +339,8 @@ class Attribution:
         # nothing for it, so resolving it again (a look-up per user) only cost: in a soak the
         # impression archive spent half its time there and fell minutes behind (docs/load.md).
         pools: dict[str, list[dict[str, Any]]] = {}
-        for rid, m in imps.items():
-            pools.setdefault(m.user_id, []).append({"_id": rid, **impression_document(m)})
+        for rid, doc in docs.items():
+            pools.setdefault(doc["user_id"], []).append({"_id": rid, **doc})
         outcomes = (Outcome.from_doc(d) for d in parked.values())
         touched = [o for o in outcomes if match(o, pools.get(o.user_id, []), self.window_s, self.skew_s) is not None]
         if touched:
@@ -401,7 +406,7 @@ class Attribution:
                 "items": {"$in": sorted({o.item_id for o in mine})},
                 "ts": {"$gte": start, "$lte": max(o.ts for o in mine) + self.skew_s},
             }
-            page: list[dict[str, Any]] = with_retries(partial(self._newest, query))
+            page = find_all(self.impressions, query, SHOWING_FIELDS, newest=SHOWING_PAGE)
             if len(page) == SHOWING_PAGE and not closes(page, mine):
                 # The rest, down to the page's last ts (its ties may not all be on the page).
                 older = {**query, "ts": {"$gte": start, "$lte": page[-1]["ts"]}}
@@ -409,9 +414,6 @@ class Attribution:
                 page += [d for d in find_all(self.impressions, older, SHOWING_FIELDS) if d["_id"] not in have]
             found += page
         return found
-
-    def _newest(self, query: dict[str, Any]) -> list[dict[str, Any]]:
-        return list(self.impressions.find(query, SHOWING_FIELDS).sort("ts", -1).limit(SHOWING_PAGE))
 
     def resolve(self, outcomes: list[Outcome], now: float | None = None) -> None:
         """Attribute what can be attributed now; settled events leave ``attribution_pending``."""
