@@ -210,9 +210,10 @@ def send_outcomes(ingestion: str, planted: Planted) -> None:
 
 def wait_impressions(db: Any, names: dict[str, str], planted: Planted, timeout_s: float) -> None:
     """Until every impression is archived. The simulated shop sends its outcome events only then:
-    it sends them all at once after the shopping, so they are past ``attribution_settle_s`` when
-    they arrive, and an impression still in flight would let a window match take the shopper's
-    other list (last touch is only as right as the impression archive is complete; docs/experiments.md)."""
+    it sends them all at once after the shopping, so they are past the clock skew +
+    ``attribution_settle_s`` when they arrive, and an impression still in flight would let a window
+    match take the shopper's other list (last touch is only as right as the impression archive is
+    complete; docs/experiments.md)."""
     want = sum(planted.impressions.values())
     deadline = time.monotonic() + timeout_s
     while db[names["impressions"]].count_documents({}) < want and time.monotonic() < deadline:
@@ -315,6 +316,8 @@ def run_online(
                 "STYLEREC_ATTRIBUTION_PENDING_COLLECTION": names["pending"],
                 "STYLEREC_ATTRIBUTION_WINDOW_S": "3600",
                 "STYLEREC_ATTRIBUTION_SETTLE_S": "2",
+                # One machine's clock: window matches are decided skew + settle = 4 s after the event.
+                "STYLEREC_ATTRIBUTION_CLOCK_SKEW_S": "2",
             },
         )
         started.append(ing_name)

@@ -24,11 +24,17 @@ parked events) means that whichever of the two arrives second finds the other: n
 loses an outcome. Unmatched parked events expire after the window (:meth:`Attribution.expire`).
 
 An event with a recommendation id names its impression, so it is settled as soon as that is
-archived. An event without one is matched by "latest impression before it", which is only right
-once every earlier impression is archived: the impression consumer may lag behind the event
-consumer (it did on a cold start in the simulation, and a list archived late would lose the
-click to an older one). So window matches wait ``attribution_settle_s`` after the event's time;
-a sweeper settles them when they come due, and replayed old events are settled at once.
+archived. An event without one is matched by "latest impression before it, else the earliest
+within the clock skew after it", which is only right once every impression that can match it is
+archived: one shown up to ``attribution_clock_skew_s`` after the event's time, archived by a
+consumer that may lag behind the event consumer (it did on a cold start in the simulation, and a
+list archived late would lose the click to an older one). So a window match is decided
+``attribution_clock_skew_s + attribution_settle_s`` after the event's time (:attr:`decide_after_s`);
+a sweeper decides events as they come due, and replayed old events are decided at once.
+
+That is also what keeps the impression archive cheap: an impression archived within
+``attribution_settle_s`` of being shown is there before any event it can match is decided, so
+only the impressions of a lagging archive re-examine parked events (:meth:`Attribution._archive`).
 """
 
 from __future__ import annotations
@@ -236,8 +242,13 @@ class Attribution:
         self.window_s = settings.attribution_window_s
         self.skew_s = settings.attribution_clock_skew_s
         self.settle_s = settings.attribution_settle_s
+        # A window match is decided this long after the event's time (the module docstring).
+        self.decide_after_s = self.skew_s + self.settle_s
         # Parked events with ts up to here were examined by a sweep; a restart looks 10 minutes back.
-        self.swept_to = time.time() - self.settle_s - 600
+        self.swept_to = time.time() - self.decide_after_s - 600
+        # Where the sweep in progress (or the last one) examines up to; set before it reads, so an
+        # impression archived after it is read by that sweep or re-examined by the archive.
+        self.sweeping_to = self.swept_to
         self.ttl_s = settings.impressions_ttl_s
         self.chunk = settings.archiver_max_poll_records
         self.forgotten = forgotten
@@ -313,22 +324,27 @@ class Attribution:
             STORE_ERRORS.labels("mongo", "impressions_bulk_write").inc()
             raise
         metrics.IMPRESSIONS_ARCHIVED.inc(len(ops))
-        # Only parked events these impressions can settle: those naming one of them, and those of
-        # their users, of an item they showed, recent enough for one to be their window match
-        # (shown at most skew_s after the event). Every other parked event was examined already
-        # and nothing new bears on it; re-reading all of a user's parked events here made each
-        # batch cost more as the unmatched ones accumulated (a day's window), and its memory grew
-        # with them (docs/load.md).
+        # Only parked events these impressions can settle and that no sweep will examine after
+        # this write: an event is examined (again) by the sweep once it is ``decide_after_s`` old,
+        # so only those at or before ``sweeping_to`` (read after the write: store, then look) can
+        # have missed these impressions. An impression can match an event no more than ``skew_s``
+        # before it was shown (by id or by window), so nothing below ``since`` is read either.
+        # When this archive keeps up (impressions archived within ``settle_s`` of being shown) the
+        # range is empty and nothing is read: the query over the chunk's users x items x the last
+        # minute, once 74% of this consumer's time, made it fall minutes behind in a soak
+        # (docs/load.md).
+        since = min(ts_of(m) for m in imps.values()) - self.skew_s
+        upto = self.sweeping_to
+        if since > upto:
+            return
         ids = list(imps)
         users = list({m.user_id for m in imps.values()})
         items_shown = list({it.item_id for m in imps.values() for it in m.items})
-        since = min(ts_of(m) for m in imps.values()) - self.skew_s
-        recent = {"user_id": {"$in": users}, "item_id": {"$in": items_shown}, "ts": {"$gte": since}}
-        # An event naming one of them that can count is no older than its impression less the
-        # skew, so ``since`` bounds both queries: the server reads the recent part of the ts index
-        # instead of every parked event. (An older one could only be skipped as outside_window;
-        # it now expires with the unmatched events instead of being counted as such.)
-        named = {"recommendation_id": {"$in": ids}, "ts": {"$gte": since}}
+        span = {"$gte": since, "$lte": upto}
+        recent = {"user_id": {"$in": users}, "item_id": {"$in": items_shown}, "ts": span}
+        # (An event naming one of them older than ``since`` could only be skipped as
+        # outside_window; it expires with the unmatched events instead of being counted as such.)
+        named = {"recommendation_id": {"$in": ids}, "ts": span}
         parked: dict[str, dict[str, Any]] = {str(d["_id"]): d for d in find_all(self.pending, named)}
         parked.update((str(d["_id"]), d) for d in find_all(self.pending, recent))
         if not parked:
@@ -362,14 +378,15 @@ class Attribution:
         self.resolve(todo)
 
     def sweep(self, now: float | None = None) -> int:
-        """Settle the parked window events that came due since the last sweep; how many were looked at."""
-        cutoff = (time.time() if now is None else now) - self.settle_s
+        """Decide the parked events that came due since the last sweep; how many were looked at."""
+        cutoff = (time.time() if now is None else now) - self.decide_after_s
         low = self.swept_to
+        self.sweeping_to = max(self.sweeping_to, cutoff)
         due: list[dict[str, Any]] = with_retries(
             lambda: list(self.pending.find({"ts": {"$gt": low, "$lte": cutoff}}).limit(5000))
         )
         if due:
-            self.resolve([Outcome.from_doc(d) for d in due], cutoff + self.settle_s)
+            self.resolve([Outcome.from_doc(d) for d in due], cutoff + self.decide_after_s)
         # With a full page, continue from its latest event next time rather than skip the rest.
         self.swept_to = max(float(d["ts"]) for d in due) if len(due) == 5000 else cutoff
         return len(due)
@@ -416,8 +433,9 @@ class Attribution:
         return found
 
     def resolve(self, outcomes: list[Outcome], now: float | None = None) -> None:
-        """Attribute what can be attributed now; settled events leave ``attribution_pending``."""
-        due_before = (time.time() if now is None else now) - self.settle_s
+        """Attribute what can be attributed now (named events at once, window events once due);
+        settled events leave ``attribution_pending``."""
+        due_before = (time.time() if now is None else now) - self.decide_after_s
         outcomes = [o for o in outcomes if o.recommendation_id or o.ts <= due_before]
         if not outcomes:
             return

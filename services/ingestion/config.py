@@ -155,11 +155,16 @@ class IngestionSettings(ServiceSettings):
         10.0,
         ge=0,
         le=600,
-        description="Events without recommendation_id are matched this long after their time, so impressions "
-        "archived a little late still win (last touch).",
+        description="Events without recommendation_id are matched this long after their time plus the clock skew, "
+        "so impressions archived up to this late still take part (last touch); an impression archived later "
+        "re-examines parked events.",
     )
     attribution_clock_skew_s: float = Field(
-        60.0, ge=0, le=3600, description="Event clocks may run this far behind the gateway's impression time."
+        60.0,
+        ge=0,
+        le=3600,
+        description="Event clocks may run this far behind the gateway's impression time; events without "
+        "recommendation_id are matched this long (plus the settle time) after their time.",
     )
 
     # ---- catalog ----

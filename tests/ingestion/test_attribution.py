@@ -77,6 +77,8 @@ def exp(infra: Stack) -> Iterator[Exp]:
             "STYLEREC_ATTRIBUTION_PENDING_COLLECTION": f"pend_{token}",
             "STYLEREC_ATTRIBUTION_WINDOW_S": "600",
             "STYLEREC_ATTRIBUTION_SETTLE_S": "4",
+            # Window matches are decided skew + settle (9 s) after the event's time.
+            "STYLEREC_ATTRIBUTION_CLOCK_SKEW_S": "5",
         },
     )
     producer = KafkaProducer(bootstrap_servers=[infra.kafka_bootstrap])
@@ -171,8 +173,8 @@ def test_event_before_its_impression_is_attributed_when_the_impression_arrives(
     now = time.time()
     item, other = f"j-{unique}-0", f"j-{unique}-9"
     # The click (no recommendation id) is consumed before any impression exists: parked. Matching
-    # it by window waits attribution_settle_s (4 s here) after its time, so the impressions that
-    # arrive meanwhile, in whatever batches, all take part in the last-touch choice.
+    # it by window waits the clock skew + attribution_settle_s (9 s here) after its time, so the
+    # impressions that arrive meanwhile, in whatever batches, all take part in the last-touch choice.
     early = make_event(raw, item, common_pb2.CLICK, event_id=f"e-{unique}", ts=now)
     never = make_event(raw, other, common_pb2.CLICK, event_id=f"n-{unique}", ts=now)
     assert ingest(exp, [early, never]).accepted == 2
@@ -374,39 +376,20 @@ def test_window_lookup_picks_a_heavy_users_latest_showing_and_reads_only_the_win
     assert sorted(d["_id"] for d in read) == [f"rec_{n:04d}" for n in range(107, 157)]
 
 
-def test_an_impression_chunk_re_examines_only_the_parked_events_it_can_match(
-    mongo_db: Database[Any], unique: str
-) -> None:
-    """Archiving impressions re-examines parked events (one may have been examined before its
-    impression was archived), but only those an impression of the chunk can match itself: the
-    query's users x items cross product and events of other ids cost a look-up each for nothing."""
-    settings = own_collections(unique)
-    attribution = Attribution(mongo_db, settings)
-    attribution.ensure_indexes()
-    now = time.time()
-    u, v = f"u-{unique}", f"v-{unique}"
+def impression(rid: str, user: str, items: list[str], ts: float) -> common_pb2.Impression:
+    imp = common_pb2.Impression(recommendation_id=rid, user_id=user, strategy="CF")
+    for n, item in enumerate(items):
+        imp.items.add(item_id=item, position=n)
+    imp.shown_at.FromNanoseconds(int(ts * 1e9))
+    return imp
 
-    def parked(event_id: str, user: str, item: str, ts: float, rid: str = "") -> dict[str, Any]:
-        return Outcome(event_id, user, item, "click", ts, rid).doc() | {"_id": event_id}
 
-    rid_u, rid_v = rec_id(), rec_id()
-    mongo_db[settings.attribution_pending_collection].insert_many(
-        [
-            parked("shown-before", u, "x", now - 20),  # u was shown x 10 s before: the match
-            parked("not-shown", u, "y", now - 20),  # y was shown to v, not to u
-            parked("cross", v, "x", now - 20),  # x was shown to u, not to v
-            parked("named", v, "y", now - 20, rid_v),  # names v's impression of this chunk
-            parked("other-id", u, "x", now - 20, rec_id()),  # names an impression not in the chunk
-        ]
-    )
+def parked(event_id: str, user: str, item: str, ts: float, rid: str = "") -> dict[str, Any]:
+    return Outcome(event_id, user, item, "click", ts, rid).doc() | {"_id": event_id}
 
-    def impression(rid: str, user: str, items: list[str], ts: float) -> common_pb2.Impression:
-        imp = common_pb2.Impression(recommendation_id=rid, user_id=user, strategy="CF")
-        for n, item in enumerate(items):
-            imp.items.add(item_id=item, position=n)
-        imp.shown_at.FromNanoseconds(int(ts * 1e9))
-        return imp
 
+def spy_resolve(attribution: Attribution) -> list[list[str]]:
+    """The event ids of each ``resolve`` call from now on (the calls still run)."""
     resolved: list[list[str]] = []
     real_resolve = attribution.resolve
 
@@ -415,9 +398,69 @@ def test_an_impression_chunk_re_examines_only_the_parked_events_it_can_match(
         real_resolve(outcomes, now)
 
     attribution.resolve = spy  # type: ignore[method-assign]
-    attribution._archive([impression(rid_u, u, ["x"], now - 30), impression(rid_v, v, ["y"], now - 30)])
+    return resolved
+
+
+def test_an_impression_chunk_re_examines_only_the_parked_events_it_can_match(
+    mongo_db: Database[Any], unique: str
+) -> None:
+    """A lagging impression archive (impressions archived after the sweep decided the events they
+    could match) re-examines parked events, but only those an impression of the chunk can match
+    itself: the query's users x items cross product and events of other ids cost a look-up each
+    for nothing."""
+    settings = own_collections(unique)
+    attribution = Attribution(mongo_db, settings)
+    attribution.ensure_indexes()
+    then = attribution.sweeping_to - 1000  # swept (or left behind by a restart) long ago
+    u, v = f"u-{unique}", f"v-{unique}"
+    rid_u, rid_v = rec_id(), rec_id()
+    mongo_db[settings.attribution_pending_collection].insert_many(
+        [
+            parked("shown-before", u, "x", then - 20),  # u was shown x 10 s before: the match
+            parked("not-shown", u, "y", then - 20),  # y was shown to v, not to u
+            parked("cross", v, "x", then - 20),  # x was shown to u, not to v
+            parked("named", v, "y", then - 20, rid_v),  # names v's impression of this chunk
+            parked("other-id", u, "x", then - 20, rec_id()),  # names an impression not in the chunk
+        ]
+    )
+    resolved = spy_resolve(attribution)
+    attribution._archive([impression(rid_u, u, ["x"], then - 30), impression(rid_v, v, ["y"], then - 30)])
     assert resolved == [["named", "shown-before"]]
     rows = {d["event_id"]: d["recommendation_id"] for d in mongo_db[settings.attributions_collection].find({})}
     assert rows == {"shown-before": rid_u, "named": rid_v}
     left = sorted(d["_id"] for d in mongo_db[settings.attribution_pending_collection].find({}))
     assert left == ["cross", "not-shown", "other-id"]
+
+
+def test_an_archive_that_keeps_up_leaves_the_parked_events_to_the_sweep(mongo_db: Database[Any], unique: str) -> None:
+    """Impressions archived within the settle time of being shown re-examine nothing: every event
+    they can match is decided by the sweep skew + settle after its time, which finds them archived.
+    The sweep decides last touch over everything archived by then, whichever order it came in."""
+    settings = own_collections(unique)
+    attribution = Attribution(mongo_db, settings)
+    attribution.ensure_indexes()
+    now = time.time()
+    attribution.sweep(now)  # the sweeper's last pass, as in the running archiver
+    u = f"u-{unique}"
+    rid_old, rid_latest, rid_skew = rec_id(), rec_id(), rec_id()
+    mongo_db[settings.attribution_pending_collection].insert_many(
+        [
+            parked("window", u, "x", now - 5),
+            parked("named", u, "y", now - 5, rid_old),
+            parked("skewed", u, "z", now - 5),  # its clock runs behind: z is shown 30 s "after" it
+        ]
+    )
+    resolved = spy_resolve(attribution)
+    # Archived in two chunks, newest first; the one shown 30 s after the events within the skew.
+    attribution._archive([impression(rid_latest, u, ["x"], now - 8), impression(rid_skew, u, ["z"], now + 25)])
+    attribution._archive([impression(rid_old, u, ["x", "y"], now - 9)])
+    assert resolved == []  # nothing read, nothing re-examined
+    assert mongo_db[settings.attributions_collection].count_documents({}) == 0
+    # Not yet due: skew (60 s) + settle (10 s) after the events' time.
+    attribution.sweep(now + settings.attribution_clock_skew_s)
+    assert resolved == []
+    attribution.sweep(now + attribution.decide_after_s)
+    assert resolved[-1] == ["named", "skewed", "window"]
+    rows = {d["event_id"]: d["recommendation_id"] for d in mongo_db[settings.attributions_collection].find({})}
+    assert rows == {"window": rid_latest, "named": rid_old, "skewed": rid_skew}
+    assert mongo_db[settings.attribution_pending_collection].count_documents({}) == 0
