@@ -224,12 +224,13 @@ def match(
     return before or after
 
 
-def closes(page: list[dict[str, Any]], outcomes: list[Outcome]) -> bool:
-    """Whether a newest-first page holds every outcome's window match: an impression at or
-    before it that shows its item, newer than the page's last ts (so its ties are all on the
-    page too), beats every impression the page left out."""
+def left_open(page: list[dict[str, Any]], outcomes: list[Outcome]) -> list[Outcome]:
+    """The outcomes whose window match a newest-first page may not hold. An outcome is closed
+    when the page holds an impression at or before it that shows its item and is newer than the
+    page's last ts (so its ties are all on the page too): that one, or a later one on the page,
+    beats every impression the page left out."""
     last = page[-1]["ts"]
-    return all(any(last < d["ts"] <= o.ts and o.item_id in d["items"] for d in page) for o in outcomes)
+    return [o for o in outcomes if not any(last < d["ts"] <= o.ts and o.item_id in d["items"] for d in page)]
 
 
 class Attribution:
@@ -407,10 +408,13 @@ class Attribution:
         every outcome's latest showing (a shopper shown a list on every visit had 219 impressions
         showing the items of her outcomes after a 10-minute soak, and reading all of them each
         time grew the archiver's memory). Only a page that leaves an outcome open is followed by
-        one unsorted read of the rest. Not a cursor in small batches: the local stack's server sorts
-        the whole result again for every batch it returns (865 ms for that shopper in batches of
-        50; sorted in one batch 47 ms; unsorted 24-34 ms), and the attribution sweep and the
-        impression archive fell minutes behind on it (docs/load.md).
+        one unsorted read of the rest, of the open outcomes' items alone: when it read every
+        outcome item's showings, one click on an item never shown to a heavy shopper read all her
+        showings of the others, a read that grew over a soak with her impressions and raised the
+        archiver's memory high-water mark with it (docs/load.md). Not a cursor in small batches:
+        the local stack's server sorts the whole result again for every batch it returns (865 ms
+        for that shopper in batches of 50; sorted in one batch 47 ms; unsorted 24-34 ms), and the
+        attribution sweep and the impression archive fell minutes behind on it (docs/load.md).
         """
         wanted: dict[str, list[Outcome]] = {}
         for o in outcomes:
@@ -424,9 +428,16 @@ class Attribution:
                 "ts": {"$gte": start, "$lte": max(o.ts for o in mine) + self.skew_s},
             }
             page = find_all(self.impressions, query, SHOWING_FIELDS, newest=SHOWING_PAGE)
-            if len(page) == SHOWING_PAGE and not closes(page, mine):
-                # The rest, down to the page's last ts (its ties may not all be on the page).
-                older = {**query, "ts": {"$gte": start, "$lte": page[-1]["ts"]}}
+            still = left_open(page, mine) if len(page) == SHOWING_PAGE else []
+            if still:
+                # The rest for the outcomes left open, down to the page's last ts (its ties may
+                # not all be on the page). Only their items: most are never shown to the shopper
+                # (nothing to read), and the items of the closed ones were shown on every visit.
+                older = {
+                    "user_id": user,
+                    "items": {"$in": sorted({o.item_id for o in still})},
+                    "ts": {"$gte": min(o.ts for o in still) - self.window_s, "$lte": page[-1]["ts"]},
+                }
                 have = {d["_id"] for d in page}
                 page += [d for d in find_all(self.impressions, older, SHOWING_FIELDS) if d["_id"] not in have]
             found += page

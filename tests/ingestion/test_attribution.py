@@ -374,6 +374,12 @@ def test_window_lookup_picks_a_heavy_users_latest_showing_and_reads_only_the_win
     # match; none of the 143 shown later, nor another user's.
     read = attribution._impressions_showing([cases[1]])
     assert sorted(d["_id"] for d in read) == [f"rec_{n:04d}" for n in range(107, 157)]
+    # "a" (closed by the page) with "f" (never shown, so left open): the rest is read for "f"
+    # alone, which finds nothing, rather than every one of the 250 older "a" lists as well.
+    a_and_f = [cases[0], cases[4]]
+    read = attribution._impressions_showing(a_and_f)
+    assert sorted(d["_id"] for d in read) == [f"rec_{n:04d}" for n in range(250, 300)]
+    assert [picked(o, read) for o in a_and_f] == ["rec_0299", None]
 
 
 def impression(rid: str, user: str, items: list[str], ts: float) -> common_pb2.Impression:
