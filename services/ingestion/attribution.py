@@ -90,6 +90,9 @@ def find_all(
 # What ``match`` and ``_record`` read of an impression.
 SHOWING_FIELDS = ("user_id", "items", "ts", "experiment", "arm", "strategy")
 SHOWING_PAGE = 50  # a user's newest impressions read at once by the window look-up
+# Users whose outcomes one step of ``Attribution.resolve`` settles: their impressions (a page or
+# more each) are what the step holds in memory, whatever the number of outcomes it was given.
+RESOLVE_USERS = 50
 
 
 # Event type -> outcome name (labels, report columns). VIEW and FAVORITE are not outcomes.
@@ -447,9 +450,20 @@ class Attribution:
         """Attribute what can be attributed now (named events at once, window events once due);
         settled events leave ``attribution_pending``."""
         due_before = (time.time() if now is None else now) - self.decide_after_s
-        outcomes = [o for o in outcomes if o.recommendation_id or o.ts <= due_before]
-        if not outcomes:
-            return
+        mine: dict[str, list[Outcome]] = {}
+        for o in outcomes:
+            if o.recommendation_id or o.ts <= due_before:
+                mine.setdefault(o.user_id, []).append(o)
+        # In steps of RESOLVE_USERS users: a sweep that comes back from a stall, or a consumer
+        # replaying a backlog, resolves thousands of outcomes of hundreds of users at once, and
+        # holding all their impressions together (~1.3 kB each, 50 per user) set ingestion's
+        # memory high-water mark, which it kept (docs/load.md). An impression and the outcomes it
+        # can count for have one user, so the steps decide exactly what one step would.
+        users = list(mine)
+        for begin in range(0, len(users), RESOLVE_USERS):
+            self._resolve_step([o for u in users[begin : begin + RESOLVE_USERS] for o in mine[u]])
+
+    def _resolve_step(self, outcomes: list[Outcome]) -> None:
         ids = list({o.recommendation_id for o in outcomes if o.recommendation_id})
         found = self._impressions_showing(outcomes)
         known = {d["_id"] for d in found}

@@ -23,7 +23,7 @@ from stylerec.v1 import common_pb2, ingestion_pb2
 from cli.localstack.stack import Stack
 from libs.common.kafka import ensure_topics
 from libs.common.pseudonym import Pseudonymizer
-from services.ingestion.attribution import Attribution, Outcome, match
+from services.ingestion.attribution import RESOLVE_USERS, Attribution, Outcome, match
 from services.ingestion.config import IngestionSettings
 from tests.ingestion.conftest import LIMITS_ENV, make_event, start_ingestion, wait_until
 
@@ -470,3 +470,35 @@ def test_an_archive_that_keeps_up_leaves_the_parked_events_to_the_sweep(mongo_db
     rows = {d["event_id"]: d["recommendation_id"] for d in mongo_db[settings.attributions_collection].find({})}
     assert rows == {"window": rid_latest, "named": rid_old, "skewed": rid_skew}
     assert mongo_db[settings.attribution_pending_collection].count_documents({}) == 0
+
+
+def test_resolve_holds_the_impressions_of_a_bounded_number_of_users_at_once(
+    mongo_db: Database[Any], unique: str
+) -> None:
+    """A sweep back from a stall resolves the outcomes of hundreds of users: it reads and holds
+    their impressions RESOLVE_USERS users at a time, and decides exactly what one read would."""
+    settings = own_collections(unique)
+    attribution = Attribution(mongo_db, settings)
+    attribution.ensure_indexes()
+    t = 1_800_000_000.0
+    users = [f"u{n:03d}-{unique}" for n in range(2 * RESOLVE_USERS + 20)]
+    mongo_db[settings.impressions_collection].insert_many(
+        [{"_id": f"rec_{u}", "user_id": u, "items": ["x", "y"], "ts": t} for u in users]
+    )
+    outcomes = [Outcome(f"ev-{u}", u, "y", "click", t + 1, "") for u in users]
+    outcomes.append(Outcome(f"ev-never-{unique}", users[0], "z", "click", t + 1, ""))  # never shown
+    mongo_db[settings.attribution_pending_collection].insert_many([o.doc() | {"_id": o.event_id} for o in outcomes])
+    held: list[int] = []
+    real_read = attribution._impressions_showing
+
+    def spy(step: list[Outcome]) -> list[dict[str, Any]]:
+        held.append(len({o.user_id for o in step}))
+        return real_read(step)
+
+    attribution._impressions_showing = spy  # type: ignore[method-assign]
+    attribution.resolve(outcomes, now=t + 3600)
+    assert held == [RESOLVE_USERS, RESOLVE_USERS, 20]
+    rows = {d["event_id"]: d["recommendation_id"] for d in mongo_db[settings.attributions_collection].find({})}
+    assert rows == {f"ev-{u}": f"rec_{u}" for u in users}
+    left = [d["_id"] for d in mongo_db[settings.attribution_pending_collection].find({})]
+    assert left == [f"ev-never-{unique}"]
