@@ -8,6 +8,8 @@ export PATH="$PWD/.venv/bin:$PATH"  # protoc plugins (mypy-protobuf) live in the
 
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+# jemalloc: the local stack preloads it into the services, as the images do (docs/load.md).
+/sbin/ldconfig -p 2>/dev/null | grep -q 'libjemalloc\.so\.2' || need_apt+=(libjemalloc2)
 # Headless Chromium renders the demo page (tests/gateway/test_e2e.py, `make demo-check`): always needed.
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 # promtool (Debian package prometheus): tests/ops checks and unit-tests the alert rules with it,

@@ -8,6 +8,7 @@ tests start the stack exactly the way a developer does.
 from __future__ import annotations
 
 import contextlib
+import ctypes.util
 import json
 import os
 import shutil
@@ -96,6 +97,12 @@ def redis_binary() -> str:
     return path
 
 
+# The soname the dynamic linker finds jemalloc by (Debian's libjemalloc2, a dependency of
+# redis-server, which `make setup` installs); "" where it is missing: the services then run on
+# pymalloc and glibc, whose RSS keeps every transient peak (docs/load.md).
+JEMALLOC = ctypes.util.find_library("jemalloc") or ""
+
+
 def nx27017_binary() -> str:
     path = shutil.which("nx-27017") or str(Path(sys.executable).parent / "nx-27017")
     if not Path(path).exists():
@@ -163,8 +170,12 @@ class Stack:
 
     def service_env(self, name: str, grpc_port: int, metrics_port: int) -> dict[str, str]:
         env = dict(os.environ)
-        # As the images set it (deploy/docker/service.Dockerfile): fewer glibc arenas, flat RSS under load.
+        # As the images set them (deploy/docker/service.Dockerfile): fewer glibc arenas, and Python's
+        # objects from jemalloc, which gives freed memory back (docs/load.md, "Memory: which allocator").
         env.setdefault("MALLOC_ARENA_MAX", "2")
+        if "LD_PRELOAD" not in env and JEMALLOC:
+            env["LD_PRELOAD"] = JEMALLOC
+            env.setdefault("PYTHONMALLOC", "malloc")
         env.update(
             {
                 "STYLEREC_KAFKA_BOOTSTRAP": self.kafka_bootstrap,

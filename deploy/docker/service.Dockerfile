@@ -78,11 +78,19 @@ RUN python3 -m venv /opt/venv \
 FROM ${PYTHON_IMAGE} AS runtime
 # MALLOC_ARENA_MAX=2: glibc's default of 8 malloc arenas per core let the threaded gRPC servers'
 # RSS creep while the Python heap stayed flat (docs/load.md); two arenas keep it flat.
+# LD_PRELOAD=libjemalloc.so.2 + PYTHONMALLOC=malloc: Python's own allocator keeps every 1 MiB
+# arena that one live object pins, so each transient peak (a backlog after a stall) stayed in the
+# RSS for good; jemalloc gives freed memory back (docs/load.md, "Memory: which allocator").
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libjemalloc2 \
+ && rm -rf /var/lib/apt/lists/*
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONPATH=/app:/app/gen \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     MALLOC_ARENA_MAX=2 \
+    LD_PRELOAD=libjemalloc.so.2 \
+    PYTHONMALLOC=malloc \
     HOME=/tmp \
     STYLEREC_GRPC_HOST=0.0.0.0
 RUN groupadd --system --gid 10001 stylerec \
@@ -99,14 +107,16 @@ FROM ${CUDA_IMAGE} AS runtime-gpu
 ENV DEBIAN_FRONTEND=noninteractive
 # Only the interpreter: no pip, no compiler, no venv tooling in the final stage.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 \
+ && apt-get install -y --no-install-recommends python3 libjemalloc2 \
  && rm -rf /var/lib/apt/lists/*
-# MALLOC_ARENA_MAX=2: as in `runtime` (docs/load.md).
+# MALLOC_ARENA_MAX=2, jemalloc and PYTHONMALLOC=malloc: as in `runtime` (docs/load.md).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONPATH=/app:/app/gen \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     MALLOC_ARENA_MAX=2 \
+    LD_PRELOAD=libjemalloc.so.2 \
+    PYTHONMALLOC=malloc \
     HOME=/tmp \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     STYLEREC_GRPC_HOST=0.0.0.0

@@ -4,7 +4,7 @@ The four services (and the GPU style worker) are targets of one Dockerfile,
 deploy/docker/service.Dockerfile. What ``docker build --target T`` from the
 repository root would need and produce is checked statically: a slim final base
 reached only through the runtime stages, a non-root user, no build tools or
-tests in the image, a gRPC HEALTHCHECK, MALLOC_ARENA_MAX=2, every COPY source
+tests in the image, a gRPC HEALTHCHECK, MALLOC_ARENA_MAX=2 and jemalloc, every COPY source
 present in the build context after .dockerignore, the entry point module
 shipped, and nothing the service imports left out of the image's requirement set.
 """
@@ -114,6 +114,11 @@ def test_multistage_slim_nonroot(target: str) -> None:
     env = " ".join(i.args for i in final.all("ENV"))
     # glibc's default arenas let the gRPC servers' RSS creep under load (docs/load.md).
     assert re.search(r"\bMALLOC_ARENA_MAX=2\b", env), f"{target}: MALLOC_ARENA_MAX=2 missing"
+    # pymalloc kept every transient peak in ingestion's RSS; jemalloc, installed in the image, gives it back.
+    assert re.search(r"\bLD_PRELOAD=libjemalloc\.so\.2\b", env), f"{target}: jemalloc not preloaded"
+    assert re.search(r"\bPYTHONMALLOC=malloc\b", env), f"{target}: PYTHONMALLOC=malloc missing"
+    installs = " ".join(" ".join(re.findall(r"apt-get install[^&;]*", i.args)) for i in final.all("RUN"))
+    assert re.search(r"\blibjemalloc2\b", installs), f"{target}: libjemalloc2 not installed in the final stage"
 
 
 @pytest.mark.parametrize("target", TARGETS)
