@@ -101,6 +101,9 @@ def redis_binary() -> str:
 # redis-server, which `make setup` installs); "" where it is missing: the services then run on
 # pymalloc and glibc, whose RSS keeps every transient peak (docs/load.md).
 JEMALLOC = ctypes.util.find_library("jemalloc") or ""
+# Kept on Python's own allocator, which packs scoring's millions of small long-lived objects
+# tighter (the scoring image sets PYTHONMALLOC=pymalloc; docs/load.md).
+PYMALLOC_SERVICES = frozenset({"scoring"})
 
 
 def nx27017_binary() -> str:
@@ -173,7 +176,7 @@ class Stack:
         # As the images set them (deploy/docker/service.Dockerfile): fewer glibc arenas, and Python's
         # objects from jemalloc, which gives freed memory back (docs/load.md, "Memory: which allocator").
         env.setdefault("MALLOC_ARENA_MAX", "2")
-        if "LD_PRELOAD" not in env and JEMALLOC:
+        if "LD_PRELOAD" not in env and JEMALLOC and name not in PYMALLOC_SERVICES:
             env["LD_PRELOAD"] = JEMALLOC
             env.setdefault("PYTHONMALLOC", "malloc")
         env.update(

@@ -146,7 +146,10 @@ ENTRYPOINT ["python", "-m", "services.ingestion"]
 
 # scoring: the collaborative-filtering engine; `--role trainer` for the training CronJob.
 FROM runtime AS scoring
-ENV STYLEREC_GRPC_PORT=50052 STYLEREC_METRICS_PORT=9102
+# Python's own allocator: scoring's state is millions of small long-lived objects, which pymalloc
+# packs tighter than jemalloc (its RSS less that state grew 1.59 MiB/min on jemalloc in a
+# 10-minute soak, 0.56-0.88 on pymalloc; docs/load.md, "Memory: which allocator").
+ENV STYLEREC_GRPC_PORT=50052 STYLEREC_METRICS_PORT=9102 LD_PRELOAD= PYTHONMALLOC=pymalloc
 COPY --from=deps-scoring /opt/venv /opt/venv
 COPY services/scoring /app/services/scoring
 RUN python -m compileall -q /app

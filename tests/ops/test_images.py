@@ -114,9 +114,11 @@ def test_multistage_slim_nonroot(target: str) -> None:
     env = " ".join(i.args for i in final.all("ENV"))
     # glibc's default arenas let the gRPC servers' RSS creep under load (docs/load.md).
     assert re.search(r"\bMALLOC_ARENA_MAX=2\b", env), f"{target}: MALLOC_ARENA_MAX=2 missing"
-    # pymalloc kept every transient peak in ingestion's RSS; jemalloc, installed in the image, gives it back.
-    assert re.search(r"\bLD_PRELOAD=libjemalloc\.so\.2\b", env), f"{target}: jemalloc not preloaded"
-    assert re.search(r"\bPYTHONMALLOC=malloc\b", env), f"{target}: PYTHONMALLOC=malloc missing"
+    # pymalloc kept every transient peak in ingestion's RSS; jemalloc, installed in the image, gives it
+    # back. Scoring stays on pymalloc, which packs its state tighter (docs/load.md). The last ENV wins.
+    preload, pymalloc = re.findall(r"\bLD_PRELOAD=(\S*)", env), re.findall(r"\bPYTHONMALLOC=(\S+)", env)
+    want = ("", "pymalloc") if target == "scoring" else ("libjemalloc.so.2", "malloc")
+    assert (preload[-1:], pymalloc[-1:]) == ([want[0]], [want[1]]), f"{target}: allocator {preload} {pymalloc}"
     installs = " ".join(" ".join(re.findall(r"apt-get install[^&;]*", i.args)) for i in final.all("RUN"))
     assert re.search(r"\blibjemalloc2\b", installs), f"{target}: libjemalloc2 not installed in the final stage"
 
