@@ -253,6 +253,8 @@ class Attribution:
         # Where the sweep in progress (or the last one) examines up to; set before it reads, so an
         # impression archived after it is read by that sweep or re-examined by the archive.
         self.sweeping_to = self.swept_to
+        # Parked events naming an impression with ts up to here had their early look (``sweep``).
+        self.named_swept_to = self.swept_to
         self.ttl_s = settings.impressions_ttl_s
         self.chunk = settings.archiver_max_poll_records
         self.forgotten = forgotten
@@ -382,18 +384,39 @@ class Attribution:
         self.resolve(todo)
 
     def sweep(self, now: float | None = None) -> int:
-        """Decide the parked events that came due since the last sweep; how many were looked at."""
-        cutoff = (time.time() if now is None else now) - self.decide_after_s
+        """Decide the parked events that came due since the last sweep; how many were looked at.
+
+        Every parked event once it is ``decide_after_s`` old; before that, an event naming its
+        impression once it is ``settle_s`` old: a click sent before its list was archived (the
+        list reaches the archive a tick or so after it was shown) is attributed seconds later, not
+        a minute. Its impression no longer re-examines it on arrival (``_archive``), so this look
+        is what keeps named outcomes prompt; the decision at ``decide_after_s`` still covers one
+        whose list came later than that."""
+        at = time.time() if now is None else now
+        cutoff = at - self.decide_after_s
         low = self.swept_to
         self.sweeping_to = max(self.sweeping_to, cutoff)
         due: list[dict[str, Any]] = with_retries(
             lambda: list(self.pending.find({"ts": {"$gt": low, "$lte": cutoff}}).limit(5000))
         )
         if due:
-            self.resolve([Outcome.from_doc(d) for d in due], cutoff + self.decide_after_s)
+            self.resolve([Outcome.from_doc(d) for d in due], at)
         # With a full page, continue from its latest event next time rather than skip the rest.
         self.swept_to = max(float(d["ts"]) for d in due) if len(due) == 5000 else cutoff
-        return len(due)
+        named_low, named_cutoff = max(self.named_swept_to, cutoff), at - self.settle_s
+        named: list[dict[str, Any]] = []
+        if named_cutoff > named_low:
+            named = with_retries(
+                lambda: list(
+                    self.pending.find(
+                        {"ts": {"$gt": named_low, "$lte": named_cutoff}, "recommendation_id": {"$gt": ""}}
+                    ).limit(5000)
+                )
+            )
+            if named:
+                self.resolve([Outcome.from_doc(d) for d in named], at)
+            self.named_swept_to = max(float(d["ts"]) for d in named) if len(named) == 5000 else named_cutoff
+        return len(due) + len(named)
 
     def _impressions_showing(self, outcomes: list[Outcome]) -> list[dict[str, Any]]:
         """Each user's impressions that ``match`` can pick by window for that user's outcomes (one

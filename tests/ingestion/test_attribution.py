@@ -439,9 +439,10 @@ def test_an_impression_chunk_re_examines_only_the_parked_events_it_can_match(
 
 
 def test_an_archive_that_keeps_up_leaves_the_parked_events_to_the_sweep(mongo_db: Database[Any], unique: str) -> None:
-    """Impressions archived within the settle time of being shown re-examine nothing: every event
-    they can match is decided by the sweep skew + settle after its time, which finds them archived.
-    The sweep decides last touch over everything archived by then, whichever order it came in."""
+    """Impressions archived within the settle time of being shown re-examine nothing: an event
+    naming one is looked at by the sweep settle after its time, every other event it can match is
+    decided skew + settle after its time, and the sweep finds them archived by then. It decides
+    last touch over everything archived by then, whichever order it came in."""
     settings = own_collections(unique)
     attribution = Attribution(mongo_db, settings)
     attribution.ensure_indexes()
@@ -462,11 +463,15 @@ def test_an_archive_that_keeps_up_leaves_the_parked_events_to_the_sweep(mongo_db
     attribution._archive([impression(rid_old, u, ["x", "y"], now - 9)])
     assert resolved == []  # nothing read, nothing re-examined
     assert mongo_db[settings.attributions_collection].count_documents({}) == 0
-    # Not yet due: skew (60 s) + settle (10 s) after the events' time.
+    # The event naming its list has an early look settle (10 s) after its time.
+    attribution.sweep(now + settings.attribution_settle_s)
+    assert resolved == [["named"]]
+    assert [d["event_id"] for d in mongo_db[settings.attributions_collection].find({})] == ["named"]
+    # The others are not due before skew (60 s) + settle (10 s) after their time.
     attribution.sweep(now + settings.attribution_clock_skew_s)
-    assert resolved == []
+    assert resolved == [["named"]]
     attribution.sweep(now + attribution.decide_after_s)
-    assert resolved[-1] == ["named", "skewed", "window"]
+    assert resolved[-1] == ["skewed", "window"]
     rows = {d["event_id"]: d["recommendation_id"] for d in mongo_db[settings.attributions_collection].find({})}
     assert rows == {"window": rid_latest, "named": rid_old, "skewed": rid_skew}
     assert mongo_db[settings.attribution_pending_collection].count_documents({}) == 0
