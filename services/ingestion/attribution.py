@@ -394,29 +394,27 @@ class Attribution:
         whose list came later than that."""
         at = time.time() if now is None else now
         cutoff = at - self.decide_after_s
-        low = self.swept_to
         self.sweeping_to = max(self.sweeping_to, cutoff)
-        due: list[dict[str, Any]] = with_retries(
-            lambda: list(self.pending.find({"ts": {"$gt": low, "$lte": cutoff}}).limit(5000))
-        )
-        if due:
-            self.resolve([Outcome.from_doc(d) for d in due], at)
-        # With a full page, continue from its latest event next time rather than skip the rest.
-        self.swept_to = max(float(d["ts"]) for d in due) if len(due) == 5000 else cutoff
-        named_low, named_cutoff = max(self.named_swept_to, cutoff), at - self.settle_s
-        named: list[dict[str, Any]] = []
-        if named_cutoff > named_low:
-            named = with_retries(
-                lambda: list(
-                    self.pending.find(
-                        {"ts": {"$gt": named_low, "$lte": named_cutoff}, "recommendation_id": {"$gt": ""}}
-                    ).limit(5000)
-                )
+        looked, self.swept_to = self._sweep_range(self.swept_to, cutoff, {}, at)
+        named_low = max(self.named_swept_to, cutoff)
+        if at - self.settle_s > named_low:
+            n, self.named_swept_to = self._sweep_range(
+                named_low, at - self.settle_s, {"recommendation_id": {"$gt": ""}}, at
             )
-            if named:
-                self.resolve([Outcome.from_doc(d) for d in named], at)
-            self.named_swept_to = max(float(d["ts"]) for d in named) if len(named) == 5000 else named_cutoff
-        return len(due) + len(named)
+            looked += n
+        return looked
+
+    def _sweep_range(self, low: float, high: float, query: dict[str, Any], now: float) -> tuple[int, float]:
+        """Resolve the parked events (matching ``query``) with ts in ``(low, high]``, at most a page
+        of 5000; how many were read and where the next sweep of this range starts (after a full
+        page, from its latest event rather than skip the rest)."""
+        page = 5000
+        docs: list[dict[str, Any]] = with_retries(
+            lambda: list(self.pending.find({**query, "ts": {"$gt": low, "$lte": high}}).limit(page))
+        )
+        if docs:
+            self.resolve([Outcome.from_doc(d) for d in docs], now)
+        return len(docs), max(float(d["ts"]) for d in docs) if len(docs) == page else high
 
     def _impressions_showing(self, outcomes: list[Outcome]) -> list[dict[str, Any]]:
         """Each user's impressions that ``match`` can pick by window for that user's outcomes (one
