@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes.util
+import functools
 import json
 import os
 import shutil
@@ -97,10 +98,15 @@ def redis_binary() -> str:
     return path
 
 
-# The soname the dynamic linker finds jemalloc by (Debian's libjemalloc2, a dependency of
+# jemalloc(): the soname the dynamic linker finds jemalloc by (Debian's libjemalloc2, a dependency of
 # redis-server, which `make setup` installs); "" where it is missing: the services then run on
 # pymalloc and glibc, whose RSS keeps every transient peak (docs/load.md).
-JEMALLOC = ctypes.util.find_library("jemalloc") or ""
+@functools.cache
+def jemalloc() -> str:
+    """Looked up on first use, not at import: every CLI command imports this module."""
+    return ctypes.util.find_library("jemalloc") or ""
+
+
 # Kept on Python's own allocator, which packs scoring's millions of small long-lived objects
 # tighter (the scoring image sets PYTHONMALLOC=pymalloc; docs/load.md).
 PYMALLOC_SERVICES = frozenset({"scoring"})
@@ -176,8 +182,8 @@ class Stack:
         # As the images set them (deploy/docker/service.Dockerfile): fewer glibc arenas, and Python's
         # objects from jemalloc, which gives freed memory back (docs/load.md, "Memory: which allocator").
         env.setdefault("MALLOC_ARENA_MAX", "2")
-        if "LD_PRELOAD" not in env and JEMALLOC and name not in PYMALLOC_SERVICES:
-            env["LD_PRELOAD"] = JEMALLOC
+        if "LD_PRELOAD" not in env and name not in PYMALLOC_SERVICES and jemalloc():
+            env["LD_PRELOAD"] = jemalloc()
             env.setdefault("PYTHONMALLOC", "malloc")
         env.update(
             {
