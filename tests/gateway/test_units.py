@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 
 import numpy as np
@@ -338,3 +339,28 @@ def test_impressions_are_grouped_by_the_topics_own_partition_count() -> None:
             assert partition_of(imp.user_id, 4) == partition
             seen += 1
     assert seen == 3 * len(users)
+
+
+def test_the_partition_memo_keeps_repeat_shoppers_and_not_every_one_visit_shopper() -> None:
+    """The load's mix: ~700 repeat shoppers and a new one-visit shopper in every tenth answer,
+    25,000 of them (a 10-minute soak's worth). The memo must not keep them all (at 65,536 entries
+    it grew through the whole soak) while the repeat shoppers, the ones it is for, keep being
+    answered from it."""
+    from libs.common.kafka import partition_of
+
+    partition_of.cache_clear()
+    regulars = [f"u_{n:032x}" for n in range(700)]
+    rng = random.Random(7)
+    regular_calls = regular_hits = 0
+    for n in range(250_000):
+        if n % 10 == 9:
+            partition_of(f"u_new{n:029x}", 6)
+            continue
+        before = partition_of.cache_info().hits
+        partition_of(rng.choice(regulars), 6)
+        if n > 10_000:
+            regular_calls += 1
+            regular_hits += partition_of.cache_info().hits - before
+    assert partition_of.cache_info().currsize < 10_000
+    assert regular_hits / regular_calls > 0.99
+    partition_of.cache_clear()
