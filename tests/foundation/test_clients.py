@@ -168,3 +168,45 @@ def test_mongo_client_gives_up_after_bounded_retries() -> None:
     with pytest.raises(ServerSelectionTimeoutError):
         with_retries(op, attempts=2, base_delay_s=0.01)
     assert len(attempts) == 3
+
+
+def test_a_consumer_behind_its_topic_fetches_a_bounded_answer_not_its_whole_backlog(
+    infra: Stack, unique: str
+) -> None:
+    """30,000 events waiting (about 2 MiB): the first batch handed over is one fetch of at most
+    FETCH_MAX_BYTES, not the whole backlog (the broker's default answer, which a lagging consumer
+    then held until it had worked it off), and the rest still all arrive."""
+    from libs.common.kafka import FETCH_MAX_BYTES
+
+    topic = f"backlog-{unique}"
+    ensure_topics([infra.kafka_bootstrap], {topic: 1})
+    producer = ProtoProducer([infra.kafka_bootstrap], client_id="test", linger_ms=20)
+    futures = [producer.send(topic, "u", _event(f"u{n % 50}", f"item-{n:06d}-{'x' * 40}")) for n in range(30_000)]
+    for f in futures[-10:]:
+        f.get(timeout=30)
+    sizes: list[tuple[int, int]] = []
+    lock = threading.Lock()
+
+    def handle(batch: list[Decoded[common_pb2.Event]]) -> None:
+        with lock:
+            sizes.append((len(batch), sum(len(d.record.value) for d in batch)))
+
+    loop = ProtoConsumerLoop(
+        bootstrap=[infra.kafka_bootstrap],
+        group_id=f"g-backlog-{unique}",
+        topics=[topic],
+        message_type=common_pb2.Event,
+        handle=handle,
+        producer=producer,
+        service=f"svc{unique}",
+        max_poll_records=100_000,
+        session_timeout_ms=6000,
+        max_poll_interval_ms=10000,
+    ).start()
+    try:
+        assert _wait(lambda: sum(n for n, _ in sizes) >= 30_000, timeout_s=60), sizes
+    finally:
+        loop.stop()
+    first_records, first_bytes = sizes[0]
+    assert first_records < 30_000 and first_bytes <= FETCH_MAX_BYTES, sizes[:3]
+    assert sum(n for n, _ in sizes) == 30_000
