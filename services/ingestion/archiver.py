@@ -3,9 +3,9 @@
 It runs as its own consumer group (``archiver``) on top of
 :class:`libs.common.kafka.ProtoConsumerLoop`, which commits offsets only after
 the handler returned. A crash (even SIGKILL) between the bulk write and the
-commit replays the batch; the write is an upsert keyed by event id, so the
-replay rewrites the same documents and MongoDB ends with every event exactly
-once. Records that do not decode, or that are not a pseudonymized event, go
+commit replays the batch; the write inserts by event id and upserts the ids
+already there, so the replay rewrites the same documents and MongoDB ends with
+every event exactly once. Records that do not decode, or that are not a pseudonymized event, go
 to ``dlq-ingestion`` with the reason (and without any raw user id they may hold,
 libs/common/privacy.py) and are committed like the rest. Events of users on the
 suppression list (AdminService.ForgetUser) are dropped, so an event still in
@@ -23,6 +23,7 @@ from kafka import KafkaProducer
 from kafka.errors import KafkaError
 from pymongo import UpdateOne
 from pymongo.database import Database
+from pymongo.errors import BulkWriteError
 from stylerec.v1 import common_pb2
 
 from libs.common.archive_progress import ProgressWriter
@@ -35,6 +36,8 @@ from services.ingestion.config import IngestionSettings
 from services.ingestion.validation import KNOWN_TYPES, PSEUDONYM_RE, check_id
 
 log = logging.getLogger(__name__)
+
+DUPLICATE_KEY = 11000  # MongoDB's error code for an _id that is already there
 
 
 def archived_problem(event: common_pb2.Event) -> str | None:
@@ -77,7 +80,7 @@ def event_document(event: common_pb2.Event, archived_at: float | None = None) ->
 
 
 class EventArchiver:
-    """Batch handler: one unordered bulk of upserts per polled batch."""
+    """Batch handler: one unordered bulk insert per polled batch; ids already archived are upserted."""
 
     # archived_at: scoring's archive tail reads a range of it every few seconds; user_id:
     # ForgetUser deletes by it. Without them MongoDB scans the whole archive for both.
@@ -120,12 +123,11 @@ class EventArchiver:
         # One stamp for the batch, published as visible once the write returned: scoring's tail
         # then re-reads at most the batch in flight instead of a window of time.
         stamp = self.progress.begin() if self.progress is not None else None
-        # Later records of the same id win within a batch; upserts make order irrelevant across batches.
+        # Later records of the same id win within a batch; across batches a replayed id is upserted.
         docs = {d.message.event_id: event_document(d.message, stamp) for d in batch}
-        ops = [UpdateOne({"_id": eid}, {"$set": doc}, upsert=True) for eid, doc in docs.items()]
         start = time.perf_counter()
         try:
-            with_retries(lambda: self.collection.bulk_write(ops, ordered=False))
+            with_retries(lambda: self._write(docs))
         except Exception:
             STORE_ERRORS.labels("mongo", "archive_bulk_write").inc()
             raise
@@ -133,7 +135,25 @@ class EventArchiver:
             if self.progress is not None:
                 self.progress.done()
         metrics.ARCHIVE_WRITE_SECONDS.observe(time.perf_counter() - start)
-        metrics.ARCHIVED.inc(len(ops))
+        metrics.ARCHIVED.inc(len(docs))
+
+    def _write(self, docs: dict[str, dict[str, Any]]) -> None:
+        """Insert, then upsert only the ids already there (a replay after a crash, or a retry of a
+        write that half-landed), so a replay still ends with the replayed documents. Nearly every
+        batch is new events: an insert costs the Mongo-protocol stand-in two thirds of an upsert
+        (1,000 documents: 13,100 against 8,700 a second), and the event archive's write was 80%
+        of its handler when it ended a soak 62 s of writes behind (docs/load.md)."""
+        ids = list(docs)
+        try:
+            self.collection.insert_many([{"_id": eid, **docs[eid]} for eid in ids], ordered=False)
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors", [])
+            if not errors or any(e.get("code") != DUPLICATE_KEY for e in errors):
+                raise
+            again = [ids[e["index"]] for e in errors]
+            self.collection.bulk_write(
+                [UpdateOne({"_id": eid}, {"$set": docs[eid]}, upsert=True) for eid in again], ordered=False
+            )
 
 
 class DeadLetterProducer(ProtoProducer):

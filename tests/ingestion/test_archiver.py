@@ -128,3 +128,27 @@ def test_dev_mode_without_secret_warns_loudly(infra: Stack) -> None:
         assert "PUBLIC dev key" in log and '"level": "warning"' in log
     finally:
         infra.stop_component(name)
+
+
+def test_a_replayed_batch_ends_with_each_event_once_at_the_replays_content(mongo_db: Database[Any]) -> None:
+    """The archive inserts and upserts only the ids already there: a replay overlapping what a
+    crashed run wrote must end with every event once, the overlap rewritten (as the upsert-only
+    write did: archived_at moves to the replay's stamp), the rest inserted."""
+    from libs.common.kafka import Decoded
+    from services.ingestion.archiver import EventArchiver
+
+    name = f"events_replay_{uuid.uuid4().hex[:8]}"
+    archive = EventArchiver(mongo_db, name)
+    user = f"u_{uuid.uuid4().hex}"
+
+    def batch(ids: range, value: float) -> list[Decoded[common_pb2.Event]]:
+        return [Decoded(None, make_event(user, f"i{n}", event_id=f"e{n}", value=value)) for n in ids]  # type: ignore[arg-type]
+
+    archive(batch(range(0, 5), 1.0))
+    archive(batch(range(3, 8), 2.0))
+    archive(batch(range(3, 8), 2.0))  # the same replay twice: nothing new to insert at all
+    docs = {d["_id"]: d for d in mongo_db[name].find()}
+    assert sorted(docs) == [f"e{n}" for n in range(8)]
+    assert [docs[f"e{n}"]["value"] for n in range(8)] == [1.0] * 3 + [2.0] * 5
+    assert all(docs[f"e{n}"]["user_id"] == user and docs[f"e{n}"]["item_id"] == f"i{n}" for n in range(8))
+    mongo_db.drop_collection(name)
