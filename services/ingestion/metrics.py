@@ -71,11 +71,11 @@ IMAGE_FETCH_SECONDS = Histogram(
 )
 ARCHIVED = Counter(
     "stylerec_ingestion_archived_events_total",
-    "Events upserted into MongoDB by the archiver.",
+    "Events written to MongoDB by the archiver.",
 )
 ARCHIVE_WRITE_SECONDS = Histogram(
     "stylerec_ingestion_archive_write_seconds",
-    "Duration of one archiver bulk upsert.",
+    "Duration of one archiver bulk write (insert, then upsert of the ids already there).",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 IMPRESSIONS_ARCHIVED = Counter(
