@@ -170,10 +170,8 @@ def test_mongo_client_gives_up_after_bounded_retries() -> None:
     assert len(attempts) == 3
 
 
-def test_a_consumer_behind_its_topic_fetches_a_bounded_answer_not_its_whole_backlog(
-    infra: Stack, unique: str
-) -> None:
-    """30,000 events waiting (about 2 MiB): the first batch handed over is one fetch of at most
+def test_a_consumer_behind_its_topic_fetches_a_bounded_answer_not_its_whole_backlog(infra: Stack, unique: str) -> None:
+    """30,000 events waiting (about 4 MB): the first batch handed over is one fetch of at most
     FETCH_MAX_BYTES, not the whole backlog (the broker's default answer, which a lagging consumer
     then held until it had worked it off), and the rest still all arrive."""
     from libs.common.kafka import FETCH_MAX_BYTES
