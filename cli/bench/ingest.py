@@ -219,7 +219,9 @@ def cmd_bench_ingest(args: argparse.Namespace) -> int:
         }
         stack.start_service("ingestion", instance="ingestion-bench", extra_env=env)
         stack.wait_serving(["ingestion-bench"], 60)
-        settings = IngestionSettings(kafka_bootstrap=stack.kafka_bootstrap)
+        # The baseline producer lingers as the service does on this stack (EMBEDDED_BROKER_ENV).
+        linger = int(stack.service_env("ingestion", 0, 0)["STYLEREC_KAFKA_LINGER_MS"])
+        settings = IngestionSettings(kafka_bootstrap=stack.kafka_bootstrap, kafka_linger_ms=linger)
         producer = KafkaProducer(**producer_config(settings, client_id="bench-baseline"))
         channel = stack.channel("ingestion-bench", options=[("grpc.max_send_message_length", 64 * 1024 * 1024)])
         stub = ingestion_pb2_grpc.IngestionServiceStub(channel)

@@ -112,6 +112,13 @@ def jemalloc() -> str:
 PYMALLOC_SERVICES = frozenset({"scoring"})
 
 
+# Settings for the embedded broker, a service's own environment first. tansu's cost per fetch grows
+# with the number of record batches in each partition it reads, so ingestion's producer lingers
+# 25 ms there (the service default is 2 ms, for Apache Kafka, which indexes its log): with 2 ms the
+# writes' p50 went 11 -> 419 ms over a 10-minute soak at 465 requests/s (docs/load.md).
+EMBEDDED_BROKER_ENV: dict[str, dict[str, str]] = {"ingestion": {"STYLEREC_KAFKA_LINGER_MS": "25"}}
+
+
 def nx27017_binary() -> str:
     path = shutil.which("nx-27017") or str(Path(sys.executable).parent / "nx-27017")
     if not Path(path).exists():
@@ -182,6 +189,8 @@ class Stack:
         # As the images set them (deploy/docker/service.Dockerfile): fewer glibc arenas, and Python's
         # objects from jemalloc, which gives freed memory back (docs/load.md, "Memory: which allocator").
         env.setdefault("MALLOC_ARENA_MAX", "2")
+        for key, value in EMBEDDED_BROKER_ENV.get(name, {}).items():
+            env.setdefault(key, value)
         if "LD_PRELOAD" not in env and name not in PYMALLOC_SERVICES and jemalloc():
             env["LD_PRELOAD"] = jemalloc()
             env.setdefault("PYTHONMALLOC", "malloc")

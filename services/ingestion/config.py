@@ -67,14 +67,14 @@ class IngestionSettings(ServiceSettings):
     kafka_max_block_ms: int = Field(2000, ge=100, description="Producer max_block_ms (metadata wait when absent).")
     kafka_request_timeout_ms: int = Field(5000, ge=500, description="Producer request timeout.")
     kafka_linger_ms: int = Field(
-        25,
+        2,
         ge=0,
         le=1000,
         description=(
-            "Producer linger: the records of concurrent calls wait up to this long to go out as one batch per"
-            " partition, and an IngestEvents ack up to this much longer. Fewer, larger batches keep the"
-            " embedded broker, whose fetch cost grows with each partition's batch count, from slowing through"
-            " a soak (docs/load.md)."
+            "Producer linger: the records of concurrent calls wait up to this long to share one batch per"
+            " partition, and an IngestEvents answer up to this much longer for its acks. The local stack"
+            " sets 25 for its embedded broker, whose fetch cost grows with each partition's batch count"
+            " (docs/load.md)."
         ),
     )
     kafka_batch_bytes: int = Field(256 * 1024, ge=1024, description="Producer per-partition batch size.")
