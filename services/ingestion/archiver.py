@@ -5,11 +5,12 @@ It runs as its own consumer group (``archiver``) on top of
 the handler returned. A crash (even SIGKILL) between the bulk write and the
 commit replays the batch; the write inserts by event id and upserts the ids
 already there, so the replay rewrites the same documents and MongoDB ends with
-every event exactly once. Records that do not decode, or that are not a pseudonymized event, go
-to ``dlq-ingestion`` with the reason (and without any raw user id they may hold,
-libs/common/privacy.py) and are committed like the rest. Events of users on the
-suppression list (AdminService.ForgetUser) are dropped, so an event still in
-flight when its user was forgotten never reaches the archive again.
+every event exactly once. Records that do not decode, or that are not a
+pseudonymized event, go to ``dlq-ingestion`` with the reason (and without any
+raw user id they may hold, libs/common/privacy.py) and are committed like the
+rest. Events of users on the suppression list (AdminService.ForgetUser) are
+dropped, so an event still in flight when its user was forgotten never reaches
+the archive again.
 """
 
 from __future__ import annotations
